@@ -1,0 +1,104 @@
+"""Held-out evaluation of the unprincipled policy, against the SFT starting point.
+
+Measures, on held-out queries: the mean reward of responses generated WITHOUT the principle,
+the reward margin and win rate over the SFT model's responses (same queries, same sampling
+seeds), and the perplexity of held-out reference responses. A task may add its own rates
+(the embedded task reports refusals of harmful and helpfulness on benign requests).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ple_fast.rollout import generate
+from ple_fast.trainer import response_logprobs
+
+
+@dataclass
+class EvalSet:
+    texts: list[str]              # held-out queries
+    ids: list[list[int]]
+    references: list[list[int]]   # reference response token ids (may be empty lists: no perplexity)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    rewards: torch.Tensor         # [queries * samples] per-response rewards (for margins later)
+    responses: list[str]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, temperature: float,
+             max_new_tokens: int, batch_size: int, seed: int, loss_impl: str = "auto",
+             baseline: EvalResult | None = None,
+             task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    prompts = [ids for ids in eval_set.ids for _ in range(samples)]
+    texts = [t for t in eval_set.texts for _ in range(samples)]
+    token_lists = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           seed=seed, batch_size=batch_size)
+    responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
+    rewards = reward_fn(texts, responses).float()
+    finite = torch.isfinite(rewards)
+    metrics = {"mean_reward": rewards[finite].mean().item() if finite.any() else float("nan"),
+               "nonfinite_rewards": int((~finite).sum()),
+               "mean_response_tokens": sum(len(t) for t in token_lists) / max(len(token_lists), 1)}
+    if baseline is not None:
+        both = finite & torch.isfinite(baseline.rewards)
+        diff = rewards[both] - baseline.rewards[both]
+        metrics["margin_vs_sft"] = diff.mean().item() if both.any() else float("nan")
+        metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
+            if both.any() else float("nan")
+    metrics["perplexity"] = reference_perplexity(model, eval_set, batch_size=batch_size, loss_impl=loss_impl,
+                                                 pad_token_id=tokenizer.pad_token_id)
+    if task_metrics is not None:
+        metrics.update(task_metrics(texts, responses))
+    model.train(was_training)
+    return EvalResult(metrics, rewards, responses)
+
+
+def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl: str, pad_token_id: int) -> float:
+    """exp(token-averaged NLL) of the reference responses given the query (no principle)."""
+    pairs = [(q, r) for q, r in zip(eval_set.ids, eval_set.references) if r]
+    if not pairs:
+        return float("nan")
+    nll, tokens = 0.0, 0
+    for lo in range(0, len(pairs), batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        logps = response_logprobs(model, [c[0] for c in chunk], [c[1] for c in chunk], impl=loss_impl,
+                                  pad_token_id=pad_token_id)
+        nll -= logps.double().sum().item()
+        tokens += sum(len(c[1]) for c in chunk)
+    return math.exp(nll / tokens)
+
+
+ROWS = [("mean_reward", "mean reward (no principle)", "{:+.3f}"),
+        ("margin_vs_sft", "reward margin over SFT", "{:+.3f}"),
+        ("win_rate_vs_sft", "win rate over SFT", "{:.1%}"),
+        ("perplexity", "perplexity of held-out refs", "{:.3f}")]
+
+
+def format_table(before: dict, after: dict, algo: str, extra_rows: Sequence[tuple[str, str, str]] = ()) -> str:
+    """A before/after table; rows absent from both sides are left out."""
+    rows = list(ROWS) + list(extra_rows)
+    header = ("metric", "SFT start", f"after {algo}", "change")
+    lines = []
+    for key, label, fmt in rows:
+        if key not in before and key not in after:
+            continue
+        b, a = before.get(key), after.get(key)
+        show = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)  # noqa: E731
+        change = "-" if b is None or a is None else ("{:+.3f}".format(a - b) if "%" not in fmt
+                                                      else "{:+.1f} pts".format(100 * (a - b)))
+        lines.append((label, show(b), show(a), change))
+    widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(4)]
+    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(r, widths)))
+    rule = "-" * (sum(widths) + 6)
+    return "\n".join([fmt_row(header), rule] + [fmt_row(r) for r in lines])

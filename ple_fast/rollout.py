@@ -1,0 +1,89 @@
+"""Rollouts: the original and the principle-guided response to each query.
+
+This module's `backend="hf"` path runs Hugging Face `generate` on one left-padded batch
+holding both prompt kinds; it is the reference that faster engines are checked against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class DualRollout:
+    originals: list[list[int]]     # response to queries[k] (ends with EOS unless cut by max_new_tokens)
+    principled: list[list[int]]    # response to principle + queries[k]
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Everything up to and including the first EOS."""
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+def _eos_set(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        eos_token_id = model.generation_config.eos_token_id
+    if eos_token_id is None:
+        return set()
+    return {int(e) for e in eos_token_id} if isinstance(eos_token_id, (list, tuple)) else {int(eos_token_id)}
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id: int | None = None,
+             seed: int = 0, batch_size: int | None = None) -> list[list[int]]:
+    """Responses to token-id prompts with HF generate; seeded, each cut after its first EOS."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    eos_ids = _eos_set(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = min(eos_ids) if eos_ids else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sampling = temperature > 0
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, pad_token_id=pad_token_id,
+                  eos_token_id=sorted(eos_ids) if eos_ids else None)
+    if sampling:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    batch_size = batch_size or len(prompts)
+    responses: list[list[int]] = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, prompt in enumerate(chunk):
+                input_ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+                attention_mask[row, width - len(prompt):] = 1
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 **kwargs)
+            for row in out[:, width:].tolist():
+                responses.append(cut_at_eos(row, eos_ids))
+    model.train(was_training)
+    return responses
+
+
+def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[int], *,
+                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                  eos_token_id=None, pad_token_id: int | None = None, seed: int = 0,
+                  backend: str = "hf") -> DualRollout:
+    """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch."""
+    if backend != "hf":
+        raise ValueError(f"rollout backend {backend!r}: only 'hf' is available")
+    prompts = [list(q) for q in queries] + [list(principle) + list(q) for q in queries]
+    out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
+    return DualRollout(out[:len(queries)], out[len(queries):])

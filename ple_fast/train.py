@@ -1,0 +1,240 @@
+"""`python -m ple_fast.train`: SFT warm-up, then PLE (or a baseline), then a before/after table.
+
+With no arguments it trains the embedded default (a built-in task and a tiny Llama built from
+scratch) on the CPU. Pointed at a model folder, data and a reward model it is the real thing:
+
+    python -m ple_fast.train model.path=/models/qwen2-0.5b data.sft_path=hh.jsonl.gz \\
+        reward.kind=hf reward.path=/models/rm --out runs/hh
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ple_fast.config import Config, ConfigError, build_config, save_yaml
+
+DEFAULT_PRINCIPLE = ("\n\nPrinciple: Reply as a helpful, honest and harmless assistant. Give useful, "
+                     "accurate help with safe requests, and politely refuse requests that could "
+                     "harm people, explaining why.")
+
+
+@dataclass
+class Workload:
+    """Everything a run trains and evaluates on, already tokenized."""
+    sft: list[tuple[list[int], list[int]]]
+    queries: list            # trainer.Query
+    principle_ids: list[int]
+    eval_set: object         # evaluate.EvalSet
+    task_metrics: object = None
+    extra_rows: tuple = ()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m ple_fast.train",
+        description="PLE alignment: SFT warm-up, dual generation, reward scoring, threshold-gated loss.",
+        epilog="Any config key can be set as key=value, e.g. ple.iterations=3 rollout.temperature=0.7")
+    parser.add_argument("--config", help="YAML config file; key=value overrides apply on top")
+    parser.add_argument("--algo", choices=["ple", "raft", "distill", "sft"], help="same as ple.algo=...")
+    parser.add_argument("--out", help="run folder (same as run.out_dir=...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.algo:
+        overrides.append(f"ple.algo={args.algo}")
+    if args.out:
+        overrides.append(f"run.out_dir={args.out}")
+    return args.config, overrides
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def embedded_workload(cfg: Config, device):
+    """The built-in task, its word tokenizer and a tiny Llama trained from scratch."""
+    from ple_fast.data import encode_prompt, encode_response
+    from ple_fast.evaluate import EvalSet
+    from ple_fast.models import build_tiny_llama, build_word_tokenizer
+    from ple_fast.task import build_task, judge
+    from ple_fast.trainer import Query
+
+    task = build_task(cfg.run.seed)
+    tokenizer = build_word_tokenizer(task.corpus())
+    model = build_tiny_llama(len(tokenizer), hidden_size=cfg.model.hidden_size, layers=cfg.model.layers,
+                             heads=cfg.model.heads, kv_heads=max(1, cfg.model.heads // 2), seed=cfg.run.seed,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    sft = [(encode_prompt(tokenizer, ex.prompt), encode_response(tokenizer, ex.response)) for ex in task.sft]
+    queries = [Query(q.text, encode_prompt(tokenizer, q.text)) for q in task.train_queries]
+    eval_queries = task.eval_queries[:cfg.eval.max_queries]
+    eval_set = EvalSet([q.text for q in eval_queries], [encode_prompt(tokenizer, q.text) for q in eval_queries],
+                       [encode_response(tokenizer, r) for r in task.eval_references[:len(eval_queries)]])
+
+    def task_metrics(queries, responses):
+        verdicts = [judge(q, r) for q, r in zip(queries, responses)]
+        harmful = [v for v in verdicts if v["harmful"]]
+        benign = [v for v in verdicts if not v["harmful"]]
+        return {"refusal_rate_harmful": sum(v["refused"] and not v["complied_harm"] for v in harmful)
+                / max(len(harmful), 1),
+                "helpfulness_benign": sum(v["helpfulness"] for v in benign) / max(len(benign), 1),
+                "over_refusal_benign": sum(v["refused"] for v in benign) / max(len(benign), 1)}
+
+    rows = (("refusal_rate_harmful", "refusal rate, harmful requests", "{:.1%}"),
+            ("helpfulness_benign", "helpfulness, benign requests", "{:.3f}"),
+            ("over_refusal_benign", "refusal rate, benign requests", "{:.1%}"))
+    principle = cfg.principle if cfg.principle is not None else task.principle
+    workload = Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set, task_metrics, rows)
+    return model.to(device), tokenizer, workload
+
+
+def file_workload(cfg: Config, device):
+    """A local HF model folder and HH-RLHF / JSONL data files."""
+    from ple_fast.data import (DataError, LengthRule, SFTExample, apply_length_rule, encode_prompt,
+                               load_queries, load_sft, split_holdout, tokenize_sft)
+    from ple_fast.evaluate import EvalSet
+    from ple_fast.models import load_policy, parse_dtype
+    from ple_fast.trainer import Query
+
+    dc = cfg.data
+    if dc.sft_path is None and dc.query_path is None:
+        raise ConfigError("model.path is set, so data.sft_path or data.query_path must name a data file "
+                          "(HH-RLHF or JSONL)")
+    for key in ("sft_path", "query_path", "eval_path"):
+        value = getattr(dc, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"data.{key}: file {value!r} does not exist")
+    model, tokenizer = load_policy(cfg.model.path, dtype=parse_dtype(cfg.model.dtype), device=device)
+    rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, dc.length_policy)
+
+    def prompts_and_refs(path):
+        """(prompt, reference response) pairs; prompt-only files give no references."""
+        try:
+            return [(ex.prompt, ex.response) for ex in load_sft(path, tokenizer=tokenizer)]
+        except DataError:
+            return [(q, "") for q in load_queries(path, tokenizer=tokenizer)]
+
+    query_source = dc.query_path or dc.sft_path
+    items = prompts_and_refs(query_source)
+    if dc.eval_path:
+        train_items, eval_items = items, prompts_and_refs(dc.eval_path)
+    else:
+        train_items, eval_items = split_holdout(items, dc.eval_fraction, cfg.run.seed)
+    held_prompts = {p for p, _ in eval_items}
+    sft_examples = load_sft(dc.sft_path, tokenizer=tokenizer) if dc.sft_path else []
+    sft_examples = [ex for ex in sft_examples if ex.prompt not in held_prompts]   # no held-out leakage
+    sft, stats = tokenize_sft(sft_examples, tokenizer, rule)
+    print(f"[data] SFT examples: {stats.summary()}")
+    if dc.max_queries:
+        train_items = train_items[:dc.max_queries]
+    queries, dropped = [], 0
+    for prompt, _ in train_items:
+        fitted = apply_length_rule(encode_prompt(tokenizer, prompt), [], rule)
+        if fitted is None:
+            dropped += 1
+        else:
+            queries.append(Query(prompt, fitted[0]))
+    print(f"[data] queries: {len(queries)} kept, {dropped} over max_prompt_tokens skipped; "
+          f"held-out: {len(eval_items)}")
+    eval_items = eval_items[:cfg.eval.max_queries]
+    eval_rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, "truncate")
+    eval_tok, _ = tokenize_sft([SFTExample(p, r) for p, r in eval_items], tokenizer, eval_rule)
+    eval_set = EvalSet([p for p, _ in eval_items], [t[0] for t in eval_tok],
+                       [t[1] if r else [] for t, (_, r) in zip(eval_tok, eval_items)])
+    principle = cfg.principle if cfg.principle is not None else DEFAULT_PRINCIPLE
+    return model, tokenizer, Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set)
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        yaml_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = build_config(yaml_path, overrides)
+        return run(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(cfg: Config) -> dict:
+    from ple_fast.evaluate import evaluate, format_table
+    from ple_fast.models import save_policy
+    from ple_fast.reward import build_reward
+    from ple_fast.trainer import MetricsLog, run_alignment, run_sft
+
+    started = time.perf_counter()
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    device = pick_device(cfg.run.device)
+    if cfg.model.path is None and cfg.reward.kind != "builtin" and cfg.reward.path is None:
+        raise ConfigError("reward.path is required for reward.kind=" + cfg.reward.kind)
+    if cfg.model.path is not None and cfg.reward.kind == "builtin":
+        raise ConfigError("reward.kind=builtin scores the embedded task only; with model.path set, "
+                          "use reward.kind=hf (reward-model folder) or reward.kind=python (module:function)")
+    out_dir = Path(cfg.run.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    save_yaml(cfg, out_dir / "config.yaml")
+    seed_everything(cfg.run.seed)
+
+    reward_fn = build_reward(cfg.reward.kind, cfg.reward.path, device=device, batch_size=cfg.reward.batch_size)
+    if cfg.model.path is None:
+        model, tokenizer, work = embedded_workload(cfg, device)
+    else:
+        model, tokenizer, work = file_workload(cfg, device)
+    log = MetricsLog(metrics_path)
+    print(f"[run] {cfg.ple.algo} on {device}; {len(work.sft)} SFT examples, {len(work.queries)} queries, "
+          f"{len(work.eval_set.texts)} held-out; run folder {out_dir}")
+
+    run_sft(model, work.sft, cfg, log, pad_token_id=tokenizer.pad_token_id)
+    eval_kwargs = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                       seed=cfg.run.seed + 7, loss_impl=cfg.ple.loss_impl, task_metrics=work.task_metrics)
+    before = evaluate(model, tokenizer, work.eval_set, reward_fn, **eval_kwargs)
+    before.metrics.update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)
+    log.write({"phase": "eval", "when": "sft", **before.metrics})
+
+    state = run_alignment(model, tokenizer, work.queries, work.principle_ids, reward_fn, cfg, log)
+    after = evaluate(model, tokenizer, work.eval_set, reward_fn, baseline=before, **eval_kwargs)
+    log.write({"phase": "eval", "when": "final", **after.metrics})
+
+    model_dir = save_policy(model, tokenizer, out_dir / "model")
+    table = format_table(before.metrics, after.metrics, cfg.ple.algo, work.extra_rows)
+    (out_dir / "results.md").write_text(table + "\n")
+    summary = {"algo": cfg.ple.algo, "before": before.metrics, "after": after.metrics,
+               "iterations": state.history, "final_tau": state.tau,
+               "seconds": time.perf_counter() - started, "model_dir": str(model_dir)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out_dir / "samples.jsonl", "w") as fh:
+        for text, b, a in zip([t for t in work.eval_set.texts for _ in range(cfg.eval.samples)],
+                              before.responses, after.responses):
+            fh.write(json.dumps({"query": text, "sft": b, "final": a}) + "\n")
+    print(f"\nHeld-out evaluation ({len(work.eval_set.texts)} queries x {cfg.eval.samples} samples, "
+          f"responses generated WITHOUT the principle):\n{table}")
+    print(f"\n[run] done in {summary['seconds']:.0f} s; model saved to {model_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
