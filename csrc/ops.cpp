@@ -1,0 +1,83 @@
+// Schema of the ple_fast ops and the Python module ple_fast._C whose import registers them.
+//
+// Importing ple_fast._C (after torch) runs the static TORCH_LIBRARY registrations of this shared
+// library; the ops are then torch.ops.ple_fast.<name>. The module itself exposes only build facts.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "dual_layout.h"
+
+namespace ple_fast {
+
+namespace {
+
+void check_one(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, "dual_layout: ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, "dual_layout: ", name, " must be int64, got ",
+              t.scalar_type());
+}
+
+}  // namespace
+
+void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query_lens,
+                            const at::Tensor& orig_ids, const at::Tensor& orig_lens,
+                            const at::Tensor& prin_ids, const at::Tensor& prin_lens) {
+  check_one(query_ids, "query_ids");
+  check_one(query_lens, "query_lens");
+  check_one(orig_ids, "orig_ids");
+  check_one(orig_lens, "orig_lens");
+  check_one(prin_ids, "prin_ids");
+  check_one(prin_lens, "prin_lens");
+  const auto device = query_ids.device();
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&query_lens, "query_lens"}, {&orig_ids, "orig_ids"},   {&orig_lens, "orig_lens"},
+      {&prin_ids, "prin_ids"},     {&prin_lens, "prin_lens"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK(t->device() == device, "dual_layout: ", name, " is on ", t->device(),
+                " but query_ids is on ", device, "; all six inputs must be on one device");
+  }
+  TORCH_CHECK(orig_lens.size(0) == query_lens.size(0),
+              "dual_layout: orig_lens has ", orig_lens.size(0), " entries but query_lens has ",
+              query_lens.size(0), " (one per pair)");
+  TORCH_CHECK(prin_lens.size(0) == query_lens.size(0),
+              "dual_layout: prin_lens has ", prin_lens.size(0), " entries but query_lens has ",
+              query_lens.size(0), " (one per pair)");
+}
+
+TORCH_LIBRARY(ple_fast, m) {
+  m.def(
+      "dual_layout(Tensor query_ids, Tensor query_lens, Tensor orig_ids, Tensor orig_lens, "
+      "Tensor prin_ids, Tensor prin_lens) -> (Tensor input_ids, Tensor position_ids, "
+      "Tensor labels, Tensor seq_index, Tensor segment_ids, Tensor seg_start, Tensor seg_len, "
+      "Tensor seg_parent, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor kv_index, "
+      "int max_seqlen_q, int max_seqlen_k)");
+}
+
+}  // namespace ple_fast
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "ple_fast C++/CUDA ops; importing registers torch.ops.ple_fast.*",
+      -1,       // m_size: no per-module state
+      nullptr,  // m_methods
+      nullptr,  // m_slots
+      nullptr,  // m_traverse
+      nullptr,  // m_clear
+      nullptr,  // m_free
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef PLE_FAST_WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of ple_fast (installed as ple_fast.kernels)."""

@@ -1,0 +1,211 @@
+"""Dual prefix-tree packing: a pair (query, original, principled) costs one forward of the query.
+
+Pair k becomes three segments of packed rows (DESIGN.md §2, csrc/dual_layout.h):
+  3k    root      q[:-1]        positions 0 .. Lq-2       (empty for a 1-token query)
+  3k+1  branch A  [q[-1]] + o   positions Lq-1 ..         parent 3k, scores sequence 2k
+  3k+2  branch B  [q[-1]] + p   positions Lq-1 ..         parent 3k, scores sequence 2k+1
+Each row sees its ancestors' rows and, causally, its own segment, so one varlen causal attention
+(bottom-right aligned) over keys gathered by kv_index is exact for the tree. `pack_dual` runs the
+C++/CUDA op torch.ops.ple_fast.dual_layout; `pack_dual_reference` is the plain-Python oracle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from ple_fast._ext import has_kernel, load_extension
+
+IGNORE_LABEL = -100
+SEGMENTS_PER_PAIR = 3
+
+TokenIds = Union[Sequence[int], torch.Tensor]
+
+
+@dataclass
+class PackedBatch:
+    """P pairs packed into N rows and S = 3P segments, with the varlen attention metadata."""
+
+    input_ids: torch.Tensor     # [N] int64
+    position_ids: torch.Tensor  # [N] int64, position along the row's own root-to-leaf path
+    labels: torch.Tensor        # [N] int64, the token row n predicts, or -100
+    seq_index: torch.Tensor     # [N] int64, 2k / 2k+1 for rows scoring pair k's original / principled, else -1
+    segment_ids: torch.Tensor   # [N] int64, 3k root, 3k+1 branch A, 3k+2 branch B
+    seg_start: torch.Tensor     # [S] int32, first row of each segment
+    seg_len: torch.Tensor       # [S] int32
+    seg_parent: torch.Tensor    # [S] int32, -1 for roots
+    cu_seqlens_q: torch.Tensor  # [S+1] int32, query rows of segment s: cu_seqlens_q[s] .. cu_seqlens_q[s+1]
+    cu_seqlens_k: torch.Tensor  # [S+1] int32, keys of segment s: kv_index[cu_seqlens_k[s] : cu_seqlens_k[s+1]]
+    kv_index: torch.Tensor      # [K] int64, rows to gather as keys: per segment its ancestors' rows, then its own
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_pairs: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def dense_mask(self) -> torch.Tensor:
+        """[N, N] bool, True where row i may attend to row j: the SDPA reference mask.
+
+        j is visible from i when both are in one segment and j <= i, or j's segment is an ancestor
+        of i's. Costs N^2 memory: for tests and small batches only.
+        """
+        seg = self.segment_ids
+        num_segments = self.seg_parent.numel()
+        parent = self.seg_parent.long()
+        ancestor = torch.zeros(num_segments, num_segments, dtype=torch.bool, device=seg.device)
+        segments = torch.arange(num_segments, device=seg.device)
+        current = parent.clone()
+        for _ in range(num_segments + 1):
+            live = current >= 0
+            if not bool(live.any()):
+                break
+            ancestor[segments[live], current[live]] = True
+            current = torch.where(live, parent[current.clamp(min=0)], current)
+        else:
+            raise ValueError("PackedBatch.seg_parent has a cycle")
+        rows = torch.arange(seg.numel(), device=seg.device)
+        same_segment_causal = (seg[:, None] == seg[None, :]) & (rows[None, :] <= rows[:, None])
+        return same_segment_causal | ancestor[seg[:, None], seg[None, :]]
+
+
+def _check_pairs(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
+                 principled: Sequence[TokenIds]) -> None:
+    if not (len(queries) == len(originals) == len(principled)):
+        raise ValueError(
+            f"pack_dual: got {len(queries)} queries, {len(originals)} originals and "
+            f"{len(principled)} principled responses; need exactly one of each per pair")
+    for k, query in enumerate(queries):
+        if len(query) == 0:
+            raise ValueError(f"pack_dual: pair {k} has an empty query; every query needs at least "
+                             "one token (its last token starts both responses)")
+
+
+def _flatten(seqs: Sequence[TokenIds], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated int64 ids and per-sequence lengths, on the sequences' device (CPU for lists)."""
+    lens = [len(s) for s in seqs]
+    if seqs and all(isinstance(s, torch.Tensor) for s in seqs):
+        for k, s in enumerate(seqs):
+            if s.dim() != 1 or s.is_floating_point() or s.is_complex() or s.dtype == torch.bool:
+                raise ValueError(f"pack_dual: {what}[{k}] must be a 1-D integer tensor, "
+                                 f"got shape {tuple(s.shape)} dtype {s.dtype}")
+        ids = torch.cat([s.long() for s in seqs])
+    else:
+        flat = list(itertools.chain.from_iterable(
+            s.tolist() if isinstance(s, torch.Tensor) else s for s in seqs))
+        ids = torch.as_tensor(flat) if flat else torch.empty(0, dtype=torch.long)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"pack_dual: {what} must hold integer token ids, got {ids.dtype}")
+        ids = ids.long()
+    lengths = torch.tensor(lens, dtype=torch.long, device=ids.device)
+    if ids.numel() and bool((ids < 0).any()):
+        first = int((ids < 0).nonzero()[0, 0])
+        pair = int(torch.searchsorted(lengths.cumsum(0), first, right=True))
+        raise ValueError(f"pack_dual: {what}[{pair}] holds a negative token id; token ids must be "
+                         f">= 0 ({IGNORE_LABEL} marks rows without a label)")
+    return ids, lengths
+
+
+def pack_dual(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
+              principled: Sequence[TokenIds], device: torch.device | str | None = None) -> PackedBatch:
+    """Pack P pairs with the C++/CUDA op; runs on `device` (default: where the token tensors are).
+
+    Token lists can be Python int lists or 1-D integer tensors. On a CUDA device the layout is built
+    by the CUDA kernel when ple_fast._C has it, else on the CPU and copied over.
+    """
+    load_extension()
+    _check_pairs(queries, originals, principled)
+    query_ids, query_lens = _flatten(queries, "queries")
+    orig_ids, orig_lens = _flatten(originals, "originals")
+    prin_ids, prin_lens = _flatten(principled, "principled")
+    inputs = (query_ids, query_lens, orig_ids, orig_lens, prin_ids, prin_lens)
+    target = torch.device(device) if device is not None else query_ids.device
+    on_gpu = target.type == "cuda" and has_kernel("dual_layout", "CUDA")
+    run_on = target if on_gpu else torch.device("cpu")
+    out = torch.ops.ple_fast.dual_layout(*(t.to(run_on) for t in inputs))
+    batch = PackedBatch(*out, num_pairs=len(queries))
+    return batch if run_on == target else batch.to(target)
+
+
+def pack_dual_reference(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
+                        principled: Sequence[TokenIds],
+                        device: torch.device | str | None = None) -> PackedBatch:
+    """Plain-Python pack_dual, built segment by segment; the oracle for the C++/CUDA op."""
+    _check_pairs(queries, originals, principled)
+
+    def as_list(seq: TokenIds, what: str, k: int) -> list[int]:
+        tokens = [int(t) for t in (seq.tolist() if isinstance(seq, torch.Tensor) else seq)]
+        if any(t < 0 for t in tokens):
+            raise ValueError(f"pack_dual: {what}[{k}] holds a negative token id")
+        return tokens
+
+    input_ids, position_ids, labels, seq_index, segment_ids = [], [], [], [], []
+    segments = []  # (start row, length, parent segment)
+
+    def add_segment(tokens, first_position, targets, scored_seq, parent):
+        segment = len(segments)
+        segments.append((len(input_ids), len(tokens), parent))
+        for i, (token, target) in enumerate(zip(tokens, targets)):
+            input_ids.append(token)
+            position_ids.append(first_position + i)
+            labels.append(target)
+            seq_index.append(scored_seq if target != IGNORE_LABEL else -1)
+            segment_ids.append(segment)
+        return segment
+
+    for k, (q, o, p) in enumerate(zip(queries, originals, principled)):
+        q, o, p = as_list(q, "queries", k), as_list(o, "originals", k), as_list(p, "principled", k)
+        root = add_segment(q[:-1], 0, q[1:], -1, -1)
+        add_segment([q[-1]] + o, len(q) - 1, o + [IGNORE_LABEL], 2 * k, root)
+        add_segment([q[-1]] + p, len(q) - 1, p + [IGNORE_LABEL], 2 * k + 1, root)
+
+    kv_index, cu_seqlens_q, cu_seqlens_k = [], [0], [0]
+    for s, (start, length, parent) in enumerate(segments):
+        ancestors = []
+        while parent >= 0:
+            ancestors.insert(0, parent)
+            parent = segments[parent][2]
+        for a in ancestors + [s]:
+            a_start, a_len, _ = segments[a]
+            kv_index.extend(range(a_start, a_start + a_len))
+        cu_seqlens_q.append(start + length)
+        cu_seqlens_k.append(len(kv_index))
+
+    def diffs(cu):
+        return [b - a for a, b in zip(cu, cu[1:])]
+
+    def long(values):
+        return torch.tensor(values, dtype=torch.long)
+
+    def int32(values):
+        return torch.tensor(values, dtype=torch.int32)
+
+    batch = PackedBatch(
+        input_ids=long(input_ids),
+        position_ids=long(position_ids),
+        labels=long(labels),
+        seq_index=long(seq_index),
+        segment_ids=long(segment_ids),
+        seg_start=int32([s[0] for s in segments]),
+        seg_len=int32([s[1] for s in segments]),
+        seg_parent=int32([s[2] for s in segments]),
+        cu_seqlens_q=int32(cu_seqlens_q),
+        cu_seqlens_k=int32(cu_seqlens_k),
+        kv_index=long(kv_index),
+        max_seqlen_q=max(diffs(cu_seqlens_q), default=0),
+        max_seqlen_k=max(diffs(cu_seqlens_k), default=0),
+        num_pairs=len(queries),
+    )
+    return batch if device is None else batch.to(device)
