@@ -57,6 +57,9 @@ def build_tiny_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2,
     return model
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
 def _check_model_dir(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
@@ -85,11 +88,20 @@ def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
 
     folder = _check_model_dir(path, "policy model")
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
+        raise ValueError(f"{str(folder)!r} is not a causal language model: its architectures are "
+                         f"{architectures} (expected e.g. LlamaForCausalLM)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
     except ValueError as err:
         raise ValueError(f"{str(folder)!r} is not a causal language model "
                          f"(model_type={config.model_type!r}): {err}") from err
+    missing = [k for k in info.get("missing_keys", ()) if "lm_head" not in k or not config.tie_word_embeddings]
+    if missing:
+        raise ValueError(f"{str(folder)!r}: the checkpoint lacks {len(missing)} weights of "
+                         f"{type(model).__name__}, e.g. {sorted(missing)[:3]}")
     tokenizer = load_tokenizer(folder)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

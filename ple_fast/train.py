@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ple_fast.config import Config, ConfigError, build_config, save_yaml
+from ple_fast.data import DataError
 
 DEFAULT_PRINCIPLE = ("\n\nPrinciple: Reply as a helpful, honest and harmless assistant. Give useful, "
                      "accurate help with safe requests, and politely refuse requests that could "
@@ -119,10 +120,6 @@ def file_workload(cfg: Config, device):
     if dc.sft_path is None and dc.query_path is None:
         raise ConfigError("model.path is set, so data.sft_path or data.query_path must name a data file "
                           "(HH-RLHF or JSONL)")
-    for key in ("sft_path", "query_path", "eval_path"):
-        value = getattr(dc, key)
-        if value is not None and not Path(value).is_file():
-            raise ConfigError(f"data.{key}: file {value!r} does not exist")
     model, tokenizer = load_policy(cfg.model.path, dtype=parse_dtype(cfg.model.dtype), device=device)
     rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, dc.length_policy)
 
@@ -164,6 +161,20 @@ def file_workload(cfg: Config, device):
     return model, tokenizer, Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set)
 
 
+def check_paths(cfg: Config) -> None:
+    """Missing files fail here, before any model is loaded or step is taken."""
+    from ple_fast.models import _check_model_dir
+
+    if cfg.model.path is not None:
+        _check_model_dir(cfg.model.path, "model.path: policy model")
+    if cfg.reward.kind == "hf" and cfg.reward.path:
+        _check_model_dir(cfg.reward.path, "reward.path: reward model")
+    for key in ("sft_path", "query_path", "eval_path"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"data.{key}: file {value!r} does not exist")
+
+
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -171,7 +182,7 @@ def main(argv=None) -> dict:
         yaml_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = build_config(yaml_path, overrides)
         return run(cfg)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -198,7 +209,11 @@ def run(cfg: Config) -> dict:
     save_yaml(cfg, out_dir / "config.yaml")
     seed_everything(cfg.run.seed)
 
-    reward_fn = build_reward(cfg.reward.kind, cfg.reward.path, device=device, batch_size=cfg.reward.batch_size)
+    check_paths(cfg)
+    try:
+        reward_fn = build_reward(cfg.reward.kind, cfg.reward.path, device=device, batch_size=cfg.reward.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.model.path is None:
         model, tokenizer, work = embedded_workload(cfg, device)
     else:

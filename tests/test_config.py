@@ -1,0 +1,55 @@
+import pytest
+
+from ple_fast.config import Config, ConfigError, build_config, load_yaml, save_yaml
+
+
+def test_defaults_match_the_paper():
+    cfg = Config()
+    assert cfg.ple.tau0 == 0.2 and cfg.ple.alpha == 0.9
+    assert cfg.ple.rank_loss == "hinge" and cfg.ple.weighting == "softmax"
+    assert cfg.reward.normalize == "none"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("ple:\n  iterations: 3\n  tau0: 0.5\nrollout:\n  temperature: 0.7\n")
+    cfg = build_config(str(path), ["ple.iterations=7", "ple.length_normalize=false", "data.max_queries=null"])
+    assert cfg.ple.iterations == 7 and cfg.ple.tau0 == 0.5
+    assert cfg.rollout.temperature == 0.7
+    assert cfg.ple.length_normalize is False and cfg.data.max_queries is None
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"did you mean 'ple.iterations'"):
+        build_config(None, ["ple.iteratons=3"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("ple:\n  tau_0: 0.3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*did you mean 'ple.tau0'"):
+        build_config(str(path))
+
+
+def test_wrong_types_and_choices_name_the_key():
+    with pytest.raises(ConfigError, match="ple.iterations: expected an integer"):
+        build_config(None, ["ple.iterations=three"])
+    with pytest.raises(ConfigError, match="ple.weighting: 'linear' is not one of"):
+        build_config(None, ["ple.weighting=linear"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        build_config(None, ["ple.iterations"])
+    with pytest.raises(ConfigError, match="is a section"):
+        build_config(None, ["ple=3"])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("ple:\n  iterations: 3\n  tau0: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+: invalid YAML"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = build_config(None, ["ple.algo=raft", "model.path=/x/y", "ple.beta=2"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    again = build_config(str(tmp_path / "config.yaml"))
+    assert again == cfg
