@@ -1,0 +1,166 @@
+"""Shared helpers of the bench/bench_*.py scripts: CLI, device facts, rates measured in the
+same run (bf16 matmul peak, copy bandwidth), CUDA-event timing, peak memory, JSON output.
+
+Every bench calls `parse_args` then `require_cuda` (exit 0 with a message on a CPU-only box),
+and writes one JSON per run (`result_path`, `write_result`) whose "rows" `summarize` tabulates
+for bench/gpu_suite.sh. Import it from a bench script as `from common import ...` (the script's
+directory is first on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def parse_args(description: str, argv=None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """--out DIR (JSON goes there; default bench/results) and --quick (tiny shapes, smoke test)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        help="directory for the JSON result (created if missing)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test, not a measurement")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args(argv)
+
+
+def require_cuda(bench_name: str) -> None:
+    """Exit 0 with a message when there is no CUDA device: benches are GPU-only."""
+    if not torch.cuda.is_available():
+        print(f"{bench_name}: skipped, no CUDA device (torch {torch.__version__})")
+        sys.exit(0)
+
+
+def seconds_left() -> float:
+    """Seconds until BENCH_DEADLINE (epoch seconds, set by gpu_suite.sh); inf when unset."""
+    deadline = os.environ.get("BENCH_DEADLINE")
+    return float(deadline) - time.time() if deadline else float("inf")
+
+
+def device_info() -> dict:
+    """What ran the bench: GPU, capability, memory, software versions."""
+    info = dict(torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda)
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
+    return info
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> dict:
+    """Median / min milliseconds of fn() between CUDA events, each call timed on its own."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return dict(ms=statistics.median(times), ms_min=min(times), iters=iters)
+
+
+def peak_extra_memory(fn: Callable[[], object]) -> int:
+    """Bytes allocated by fn() above what was allocated before it, at its peak (including
+    what fn returns while it is alive)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return peak - before
+
+
+def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192, iters: int = 10) -> float:
+    """Achieved TFLOP/s of a large square matmul in `dtype`: the practical tensor-core peak
+    of this GPU, measured in the same run as the bench it normalises."""
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    timing = time_cuda(lambda: a @ b, warmup=3, iters=iters)
+    return 2 * size**3 / (timing["ms_min"] * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 * 2**30, iters: int = 10) -> float:
+    """Achieved HBM bandwidth of a device-to-device copy, counting read + write bytes."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    timing = time_cuda(lambda: dst.copy_(src), warmup=3, iters=iters)
+    return 2 * nbytes / (timing["ms_min"] * 1e-3) / 1e9
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def result_path(out_dir: Path, bench: str) -> Path:
+    """<out>/<bench>-<gpu>-<timestamp>.json (directory created)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gpu = device_info().get("gpu", "cpu").replace(" ", "_").replace("/", "_")
+    return out_dir / f"{bench}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def write_result(path: Path, bench: str, payload: dict) -> Path:
+    """(Re)write one run's JSON: device facts + payload. Benches call it after every shape, so
+    a run cut short by a timeout still leaves what it measured. By convention payload["rows"]
+    is a list of flat dicts, one per measurement; summarize() tabulates them."""
+    record = dict(bench=bench, written=time.strftime("%Y-%m-%d %H:%M:%S"), device=device_info(), **payload)
+    Path(path).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return Path(path)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value).replace("|", "/").replace("\n", " ")[:80]
+
+
+def summarize(out_dir: Path) -> str:
+    """Markdown: one table per JSON under out_dir (columns = union of its rows' keys)."""
+    lines = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            lines += [f"## {path.name}", "", f"unreadable: {err}", ""]
+            continue
+        dev = record.get("device", {})
+        lines += [f"## {record.get('bench', path.stem)} ({path.name})", "",
+                  f"{dev.get('gpu', '?')}, torch {dev.get('torch')}, triton {dev.get('triton')}, CUDA {dev.get('cuda')}"]
+        for key in ("matmul_peak_tflops", "copy_bandwidth_gbs", "note"):
+            if key in record:
+                lines.append(f"- {key}: {_cell(record[key])}")
+        rows = record.get("rows", [])
+        if rows:
+            cols = list(dict.fromkeys(k for row in rows for k in row))
+            lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python bench/common.py summarize DIR  -> markdown on stdout
+    if len(sys.argv) != 3 or sys.argv[1] != "summarize":
+        sys.exit("usage: python bench/common.py summarize DIR")
+    print(summarize(Path(sys.argv[2])))

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One GPU run of everything the CPU cannot check: install (builds ple_fast._C with CUDA), the
+# gpu-marked tests, every bench/bench_*.py, and a markdown summary. No network needed.
+#
+#   OUT=/some/dir bash bench/gpu_suite.sh          # from anywhere; default OUT=bench/results
+#
+# Env knobs: SUITE_BUDGET_S (default 480: the whole run must fit in 8 minutes on an H100),
+# BENCH_ARGS (extra args for every bench, e.g. "--quick"), BENCH_TIMEOUT_S (per bench; default:
+# a fair share of what is left). A failing or timed-out step is recorded and the suite goes on;
+# benches write their JSON after every row, so a timeout keeps what was measured.
+# Wheels carried in bench/wheels/*.whl (liger-kernel, cut-cross-entropy) are installed with
+# --no-deps; nothing is downloaded.
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/bench/results}"
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+BUDGET="${SUITE_BUDGET_S:-480}"
+START=$(date +%s)
+STATUS="$OUT/logs/status.tsv"
+printf 'step\tstatus\tseconds\tlog\n' > "$STATUS"
+PY="${PYTHON:-python}"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+# run_step NAME TIMEOUT_S CMD...: log to $OUT/logs/NAME.log, record status, never abort the suite
+run_step() {
+  local name="$1" limit="$2"; shift 2
+  local log="$OUT/logs/$name.log" t0 rc status
+  t0=$(date +%s)
+  echo "== $name (timeout ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  case $rc in
+    0) status=ok ;;
+    124|137) status="timeout(${limit}s)" ;;
+    *) status="failed(rc=$rc)" ;;
+  esac
+  tail -n 5 "$log" | sed 's/^/   /'
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "logs/$name.log" >> "$STATUS"
+}
+
+"$PY" - > "$OUT/logs/env.txt" 2>&1 <<'EOF'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+EOF
+if command -v nvidia-smi > /dev/null; then nvidia-smi >> "$OUT/logs/env.txt" 2>&1; fi
+
+# 1. install: editable, no build isolation (compiles against the installed torch), no deps
+run_step install 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+shopt -s nullglob
+wheels=(bench/wheels/*.whl)
+if (( ${#wheels[@]} )); then
+  run_step wheels 60 "$PY" -m pip install --no-deps --no-index "${wheels[@]}"
+fi
+
+# 2. GPU-marked tests (compiled Triton, CUDA ops)
+run_step pytest_gpu "$(( $(left) < 150 ? ($(left) > 30 ? $(left) : 30) : 150 ))" \
+  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider
+
+# 3. every bench, each with a fair share of the time left
+benches=(bench/bench_*.py)
+for i in "${!benches[@]}"; do
+  bench="${benches[$i]}"
+  name="$(basename "$bench" .py)"
+  remaining=$(left)
+  share=$(( remaining / (${#benches[@]} - i) ))
+  limit="${BENCH_TIMEOUT_S:-$share}"
+  if (( limit < 20 )); then
+    printf '%s\t%s\t0\t-\n' "$name" "skipped(no time left)" >> "$STATUS"
+    continue
+  fi
+  # benches may read BENCH_DEADLINE (epoch seconds; common.seconds_left) to stop in time
+  export BENCH_DEADLINE=$(( $(date +%s) + limit - 10 ))
+  # shellcheck disable=SC2086  # BENCH_ARGS is deliberately word-split
+  run_step "$name" "$limit" "$PY" "$bench" --out "$OUT" ${BENCH_ARGS:-}
+done
+
+# 4. markdown summary: step status + every JSON's rows
+{
+  echo "# GPU suite $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo '```'
+  cat "$OUT/logs/env.txt" | head -n 3
+  echo '```'
+  echo
+  echo "| step | status | seconds | log |"
+  echo "|---|---|---|---|"
+  tail -n +2 "$STATUS" | awk -F'\t' '{printf "| %s | %s | %s | %s |\n", $1, $2, $3, $4}'
+  echo
+  "$PY" "$REPO/bench/common.py" summarize "$OUT" || echo "(summary failed; see the JSON files)"
+} > "$OUT/summary.md"
+echo "== wrote $OUT/summary.md in $(( $(date +%s) - START ))s"
+cat "$OUT/summary.md"
