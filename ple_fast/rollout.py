@@ -2,6 +2,8 @@
 
 This module's `backend="hf"` path runs Hugging Face `generate` on one left-padded batch
 holding both prompt kinds; it is the reference that faster engines are checked against.
+`backend="fast"` runs ple_fast.engine (static KV cache, on-device sampling, CUDA graphs), which
+prefills the principle once per call and shares its K/V with every principle-guided prompt.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+BACKENDS = ("hf", "fast")
 
 
 @dataclass
@@ -36,8 +40,9 @@ def _eos_set(model, eos_token_id) -> set[int]:
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id: int | None = None,
-             seed: int = 0, batch_size: int | None = None) -> list[list[int]]:
-    """Responses to token-id prompts with HF generate; seeded, each cut after its first EOS."""
+             seed: int = 0, batch_size: int | None = None, backend: str = "hf") -> list[list[int]]:
+    """Responses to token-id prompts with HF generate (or the fast engine); seeded, each cut after its first EOS."""
+    _check_backend(backend)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     eos_ids = _eos_set(model, eos_token_id)
@@ -45,6 +50,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         pad_token_id = model.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = min(eos_ids) if eos_ids else 0
+    if backend == "fast":
+        return _generate_fast(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, eos_ids=eos_ids, pad_token_id=pad_token_id, seed=seed,
+                              batch_size=batch_size)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -76,13 +85,50 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     return responses
 
 
+def _pad_id(model, pad_token_id: int | None, eos_ids: set[int]) -> int:
+    if pad_token_id is None:
+        pad_token_id = model.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = min(eos_ids) if eos_ids else 0
+    return pad_token_id
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"rollout backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _generate_fast(model, prompts, *, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_token_id, seed,
+                   batch_size=None, prefix=(), prefixed=None) -> list[list[int]]:
+    from ple_fast.engine import engine_for
+
+    engine = engine_for(model)
+    batch_size = batch_size or max(1, len(prompts))
+    responses: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        responses += engine.generate(
+            prompts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, eos_token_ids=sorted(eos_ids), pad_token_id=pad_token_id, seed=seed + start,
+            prefix=prefix, prefixed=None if prefixed is None else prefixed[start:start + batch_size])
+    return responses
+
+
 def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[int], *,
                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                   eos_token_id=None, pad_token_id: int | None = None, seed: int = 0,
                   backend: str = "hf") -> DualRollout:
     """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch."""
-    if backend != "hf":
-        raise ValueError(f"rollout backend {backend!r}: only 'hf' is available")
+    _check_backend(backend)
+    if backend == "fast":
+        if any(len(q) == 0 for q in queries):
+            raise ValueError("generate_dual: every query needs at least one token")
+        eos_ids = _eos_set(model, eos_token_id)
+        pad_token_id = _pad_id(model, pad_token_id, eos_ids)
+        out = _generate_fast(model, [list(q) for q in queries] * 2, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
+                             pad_token_id=pad_token_id, seed=seed, prefix=list(principle),
+                             prefixed=[False] * len(queries) + [True] * len(queries))
+        return DualRollout(out[:len(queries)], out[len(queries):])
     prompts = [list(q) for q in queries] + [list(principle) + list(q) for q in queries]
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)

@@ -1,0 +1,202 @@
+"""Rollout throughput: HF generate, HF static cache + torch.compile, and ple_fast's engine.
+
+A ~1B Llama shape (Llama-3.2-1B: 16 layers, hidden 2048, 32/8 heads, vocab 128256, tied) with
+random bf16 weights; prompts of 256 random tokens, 256 new tokens (no EOS), sampling at
+temperature 1. Reports generated tokens/s per method and batch size, and for our engine the
+fraction of the bandwidth floor: per decode step, one read of the weights plus the K/V of every
+row's context, at the device-to-device copy bandwidth measured in the same run.
+
+    python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
+
+Batches run in target order (128: speed over HF, 256: floor fraction, then 32); HF + compile
+runs last, only while BENCH_DEADLINE leaves time. The JSON is rewritten after every row.
+Without CUDA it exits 0 with a message (--allow-cpu runs the quick shapes anyway, a smoke test).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import (copy_bandwidth_gbs, is_oom, parse_args, require_cuda, result_path,  # noqa: E402
+                    seconds_left, write_result)
+
+BENCH = "bench_rollout"
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                tie_word_embeddings=True, rope_theta=500000.0)
+TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_copy_bandwidth_gbs(nbytes: int = 64 << 20, repeats: int = 5) -> float:
+    """common.copy_bandwidth_gbs is CUDA-only; this is its CPU stand-in for --allow-cpu smoke runs."""
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    return 2 * nbytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def build_model(shape: dict, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def weight_bytes_read_per_step(model) -> int:
+    """Every parameter once (tied head counted once); an untied input embedding is only gathered."""
+    seen, total = set(), 0
+    embed = model.get_input_embeddings().weight
+    tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    for p in model.parameters():
+        if p.data_ptr() in seen or (p is embed and not tied):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_read(model, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """K/V bytes the decode steps must read: step s attends over prompt_len + s positions per row."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    positions = sum(prompt_len + s for s in range(1, new_tokens))
+    return batch * positions * per_position
+
+
+def run_hf(model, input_ids, new_tokens: int, static: bool):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=1.0,
+                  top_p=1.0, top_k=None, pad_token_id=0, attention_mask=torch.ones_like(input_ids))
+    if static:
+        kwargs["cache_implementation"] = "static"    # transformers compiles the decode step for it
+    return model.generate(input_ids, **kwargs)
+
+
+def time_call(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    def extra(ap):
+        ap.add_argument("--batches", help="comma-separated batch sizes (default 128,256,32; quick 4,8)")
+        ap.add_argument("--prompt-len", type=int)
+        ap.add_argument("--new-tokens", type=int)
+        ap.add_argument("--skip-compile", action="store_true", help="skip HF static cache + torch.compile")
+        ap.add_argument("--allow-cpu", action="store_true", help="run without CUDA (smoke test only)")
+
+    args = parse_args(__doc__.splitlines()[0], argv, extra)
+    if not args.allow_cpu:
+        require_cuda(BENCH)
+    from ple_fast.engine import RolloutEngine
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or device.type == "cpu"
+    shape = TINY if quick else LLAMA_1B
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompt_len = args.prompt_len or (32 if quick else 256)
+    new_tokens = args.new_tokens or (32 if quick else 256)
+    batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
+    passes = [("hf", "fast")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+
+    model = build_model(shape, dtype, device)
+    bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
+    weights = weight_bytes_read_per_step(model)
+    engine = RolloutEngine(model)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
+          f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
+    out_path = result_path(args.out, BENCH)
+    rows: list[dict] = []
+    hf_rate: dict[int, float] = {}
+
+    def save():
+        fast = {r["batch"]: r for r in rows if r["method"] == "fast" and "tokens_per_s" in r}
+        targets = {"speedup_vs_hf_at_128": {"target": 10.0, "measured": fast.get(128, {}).get("speedup_vs_hf")},
+                   "floor_fraction_at_256": {"target": 0.6, "measured": fast.get(256, {}).get("floor_fraction")}}
+        write_result(out_path, BENCH, dict(quick=quick, dtype=str(dtype).removeprefix("torch."), model_shape=shape,
+                                           prompt_len=prompt_len, new_tokens=new_tokens,
+                                           copy_bandwidth_gbs=bandwidth / 1e9, weight_bytes=weights,
+                                           targets=targets, rows=rows))
+
+    for methods in passes:
+        for batch in batches:
+            g = torch.Generator().manual_seed(batch)
+            prompts = torch.randint(1, shape["vocab_size"], (batch, prompt_len), generator=g)
+            input_ids = prompts.to(device)
+            floor_s = (weights * (new_tokens - 1) + kv_bytes_read(model, batch, prompt_len, new_tokens)) / bandwidth
+            for method in methods:
+                row = {"batch": batch, "method": method}
+                rows.append(row)
+                if seconds_left() < (90 if method == "hf_static_compile" else 20):
+                    row["error"] = "skipped: BENCH_DEADLINE"
+                    save()
+                    continue
+                try:
+                    if method == "fast":
+                        call = lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens,
+                                                       temperature=1.0, seed=0)
+                        call()                                 # warm-up: captures every cache-length graph
+                    else:
+                        static = method == "hf_static_compile"
+                        call = lambda: run_hf(model, input_ids, new_tokens, static)
+                        if static:
+                            call()                             # warm-up: compiles for this batch size
+                        else:
+                            run_hf(model, input_ids, 4, False)
+                    seconds = time_call(call, device)
+                except Exception as err:                       # e.g. torch.compile unsupported here
+                    row["error"] = ("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300]
+                    print(f"batch {batch:4d}  {method:18s}  failed: {row['error']}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    save()
+                    continue
+                rate = batch * new_tokens / seconds
+                row.update(seconds=seconds, tokens_per_s=rate, end_to_end_floor_fraction=floor_s / seconds)
+                if method == "hf":
+                    hf_rate[batch] = rate
+                if batch in hf_rate and method != "hf":
+                    row["speedup_vs_hf"] = rate / hf_rate[batch]
+                note = ""
+                if method == "fast":
+                    stats = engine.last_stats
+                    steps = max(stats.decode_steps - 1, 1)
+                    row.update(prefill_s=stats.prefill_s, decode_s=stats.decode_s, cuda_graphs=stats.graphs,
+                               decode_step_ms=1e3 * stats.decode_s / steps,
+                               floor_fraction=floor_s / stats.decode_s if stats.decode_s > 0 else None)
+                    note = f"  step {row['decode_step_ms']:.2f} ms  floor {row['floor_fraction']:.0%}"
+                if "speedup_vs_hf" in row:
+                    note += f"  x{row['speedup_vs_hf']:.1f} vs hf"
+                print(f"batch {batch:4d}  {method:18s}  {rate:12,.0f} tok/s  {seconds:8.2f} s{note}")
+                save()
+            del input_ids
+    engine.release()
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

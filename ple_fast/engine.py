@@ -1,0 +1,547 @@
+"""The fast rollout engine: static KV cache, on-device sampling, CUDA-graph decode steps.
+
+It drives a stock Hugging Face causal LM through its own modules and live weights. The only
+thing swapped in is the attention *core*: while the engine runs, `config._attn_implementation`
+names `ENGINE_ATTENTION`, a function that writes each layer's fresh (rotated) K/V into
+`StaticKVCache` and attends over the cache. Nothing else of HF's cache API is used, so the
+same code runs on transformers 5.17 and 5.24.
+
+Cache layout: row b's token at position p lives in slot p, so position == slot for every row
+and the attention mask is a pure function of the query positions (`slot <= position`). Prompts
+are therefore right-aligned at slot 0 (no left padding), and a shared prefix (the principle)
+occupies slots 0..Lp-1 of every row that uses it: it is prefilled once, in one row, and its K/V
+copied to the others. Rows differ only in where they end; decode steps have fixed shapes
+[B, 1] and attend over the first L slots, L rounded up to `kv_block`, so one CUDA graph per L
+serves every step of that length. The per-step RNG draw happens outside the graph, from a
+seeded torch.Generator, into a static noise buffer the graph reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ple_fast.models import decoder_of
+
+ENGINE_ATTENTION = "ple_fast_static_kv"
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+def candidate_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                    top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampling distribution over each row's candidates: (probs [B, C], ids [B, C] or None).
+
+    Same order as HF's warpers: temperature, then top-k, then top-p on the renormalised top-k.
+    ids is None when the candidates are the whole vocabulary (C = V, no sort needed).
+    Filtered-out candidates get probability exactly 0.
+    """
+    if temperature <= 0:
+        raise ValueError("candidate_probs: temperature must be > 0 (temperature 0 is greedy)")
+    scaled = logits.float() / temperature
+    vocab = scaled.shape[-1]
+    ids = None
+    if 0 < top_k < vocab:
+        scaled, ids = scaled.topk(top_k, dim=-1)             # sorted, descending
+    elif top_p < 1.0:
+        scaled, ids = scaled.sort(dim=-1, descending=True)
+    probs = scaled.softmax(dim=-1)
+    if top_p < 1.0:
+        mass_before = probs.cumsum(dim=-1) - probs           # probs are sorted descending here
+        probs = probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs, ids
+
+
+def reference_candidate_probs(logits: torch.Tensor, temperature: float, top_k: int = 0,
+                              top_p: float = 1.0) -> torch.Tensor:
+    """The same distribution as a dense [B, V] fp64 table, built row by row: the test oracle."""
+    out = torch.zeros(logits.shape, dtype=torch.float64)
+    for row, row_logits in enumerate(logits.double().cpu()):
+        order = sorted(range(row_logits.numel()), key=lambda v: -float(row_logits[v]))
+        if top_k > 0:
+            order = order[:top_k]
+        kept = torch.tensor([float(row_logits[v]) / temperature for v in order], dtype=torch.float64)
+        p = torch.exp(kept - kept.max())
+        p = p / p.sum()
+        cut, mass = len(order), 0.0
+        for i in range(len(order)):
+            if mass >= top_p:
+                cut = i
+                break
+            mass += float(p[i])
+        p = p[:cut] / p[:cut].sum()
+        out[row, order[:cut]] = p
+    return out
+
+
+def noise_width(vocab: int, top_k: int, top_p: float) -> int:
+    """How many exponential draws one row needs per step: one per candidate."""
+    return top_k if 0 < top_k < vocab else vocab
+
+
+def sample_tokens(logits: torch.Tensor, noise: torch.Tensor | None, temperature: float,
+                  top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Next token per row [B] int64; argmax at temperature 0, else an exponential race.
+
+    argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i; `noise` holds the E_i
+    ([B, noise_width]) so that the RNG draw can live outside a CUDA graph.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs, ids = candidate_probs(logits, temperature, top_k, top_p)
+    score = (probs / noise).masked_fill(probs <= 0, -1.0)
+    choice = score.argmax(dim=-1)
+    if ids is None:
+        return choice
+    return ids.gather(1, choice.unsqueeze(1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------ static cache
+
+class StaticKVCache:
+    """K and V slots [layers, batch, kv_heads, capacity, head_dim]; slot == position."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (layers, batch, kv_heads, capacity, head_dim)
+        # zeros, not empty: masked slots still meet the P @ V product, and 0 * NaN is NaN
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.kv_heads, self.capacity, self.head_dim = batch, kv_heads, capacity, head_dim
+        rows = torch.arange(batch, device=device).view(batch, 1)
+        heads = torch.arange(kv_heads, device=device).view(1, kv_heads)
+        self.head_base = (rows * kv_heads + heads) * capacity   # flat slot 0 of (row, head)
+
+    def write(self, layer: int, rows: slice, positions: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """keys/values [R, kv_heads, Q, D] of rows[r] at positions [R, Q] go to those slots."""
+        if keys.shape[1:2] != (self.kv_heads,) or keys.shape[-1] != self.head_dim:
+            raise ValueError(f"StaticKVCache: layer {layer} produced keys of shape {tuple(keys.shape)}, "
+                             f"expected [rows, {self.kv_heads}, q, {self.head_dim}] from the model config")
+        flat = (self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1)).reshape(-1)
+        dim = self.head_dim
+        self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
+        self.values[layer].view(-1, dim).index_copy_(0, flat, values.reshape(-1, dim).to(self.values.dtype))
+
+    def read(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [R, kv_heads, length, D] of the first `length` slots."""
+        return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length]
+
+    def copy_prefix(self, source_row: int, target_rows: torch.Tensor, length: int) -> None:
+        """Every layer's slots 0..length-1 of source_row, into target_rows."""
+        for buf in (self.keys, self.values):
+            buf[:, target_rows, :, :length] = buf[:, source_row:source_row + 1, :, :length]
+
+
+@dataclass
+class _Pass:
+    """What the attention core needs to know about the forward in flight."""
+    cache: StaticKVCache
+    rows: slice                 # cache rows of the batch rows
+    positions: torch.Tensor     # [R, Q] position (= slot) of each query token
+    kv_length: int              # attend over slots 0..kv_length-1
+
+
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None,
+                        dropout: float = 0.0, sliding_window: int | None = None, ple_pass: _Pass | None = None,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """HF attention-interface function: cache the new K/V, attend over the cache.
+
+    Grouped-query heads are folded into the query length ([B, Hkv, G*Q, D]) so that K/V are
+    read once per KV head and never repeated; the mask is shared by the heads of a group.
+    """
+    if ple_pass is None:
+        raise RuntimeError(f"{ENGINE_ATTENTION} attention was called outside the rollout engine")
+    for name in _UNSUPPORTED_ATTENTION_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"rollout engine: attention with {name!r} "
+                                      f"({type(module).__name__}) is not supported; use rollout.backend=hf")
+    cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
+    cache.write(module.layer_idx, rows, ple_pass.positions, key, value)
+    keys, values = cache.read(module.layer_idx, rows, length)
+    mask = attention_mask                                  # [R, 1, Q, L] bool, slot <= position
+    if sliding_window is not None and sliding_window < length:
+        slots = torch.arange(length, device=query.device)
+        mask = mask & (slots > ple_pass.positions.unsqueeze(-1) - sliding_window).unsqueeze(1)
+    batch, q_heads, q_len, dim = query.shape
+    groups = q_heads // keys.shape[1]
+    grouped = query.reshape(batch, keys.shape[1], groups * q_len, dim)
+    if groups > 1 and q_len > 1:
+        mask = mask.unsqueeze(2).expand(batch, 1, groups, q_len, length).reshape(batch, 1, groups * q_len, length)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+    return out.view(batch, q_heads, q_len, dim).transpose(1, 2), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ENGINE_ATTENTION, static_kv_attention)
+
+
+# -------------------------------------------------------------------------------------- engine
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside DDP / torch.compile / PEFT wrappers (LoRA layers stay in place)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):   # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):             # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+            model = model.module                                                   # DDP / FSDP
+    if not hasattr(model, "config") or model.get_output_embeddings() is None:
+        raise TypeError(f"rollout engine: {type(model).__name__} is not a Hugging Face causal LM "
+                        "(no config or no output embeddings)")
+    return model
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class _DecodeState:
+    """The static buffers one decode step reads and updates in place (graph inputs/outputs)."""
+
+    def __init__(self, batch: int, max_new: int, device: torch.device):
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)    # fed at this step
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)          # output column
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.out = torch.zeros(batch, max_new, dtype=torch.long, device=device)
+        self.noise = torch.ones(batch, 1, device=device)     # swapped per sampling width, see _use_noise
+        self.noise_by_width = {1: self.noise}               # kept: captured graphs point at them
+
+    def use_noise(self, width: int) -> None:
+        if width not in self.noise_by_width:
+            self.noise_by_width[width] = torch.ones(self.tokens.shape[0], width, device=self.tokens.device)
+        self.noise = self.noise_by_width[width]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in vars(self).items() if isinstance(t, torch.Tensor)}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        for name, t in saved.items():
+            getattr(self, name).copy_(t)
+
+
+@dataclass
+class RolloutStats:
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    graphs: bool
+
+
+class RolloutEngine:
+    """Batched sampling from a live HF causal LM with a static KV cache.
+
+    On CUDA the decode step is captured once per (batch, cache length L, sampling settings) and
+    replayed; elsewhere it runs eagerly. Buffers and graphs are kept between calls while the batch
+    size fits, and graphs are dropped when any parameter's storage moved (e.g. model.to()).
+    Call `release()` to free the cache memory.
+    """
+
+    def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
+                 check_every: int | None = None, prefill_tokens: int = 32768):
+        model = unwrap_causal_lm(model)
+        self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
+        config = model.config
+        self.config = config
+        self.device = model.get_output_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.num_layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"rollout engine: cuda_graphs=True but the model is on {self.device}")
+        self.cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
+        self._graphs_required = bool(cuda_graphs)
+        self.kv_block = kv_block
+        self.check_every = check_every or (8 if on_cuda else 1)
+        self.prefill_tokens = prefill_tokens
+        self.cache: StaticKVCache | None = None
+        self.state: _DecodeState | None = None
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._param_ptrs: tuple[int, ...] = ()
+        self._constant_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_stats: RolloutStats | None = None
+        _register_attention()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("rollout engine: its model has been garbage-collected")
+        return model
+
+    @property
+    def trunk(self) -> nn.Module:
+        return decoder_of(self.model)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def release(self) -> None:
+        self.cache = self.state = None
+        self._graphs.clear()
+        self._graph_pool = None
+
+    def _ensure_buffers(self, batch: int, capacity: int, max_new: int) -> None:
+        cache, state = self.cache, self.state
+        fits = (cache is not None and cache.batch == batch and cache.capacity >= capacity
+                and state.out.shape[1] >= max_new)
+        ptrs = tuple(p.data_ptr() for p in self.model.parameters())
+        if ptrs != self._param_ptrs:
+            self._graphs.clear()
+            self._param_ptrs = ptrs
+        if fits:
+            return
+        self.release()
+        self.cache = StaticKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
+                                   self.dtype, self.device)
+        self.state = _DecodeState(batch, max_new, self.device)
+
+    @contextlib.contextmanager
+    def _engine_mode(self):
+        """Eval mode, no autograd, and the model's attention core routed to the static cache."""
+        config, model = self.config, self.model
+        saved_attention, was_training = config._attn_implementation, model.training
+        config._attn_implementation = ENGINE_ATTENTION
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            config._attn_implementation = saved_attention
+            model.train(was_training)
+
+    def _constants(self, pad_id: int, eos_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device tensors for pad/EOS ids, kept for the engine's life: graphs read them by address."""
+        key = (pad_id, eos_ids)
+        if key not in self._constant_tensors:
+            self._constant_tensors[key] = (torch.tensor(pad_id, device=self.device),
+                                           torch.tensor(eos_ids, dtype=torch.long, device=self.device))
+        return self._constant_tensors[key]
+
+    # -- forward pieces ---------------------------------------------------------------------
+    def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice, kv_length: int) -> torch.Tensor:
+        slots = torch.arange(kv_length, device=self.device)
+        mask = (slots.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
+        out = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                         ple_pass=_Pass(self.cache, rows, positions, kv_length))
+        return out[0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _prefill(self, suffixes: list[list[int]], offsets: list[int], pad_id: int) -> torch.Tensor:
+        """Run every row's prompt suffix from its offset; logits [B, V] at each row's last token."""
+        width = max(len(s) for s in suffixes)
+        per_chunk = max(1, self.prefill_tokens // width)
+        logits = []
+        for lo in range(0, len(suffixes), per_chunk):
+            chunk = suffixes[lo:lo + per_chunk]
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            for r, s in enumerate(chunk):
+                ids[r, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+            starts = torch.tensor(offsets[lo:lo + len(chunk)], dtype=torch.long)
+            positions = starts.unsqueeze(1) + torch.arange(width).unsqueeze(0)
+            lengths = torch.tensor([len(s) for s in chunk])
+            kv_length = max(offsets[lo:lo + len(chunk)]) + width
+            hidden = self._hidden(ids.to(self.device), positions.to(self.device), slice(lo, lo + len(chunk)),
+                                  kv_length)
+            last = hidden[torch.arange(len(chunk), device=self.device), (lengths - 1).to(self.device)]
+            logits.append(self._logits(last))
+        return torch.cat(logits)
+
+    def _decode_step(self, kv_length: int, sampling: tuple[float, int, float], pad: torch.Tensor,
+                     eos: torch.Tensor) -> None:
+        """One token for every row, entirely on device and in place (the graph body)."""
+        st = self.state
+        batch = st.tokens.shape[0]
+        hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch), kv_length)
+        logits = self._logits(hidden[:, -1])
+        self._emit(logits, sampling, pad, eos)
+        st.positions.add_(1)
+
+    def _emit(self, logits: torch.Tensor, sampling: tuple[float, int, float], pad: torch.Tensor,
+              eos: torch.Tensor) -> None:
+        st = self.state
+        temperature, top_k, top_p = sampling
+        token = sample_tokens(logits, st.noise, temperature, top_k, top_p)
+        token = torch.where(st.done, pad, token)
+        st.out.index_copy_(1, st.step, token.unsqueeze(1))
+        st.done.logical_or_((token.unsqueeze(1) == eos.unsqueeze(0)).any(dim=1))
+        st.tokens.copy_(token)
+        st.step.add_(1)
+
+    def _graph(self, kv_length: int, sampling, pad, eos, key) -> torch.cuda.CUDAGraph | None:
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        saved = self.state.snapshot()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):        # warm-up: lazy inits (cuBLAS, ...) stay out of the graph
+                self._decode_step(kv_length, sampling, pad, eos)
+            torch.cuda.current_stream().wait_stream(side)
+            self.state.restore(saved)            # the warm-up's K/V writes are the same ones the real step makes
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._decode_step(kv_length, sampling, pad, eos)
+        except Exception as err:                 # capture is an optimisation: fall back unless asked for
+            if self._graphs_required:
+                raise
+            warnings.warn(f"rollout engine: CUDA graph capture failed ({err!r}); decoding eagerly")
+            self.cuda_graphs = False
+            torch.cuda.synchronize()
+            self.state.restore(saved)
+            return None
+        self._graphs[key] = graph
+        return graph
+
+    # -- the public call -------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, eos_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+                 seed: int = 0, prefix: Sequence[int] = (), prefixed: Sequence[bool] | None = None
+                 ) -> list[list[int]]:
+        """Token ids generated after each prompt (prefix + prompt where prefixed[b]), up to and
+        including the first EOS, at most max_new_tokens. The prefix is prefilled once."""
+        batch = len(prompts)
+        if prefixed is None:
+            prefixed = [bool(prefix)] * batch
+        if len(prefixed) != batch:
+            raise ValueError(f"rollout engine: {len(prefixed)} prefixed flags for {batch} prompts")
+        for b, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"rollout engine: prompt {b} is empty; every prompt needs at least one token")
+        if not 0 < top_p <= 1.0:
+            raise ValueError(f"rollout engine: top_p={top_p} must be in (0, 1]")
+        if top_k < 0 or max_new_tokens < 0:
+            raise ValueError(f"rollout engine: top_k={top_k} and max_new_tokens={max_new_tokens} must be >= 0")
+        if batch == 0 or max_new_tokens == 0:
+            return [[] for _ in range(batch)]
+        prefix = [int(t) for t in prefix]
+        offsets = [len(prefix) if flag and prefix else 0 for flag in prefixed]
+        ends = [o + len(p) for o, p in zip(offsets, prompts)]
+        capacity = _round_up(max(ends) + max_new_tokens, self.kv_block)
+        vocab = self.head.weight.shape[0]
+        sampling = (float(temperature), int(top_k), float(top_p)) if temperature > 0 else (0.0, 0, 1.0)
+        self._ensure_buffers(batch, capacity, max_new_tokens)
+        st, cache = self.state, self.cache
+        st.use_noise(noise_width(vocab, top_k, top_p) if sampling[0] > 0 else 1)
+        eos_ids = tuple(sorted({int(e) for e in eos_token_ids}))
+        pad, eos = self._constants(int(pad_token_id), eos_ids)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(seed))
+        timer = _Timer(self.device)
+
+        with self._engine_mode():
+            timer.mark()
+            if any(offsets):
+                first = offsets.index(len(prefix))
+                self._prefill_prefix(first, prefix)
+                targets = torch.tensor([b for b, o in enumerate(offsets) if o and b != first], dtype=torch.long,
+                                       device=self.device)
+                if targets.numel():
+                    cache.copy_prefix(first, targets, len(prefix))
+            logits = self._prefill([list(p) for p in prompts], offsets, pad_token_id)
+            st.done.zero_()
+            st.step.zero_()
+            st.positions.copy_(torch.tensor(ends, device=self.device))
+            if sampling[0] > 0:
+                st.noise.exponential_(generator=generator)
+            self._emit(logits, sampling, pad, eos)
+            timer.mark()
+            steps = 1
+            for step in range(1, max_new_tokens):
+                if step % self.check_every == 0 and bool(st.done.all()):
+                    break
+                kv_length = min(capacity, _round_up(max(ends) + step, self.kv_block))
+                if sampling[0] > 0:
+                    st.noise.exponential_(generator=generator)
+                key = (kv_length, sampling, int(pad_token_id), eos_ids, st.out.shape[1])
+                graph = self._graph(kv_length, sampling, pad, eos, key) if self.cuda_graphs else None
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._decode_step(kv_length, sampling, pad, eos)
+                steps += 1
+            timer.mark()
+            rows = st.out[:, :max_new_tokens].tolist()
+        prefill_s, decode_s = timer.intervals()
+        self.last_stats = RolloutStats(prefill_s, decode_s, steps, self.cuda_graphs)
+        return [_cut(row[:steps], set(eos_ids)) for row in rows]
+
+    def _prefill_prefix(self, row: int, tokens: list[int]) -> None:
+        """Prefill `tokens` from position 0 into one cache row (the shared prefix)."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
+        self._hidden(ids, positions, slice(row, row + 1), len(tokens))
+
+
+def _cut(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[:i + 1]
+    return tokens
+
+
+class _Timer:
+    """Wall-clock marks; CUDA events on GPU so that marking does not synchronise."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            import time
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, RolloutEngine]" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model: nn.Module, **options) -> RolloutEngine:
+    """The engine cached for this model (its buffers and graphs are reused between calls)."""
+    base = unwrap_causal_lm(model)
+    engine = _ENGINES.get(base)
+    if engine is None or engine.device != base.get_output_embeddings().weight.device:
+        engine = RolloutEngine(base, **options)
+        _ENGINES[base] = engine
+    return engine

@@ -1,0 +1,231 @@
+"""The fast rollout engine against Hugging Face generate and against the model's own softmax."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from ple_fast.engine import (ENGINE_ATTENTION, RolloutEngine, candidate_probs, engine_for,
+                             reference_candidate_probs, sample_tokens)
+from ple_fast.rollout import BACKENDS, generate, generate_dual
+
+VOCAB = 97
+PAD, DEFAULT_EOS = 0, 2
+NO_EOS = VOCAB + 1   # an id no model here can emit
+
+
+def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0, init: float = 0.3, **extra):
+    """A random fp32 causal LM; a large init std makes greedy choices far from ties."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    config = config_cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        initializer_range=init, pad_token_id=PAD, eos_token_id=DEFAULT_EOS, bos_token_id=None,
+                        tie_word_embeddings=False, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = DEFAULT_EOS
+    return model.train()          # the trainer hands over a model in training mode
+
+
+def random_tokens(lengths, seed, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def midbatch_eos(responses):
+    """A token that some responses emit mid-way (after their first token) and others never emit."""
+    counts = Counter()
+    for r in responses:
+        counts.update({t for t in r[1:-1] if t not in r[:1]})
+    for tok, n in counts.most_common():
+        if n < len(responses) and any(tok not in r for r in responses):
+            return tok
+    raise AssertionError("no token fits as a mid-batch EOS; change the test seed")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_greedy_dual_equals_hf_generate_run_separately(family):
+    model = tiny_model(family)
+    queries = random_tokens([3, 9, 1, 6, 4], seed=1)
+    principle = random_tokens([5], seed=2)[0]
+    new = 14
+    # find an EOS that stops some rows early and not others
+    probe = generate(model, queries + [principle + q for q in queries], max_new_tokens=new, eos_token_id=NO_EOS)
+    eos = midbatch_eos(probe)
+    hf_orig = generate(model, queries, max_new_tokens=new, eos_token_id=eos)
+    hf_prin = generate(model, [principle + q for q in queries], max_new_tokens=new, eos_token_id=eos)
+    stopped = [r[-1] == eos and len(r) < new for r in hf_orig + hf_prin]
+    assert any(stopped) and not all(stopped), "the test must see EOS mid-batch"
+    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast")
+    assert fast.originals == hf_orig
+    assert fast.principled == hf_prin
+    assert model.training, "the model's training flag is restored"
+    assert model.config._attn_implementation != ENGINE_ATTENTION
+    if family != "llama":
+        return
+    # the engine is cached per model: a second call with other shapes reuses or regrows its buffers
+    longer = random_tokens([12, 2], seed=3)
+    again = generate_dual(model, longer, principle, max_new_tokens=new + 10, eos_token_id=eos, backend="fast")
+    assert again.originals == generate(model, longer, max_new_tokens=new + 10, eos_token_id=eos)
+    assert again.principled == generate(model, [principle + q for q in longer], max_new_tokens=new + 10,
+                                        eos_token_id=eos)
+
+
+def test_sliding_window_matches_hf_per_prompt():
+    model = tiny_model("mistral", sliding_window=4)
+    prompts = random_tokens([6, 2], seed=4)
+    fast = generate(model, prompts, max_new_tokens=10, eos_token_id=NO_EOS, backend="fast")
+    for prompt, got in zip(prompts, fast):          # one prompt per HF call: no padding inside its window
+        assert got == generate(model, [prompt], max_new_tokens=10, eos_token_id=NO_EOS)[0]
+
+
+def test_live_weights_are_used_after_an_in_place_update():
+    model = tiny_model("llama")
+    prompts = random_tokens([4, 7], seed=5)
+    before = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)        # what an optimizer step does: same storage, new values
+    after = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
+    assert after == generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS)
+    assert after != before
+
+
+def test_generate_fast_with_batch_size_chunks_equals_hf():
+    model = tiny_model("qwen2", seed=1)
+    prompts = random_tokens([5, 1, 8, 3, 2], seed=6)
+    got = generate(model, prompts, max_new_tokens=9, eos_token_id=NO_EOS, backend="fast", batch_size=2)
+    assert got == generate(model, prompts, max_new_tokens=9, eos_token_id=NO_EOS)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    model = tiny_model("llama", init=0.05)
+    queries = random_tokens([3, 5, 2, 6], seed=7)
+    principle = random_tokens([4], seed=8)[0]
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=40, eos_token_id=NO_EOS, backend="fast")
+    a = generate_dual(model, queries, principle, seed=11, **kw)
+    b = generate_dual(model, queries, principle, seed=11, **kw)
+    c = generate_dual(model, queries, principle, seed=12, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_equals_greedy():
+    model = tiny_model("llama", init=0.05)
+    queries = random_tokens([3, 5, 2], seed=9)
+    principle = random_tokens([3], seed=10)[0]
+    greedy = generate_dual(model, queries, principle, max_new_tokens=10, eos_token_id=NO_EOS, backend="fast")
+    top1 = generate_dual(model, queries, principle, max_new_tokens=10, temperature=0.7, top_k=1,
+                         eos_token_id=NO_EOS, backend="fast", seed=3)
+    assert top1 == greedy
+
+
+def _chi2_bound(dof: int, z: float = 4.753) -> float:
+    """Wilson-Hilferty upper quantile of chi-square(dof) at z sigma (4.753: p = 1e-6)."""
+    c = 2.0 / (9.0 * dof)
+    return dof * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    expected = probs * counts.sum()
+    kept = probs > 0
+    assert counts[~kept].sum() == 0, "a token with probability 0 was sampled"
+    stat = float((((counts - expected) ** 2)[kept] / expected[kept]).sum())
+    return stat, int(kept.sum()) - 1
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.7)])
+def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, top_p):
+    vocab, draws = 12, 6000
+    model = tiny_model("llama", vocab=vocab, init=0.15, seed=2).eval()
+    prompt = [5, 7, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1:]
+    probs = reference_candidate_probs(logits, temperature, top_k, top_p)[0]
+    assert (probs[probs > 0] * draws).min() >= 5, "expected counts too small for a chi-square test"
+    assert (probs > 0).sum() >= 3
+    engine = RolloutEngine(model)
+    first = engine.generate([prompt] * draws, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=123)
+    counts = torch.bincount(torch.tensor([r[0] for r in first]), minlength=vocab).double()
+    stat, dof = _chi2(counts, probs)
+    assert stat < _chi2_bound(dof), (stat, dof, counts, probs * draws)
+    # power: the same draws are rejected against a visibly different distribution
+    wrong = reference_candidate_probs(logits, temperature * 1.5, 0, 1.0)[0]
+    wrong_stat = float((((counts - wrong * draws) ** 2) / (wrong * draws)).sum())
+    assert wrong_stat > _chi2_bound(vocab - 1)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.5, 3, 1.0), (1.0, 0, 0.6), (2.0, 7, 0.8), (1.0, 1, 1.0), (1.0, 0, 1e-4), (0.9, 100, 0.9)])
+def test_candidate_probs_match_the_dense_reference(temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g) * 3
+    logits[0, :5] = 1.25                       # ties
+    probs, ids = candidate_probs(logits, temperature, top_k, top_p)
+    dense = torch.zeros(logits.shape, dtype=torch.float64)
+    dense.scatter_(1, ids if ids is not None else torch.arange(40).expand(6, 40), probs.double())
+    ref = reference_candidate_probs(logits, temperature, top_k, top_p)
+    if top_k == 0 and top_p == 1.0 or top_k == 1:
+        assert torch.allclose(dense, ref, atol=1e-6)
+    else:                                      # ties may be broken differently; compare row by row off-tie
+        for row in range(1, 6):
+            assert torch.allclose(dense[row], ref[row], atol=1e-6)
+    assert torch.allclose(dense.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-6)
+
+
+def test_sample_tokens_greedy_is_argmax_and_never_picks_filtered_tokens():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(64, 30, generator=g)
+    assert torch.equal(sample_tokens(logits, None, 0.0), logits.argmax(-1))
+    noise = torch.empty(64, 3).exponential_(generator=g)
+    picked = sample_tokens(logits, noise, 1.0, top_k=3)
+    assert (picked.unsqueeze(1) == logits.topk(3).indices).any(1).all()
+
+
+def test_all_rows_done_stops_decoding_early():
+    model = tiny_model("llama")
+    prompts = random_tokens([3, 4], seed=12)
+    firsts = {r[0] for r in generate(model, prompts, max_new_tokens=1, eos_token_id=NO_EOS)}
+    engine = engine_for(model)
+    out = engine.generate(prompts, max_new_tokens=30, eos_token_ids=sorted(firsts))
+    assert all(len(r) == 1 and r[0] in firsts for r in out)
+    assert engine.last_stats.decode_steps == 1
+
+
+def test_edge_cases_and_errors():
+    model = tiny_model("llama")
+    assert generate(model, [[4, 5]], max_new_tokens=0, backend="fast") == [[]]
+    assert generate_dual(model, [], [3, 4], max_new_tokens=4, backend="fast").originals == []
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[4], []], max_new_tokens=3, backend="fast")
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_dual(model, [[]], [3], max_new_tokens=3, backend="fast")
+    with pytest.raises(ValueError, match="choose one of hf, fast"):
+        generate_dual(model, [[4]], [3], max_new_tokens=3, backend="vllm")
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[4]], max_new_tokens=3, temperature=1.0, top_p=0.0, backend="fast")
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        RolloutEngine(model, cuda_graphs=True)
+    with pytest.raises(TypeError, match="not a Hugging Face causal LM"):
+        RolloutEngine(torch.nn.Linear(2, 2))
+    assert BACKENDS == ("hf", "fast")
+
+
+def test_peft_lora_model_equals_hf_generate():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
+                           init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, lora)
+    queries = random_tokens([3, 6], seed=13)
+    principle = [7, 8, 9]
+    fast = generate_dual(wrapped, queries, principle, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
+    assert fast == generate_dual(wrapped, queries, principle, max_new_tokens=8, eos_token_id=NO_EOS)
