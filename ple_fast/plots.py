@@ -1,0 +1,180 @@
+"""End-of-run PNGs from metrics.jsonl: rewards per iteration, ranking-branch share against tau, loss.
+
+matplotlib is optional (`pip install 'ple_fast[plots]'`). Figures are drawn with the object API on
+an Agg canvas, so nothing touches pyplot's global state or the user's chosen backend.
+
+metrics.jsonl is read forgivingly: a run killed with SIGKILL can leave a cut-off last line, and a
+resumed run logs again the iterations after its last checkpoint, so unparseable lines are skipped
+(with a warning naming file:line) and a repeated step or iteration keeps its latest record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'ple_fast[plots]'"
+
+
+@dataclass
+class Curves:
+    """The series the plots draw; None in the metrics becomes NaN (a gap in the line)."""
+    algo: str | None = None
+    sft_step: list[int] = field(default_factory=list)
+    sft_loss: list[float] = field(default_factory=list)
+    iteration: list[int] = field(default_factory=list)
+    tau: list[float] = field(default_factory=list)
+    ranked_share: list[float] = field(default_factory=list)
+    mean_reward: list[float] = field(default_factory=list)
+    mean_reward_principled: list[float] = field(default_factory=list)
+    mean_delta: list[float] = field(default_factory=list)
+    align_loss: list[float] = field(default_factory=list)
+
+
+def _number(record: dict, key: str) -> float:
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a metrics.jsonl, skipping (and warning about) lines that are not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file {str(path)!r} does not exist")
+    records = []
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                log.warning("%s:%d: skipping a line that is not JSON (%s)", path, number, err)
+                continue
+            if not isinstance(record, dict):
+                log.warning("%s:%d: skipping a line that is not a JSON object", path, number)
+                continue
+            records.append(record)
+    return records
+
+
+def load_curves(path: str | os.PathLike) -> Curves:
+    """SFT and alignment series from metrics.jsonl, sorted, the latest record per step/iteration."""
+    sft: dict[int, dict] = {}
+    align: dict[int, dict] = {}
+    for record in read_metrics(path):
+        phase = record.get("phase")
+        if phase == "sft" and isinstance(record.get("step"), int):
+            sft[record["step"]] = record
+        elif phase == "align" and isinstance(record.get("iteration"), int):
+            align[record["iteration"]] = record
+    curves = Curves()
+    for step in sorted(sft):
+        curves.sft_step.append(step)
+        curves.sft_loss.append(_number(sft[step], "loss"))
+    for iteration in sorted(align):
+        record = align[iteration]
+        curves.algo = record.get("algo", curves.algo)
+        curves.iteration.append(iteration)
+        for key in ("tau", "ranked_share", "mean_reward", "mean_reward_principled", "mean_delta"):
+            getattr(curves, key).append(_number(record, key))
+        curves.align_loss.append(_number(record, "loss"))
+    return curves
+
+
+def _matplotlib():
+    """(Figure, FigureCanvasAgg), or None when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def _new_figure(mpl, width=6.4, height=4.0, panels=1):
+    Figure, FigureCanvasAgg = mpl
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+    return figure, axes
+
+
+def _save(figure, path: Path) -> Path:
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_rewards(mpl, curves: Curves, path: Path) -> Path:
+    figure, (ax,) = _new_figure(mpl)
+    raft = curves.algo == "raft"
+    ax.plot(curves.iteration, curves.mean_reward, "o-", label="first sample r(y)" if raft else "original r(y)")
+    ax.plot(curves.iteration, curves.mean_reward_principled, "s-",
+            label="second sample" if raft else "principle-guided r(y_p)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward")
+    ax.set_title(f"Rewards of both responses per iteration ({curves.algo or 'align'})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(figure, path)
+
+
+def plot_ranked_share(mpl, curves: Curves, path: Path) -> Path:
+    figure, (ax,) = _new_figure(mpl)
+    share_line, = ax.plot(curves.iteration, curves.ranked_share, "o-", color="C0", label="ranking-branch share")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("share of pairs with delta > tau")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    tau_ax = ax.twinx()
+    tau_line, = tau_ax.plot(curves.iteration, curves.tau, "s--", color="C1", label="tau")
+    tau_ax.set_ylabel("tau")
+    ax.legend(handles=[share_line, tau_line], loc="best")
+    ax.set_title("Ranking-branch share against the threshold tau")
+    return _save(figure, path)
+
+
+def plot_loss(mpl, curves: Curves, path: Path) -> Path:
+    panels = [(x, y, xlabel, title) for x, y, xlabel, title in (
+        (curves.sft_step, curves.sft_loss, "SFT step", "SFT warm-up loss"),
+        (curves.iteration, curves.align_loss, "iteration", f"{curves.algo or 'alignment'} loss (mean per iteration)"))
+        if x]
+    figure, axes = _new_figure(mpl, width=5.0 * len(panels), panels=len(panels))
+    for ax, (x, y, xlabel, title) in zip(axes, panels):
+        ax.plot(x, y, "o-" if len(x) < 50 else "-")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_run(run_dir: str | os.PathLike) -> list[Path]:
+    """Write run_dir/plots/{rewards,ranked_share,loss}.png from run_dir/metrics.jsonl.
+
+    Returns the PNGs written: rewards and loss when the run has alignment records (loss also for
+    SFT-only runs), ranked_share only when some iteration has a ranking-branch share (not the
+    baselines). Without matplotlib returns [] after one log line saying how to install it.
+    """
+    mpl = _matplotlib()
+    if mpl is None:
+        log.warning("plots skipped: matplotlib is not installed (%s)", INSTALL_HINT)
+        return []
+    run_dir = Path(run_dir)
+    curves = load_curves(run_dir / "metrics.jsonl")
+    out = run_dir / "plots"
+    written = []
+    if curves.iteration:
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(plot_rewards(mpl, curves, out / "rewards.png"))
+        if any(not math.isnan(v) for v in curves.ranked_share):
+            written.append(plot_ranked_share(mpl, curves, out / "ranked_share.png"))
+    if curves.iteration or curves.sft_step:
+        out.mkdir(parents=True, exist_ok=True)
+        written.append(plot_loss(mpl, curves, out / "loss.png"))
+    return written
