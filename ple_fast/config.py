@@ -52,6 +52,9 @@ class SFTConfig:
     steps: int = 400                 # warm-up steps; 0 skips the warm-up
     batch_size: int = 32
     lr: float = 3e-3
+    grad_accum: int = 1              # micro-batches per step (batch_size is split across them)
+    warmup_steps: int = 40
+    schedule: str = "cosine"         # constant | cosine | linear (after the warm-up)
 
 
 @dataclass
@@ -71,11 +74,24 @@ class PLEConfig:
     raft_samples: int = 2            # responses per query for RAFT (same sample budget as PLE)
     loss_impl: str = "auto"          # auto | torch | reference | triton
     grad_clip: float = 1.0
+    grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
+    warmup_steps: int = 0
+    schedule: str = "constant"       # constant | cosine | linear (after the warm-up)
+    max_nonfinite_steps: int = 3     # stop after this many non-finite losses in a row
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False            # LoRA through PEFT (pip install ple_fast[lora])
+    r: int = 8                       # the paper's setting: r = 8, alpha = 16, all linear layers
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str = "all-linear"   # comma-separated module names, or all-linear
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -97,6 +113,16 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch CPU threads; 0 = torch's default
+    precision: str = "auto"          # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    gradient_checkpointing: bool = False
+    resume: str | None = None        # auto (newest checkpoint in out_dir) | a checkpoint folder
+    save_every: int = 0              # checkpoint every N optimizer steps (0: only at phase ends)
+    keep_last: int = 2               # checkpoints kept
+    progress: bool = True            # progress bars (tqdm) per phase
+    sample_every: int = 1            # write rollout samples every N iterations (0: never)
+    plots: bool = True               # PNG plots at the end (needs matplotlib)
+    tensorboard: bool = False        # log to out_dir/tensorboard (needs tensorboard)
+    wandb_project: str | None = None # log to Weights & Biases (needs wandb)
 
 
 @dataclass
@@ -109,6 +135,7 @@ class Config:
     ple: PLEConfig = field(default_factory=PLEConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -122,8 +149,14 @@ CHOICES = {
     "ple.rank_loss": ("hinge", "logistic"),
     "ple.weighting": ("softmax", "tanh"),
     "ple.loss_impl": ("auto", "torch", "reference", "triton"),
-    "rollout.backend": ("hf",),
+    "rollout.backend": ("hf", "fast"),
+    "sft.schedule": ("constant", "cosine", "linear"),
+    "ple.schedule": ("constant", "cosine", "linear"),
+    "run.precision": ("auto", "fp32", "bf16"),
 }
+POSITIVE = ("sft.batch_size", "sft.grad_accum", "ple.batch_size", "ple.grad_accum", "ple.raft_samples",
+            "eval.samples", "eval.batch_size", "reward.batch_size", "run.keep_last", "lora.r",
+            "ple.max_nonfinite_steps")
 
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -204,6 +237,8 @@ def set_key(config: Config, dotted: str, value: Any) -> None:
             choices = CHOICES.get(dotted)
             if choices and coerced not in choices:
                 raise ConfigError(f"{dotted}: {coerced!r} is not one of {', '.join(choices)}")
+            if dotted in POSITIVE and coerced < 1:
+                raise ConfigError(f"{dotted}: must be at least 1, got {coerced!r}")
             setattr(node, part, coerced)
         else:
             node = getattr(node, part)

@@ -8,6 +8,7 @@ seeds), and the perplexity of held-out reference responses. A task may add its o
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -34,24 +35,35 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, temperature: float,
              max_new_tokens: int, batch_size: int, seed: int, loss_impl: str = "auto",
-             baseline: EvalResult | None = None,
-             task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None) -> EvalResult:
+             baseline_rewards: torch.Tensor | None = None,
+             task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None,
+             progress: bool = False, backend: str = "hf") -> EvalResult:
+    """Generate `samples` responses per held-out query (seeded per batch, so two models are
+    compared on the same draws), score them, and compare with the SFT model's rewards."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     prompts = [ids for ids in eval_set.ids for _ in range(samples)]
     texts = [t for t in eval_set.texts for _ in range(samples)]
-    token_lists = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           seed=seed, batch_size=batch_size)
+    token_lists: list[list[int]] = []
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, unit="resp") as bar:
+        for index, lo in enumerate(range(0, len(prompts), batch_size)):
+            token_lists += generate(model, prompts[lo:lo + batch_size], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id, seed=seed + index, backend=backend)
+            bar.update(len(prompts[lo:lo + batch_size]))
+            bar.set_postfix(tok_s=f"{sum(map(len, token_lists)) / (time.perf_counter() - start):,.0f}")
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
     rewards = reward_fn(texts, responses).float()
     finite = torch.isfinite(rewards)
     metrics = {"mean_reward": rewards[finite].mean().item() if finite.any() else float("nan"),
                "nonfinite_rewards": int((~finite).sum()),
                "mean_response_tokens": sum(len(t) for t in token_lists) / max(len(token_lists), 1)}
-    if baseline is not None:
-        both = finite & torch.isfinite(baseline.rewards)
-        diff = rewards[both] - baseline.rewards[both]
+    if baseline_rewards is not None:
+        both = finite & torch.isfinite(baseline_rewards)
+        diff = rewards[both] - baseline_rewards[both]
         metrics["margin_vs_sft"] = diff.mean().item() if both.any() else float("nan")
         metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
             if both.any() else float("nan")

@@ -87,6 +87,7 @@ class HFReward(RewardFunction):
                              f"(model_type={config.model_type!r}): {err}") from err
         self.tokenizer = load_tokenizer(folder)
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"   # a long dialogue loses its start, never the response
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device, self.batch_size, self.max_length = device, batch_size, max_length

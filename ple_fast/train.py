@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ple_fast.config import Config, ConfigError, build_config, save_yaml
+from ple_fast.checkpoint import CheckpointError
 from ple_fast.data import DataError
 
 DEFAULT_PRINCIPLE = ("\n\nPrinciple: Reply as a helpful, honest and harmless assistant. Give useful, "
@@ -47,6 +48,8 @@ def parse_args(argv):
     parser.add_argument("--config", help="YAML config file; key=value overrides apply on top")
     parser.add_argument("--algo", choices=["ple", "raft", "distill", "sft"], help="same as ple.algo=...")
     parser.add_argument("--out", help="run folder (same as run.out_dir=...)")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from the newest checkpoint in the run folder (auto) or from PATH")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     overrides = list(args.overrides)
@@ -54,6 +57,8 @@ def parse_args(argv):
         overrides.append(f"ple.algo={args.algo}")
     if args.out:
         overrides.append(f"run.out_dir={args.out}")
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
     return args.config, overrides
 
 
@@ -182,16 +187,68 @@ def main(argv=None) -> dict:
         yaml_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = build_config(yaml_path, overrides)
         return run(cfg)
-    except (ConfigError, FileNotFoundError, DataError) as err:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def run(cfg: Config) -> dict:
-    from ple_fast.evaluate import evaluate, format_table
+def prepare_model(model, cfg: Config):
+    """LoRA (PEFT) and gradient checkpointing, as configured."""
+    if cfg.run.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):        # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ConfigError("lora.enabled=true needs PEFT: pip install 'ple_fast[lora]'") from None
+        lc = cfg.lora
+        targets = "all-linear" if lc.target_modules == "all-linear" else \
+            [name.strip() for name in lc.target_modules.split(",") if name.strip()]
+        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"[lora] r={lc.r} alpha={lc.alpha} on {lc.target_modules}: {trainable:,} of {total:,} "
+              f"parameters train")
+    return model
+
+
+def save_final_model(model, tokenizer, out_dir: Path) -> Path:
+    """An HF folder AutoModelForCausalLM loads; a LoRA run also keeps its adapter."""
     from ple_fast.models import save_policy
+
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(str(out_dir / "adapter"))
+        model = model.merge_and_unload()
+    return save_policy(model, tokenizer, out_dir / "model")
+
+
+def config_differences(old_path: Path, cfg: Config) -> list[str]:
+    from ple_fast.config import build_config, to_dict
+
+    try:
+        old = to_dict(build_config(str(old_path)))
+    except ConfigError:
+        return ["(the saved config.yaml no longer parses)"]
+    new = to_dict(cfg)
+    diffs = []
+    for section, values in new.items():
+        if isinstance(values, dict):
+            diffs += [f"{section}.{k}: {old[section][k]!r} -> {v!r}" for k, v in values.items()
+                      if old[section][k] != v and f"{section}.{k}" != "run.resume"]
+        elif old[section] != values:
+            diffs.append(f"{section}: {old[section]!r} -> {values!r}")
+    return diffs
+
+
+def run(cfg: Config) -> dict:
+    from ple_fast.checkpoint import find_checkpoint
+    from ple_fast.evaluate import format_table
     from ple_fast.reward import build_reward
-    from ple_fast.trainer import MetricsLog, run_alignment, run_sft
+    from ple_fast.trainer import MetricsLog, StopRequested, Trainer
 
     started = time.perf_counter()
     if cfg.run.threads > 0:
@@ -202,14 +259,26 @@ def run(cfg: Config) -> dict:
     if cfg.model.path is not None and cfg.reward.kind == "builtin":
         raise ConfigError("reward.kind=builtin scores the embedded task only; with model.path set, "
                           "use reward.kind=hf (reward-model folder) or reward.kind=python (module:function)")
+    check_paths(cfg)
     out_dir = Path(cfg.run.out_dir)
+    checkpoint = None
+    if cfg.run.resume:
+        try:
+            checkpoint = find_checkpoint(out_dir, cfg.run.resume)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"run.resume={cfg.run.resume!r}: {err}") from None
+        if checkpoint is None:
+            print(f"[run] --resume auto: no checkpoint in {out_dir}, starting fresh")
+        elif (out_dir / "config.yaml").is_file():
+            for line in config_differences(out_dir / "config.yaml", cfg):
+                print(f"[run] warning: resuming with a changed config: {line}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
+    if checkpoint is None:
+        metrics_path.unlink(missing_ok=True)
     save_yaml(cfg, out_dir / "config.yaml")
     seed_everything(cfg.run.seed)
 
-    check_paths(cfg)
     try:
         reward_fn = build_reward(cfg.reward.kind, cfg.reward.path, device=device, batch_size=cfg.reward.batch_size)
     except ValueError as err:
@@ -218,33 +287,41 @@ def run(cfg: Config) -> dict:
         model, tokenizer, work = embedded_workload(cfg, device)
     else:
         model, tokenizer, work = file_workload(cfg, device)
-    log = MetricsLog(metrics_path)
+    model = prepare_model(model, cfg)
+    from ple_fast.config import to_dict
+    log = MetricsLog(metrics_path, tensorboard_dir=out_dir / "tensorboard" if cfg.run.tensorboard else None,
+                     wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
+    trainer = Trainer(cfg, model, tokenizer, work, reward_fn, log, run_dir=out_dir, device=device)
     print(f"[run] {cfg.ple.algo} on {device}; {len(work.sft)} SFT examples, {len(work.queries)} queries, "
           f"{len(work.eval_set.texts)} held-out; run folder {out_dir}")
+    if checkpoint is not None:
+        trainer.resume_from(checkpoint)
+        print(f"[run] resumed from {checkpoint} (phase {trainer.state.phase}, global step "
+              f"{trainer.state.global_step})")
+    try:
+        state = trainer.fit()
+    except StopRequested as stop:
+        log.close()
+        print(f"\n[run] stopped by signal {stop.signum}; checkpoint written to {stop.checkpoint}. "
+              f"Continue with: python -m ple_fast.train ... --out {out_dir} --resume auto", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    log.close()
 
-    run_sft(model, work.sft, cfg, log, pad_token_id=tokenizer.pad_token_id)
-    eval_kwargs = dict(samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-                       max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                       seed=cfg.run.seed + 7, loss_impl=cfg.ple.loss_impl, task_metrics=work.task_metrics)
-    before = evaluate(model, tokenizer, work.eval_set, reward_fn, **eval_kwargs)
-    before.metrics.update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)
-    log.write({"phase": "eval", "when": "sft", **before.metrics})
-
-    state = run_alignment(model, tokenizer, work.queries, work.principle_ids, reward_fn, cfg, log)
-    after = evaluate(model, tokenizer, work.eval_set, reward_fn, baseline=before, **eval_kwargs)
-    log.write({"phase": "eval", "when": "final", **after.metrics})
-
-    model_dir = save_policy(model, tokenizer, out_dir / "model")
-    table = format_table(before.metrics, after.metrics, cfg.ple.algo, work.extra_rows)
+    model_dir = save_final_model(trainer.model, tokenizer, out_dir)
+    before, after = state.before["metrics"], state.after["metrics"]
+    table = format_table(before, after, cfg.ple.algo, work.extra_rows)
     (out_dir / "results.md").write_text(table + "\n")
-    summary = {"algo": cfg.ple.algo, "before": before.metrics, "after": after.metrics,
-               "iterations": state.history, "final_tau": state.tau,
+    summary = {"algo": cfg.ple.algo, "before": before, "after": after, "iterations": state.history,
+               "final_tau": state.tau, "skipped_steps": state.skipped_steps,
                "seconds": time.perf_counter() - started, "model_dir": str(model_dir)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out_dir / "samples.jsonl", "w") as fh:
         for text, b, a in zip([t for t in work.eval_set.texts for _ in range(cfg.eval.samples)],
-                              before.responses, after.responses):
+                              state.before["responses"], state.after["responses"]):
             fh.write(json.dumps({"query": text, "sft": b, "final": a}) + "\n")
+    if cfg.run.plots:
+        from ple_fast.plots import plot_run
+        plot_run(out_dir)
     print(f"\nHeld-out evaluation ({len(work.eval_set.texts)} queries x {cfg.eval.samples} samples, "
           f"responses generated WITHOUT the principle):\n{table}")
     print(f"\n[run] done in {summary['seconds']:.0f} s; model saved to {model_dir}")

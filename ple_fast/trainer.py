@@ -7,12 +7,19 @@ loop and the sample budget (two generated responses per query):
   sft      warm-up only, no alignment updates
   raft     two samples without the principle, SFT on the higher-reward one
   distill  always SFT on the principle-guided response (context distillation)
+
+A run is a sequence of phases (sft -> eval_before -> align -> eval_after -> done) whose whole
+position lives in TrainerState. Every random draw is derived from (seed, step), so a run resumed
+from a checkpoint replays exactly what an uninterrupted run would have done.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +33,63 @@ from ple_fast.loss import ple_loss, sequence_logprobs
 from ple_fast.reward import RewardFunction, RewardNormalizer
 from ple_fast.rollout import generate, generate_dual
 
+PHASES = ("sft", "eval_before", "align", "eval_after", "done")
+SAMPLES_PER_ITERATION = 32
+
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl and echoes a short line."""
+    """metrics.jsonl (always), plus TensorBoard / W&B when asked for; echoes a short line."""
 
-    def __init__(self, path: Path | None, echo: Callable[[str], None] = print):
+    def __init__(self, path: Path | None, echo: Callable[[str], None] = print, *, tensorboard_dir=None,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.path, self.echo = path, echo
+        self.lines = 0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                self.lines = len(path.read_text().splitlines())
+        self.tensorboard = self.wandb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("run.tensorboard=true needs tensorboard: pip install tensorboard") from None
+            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent) if path else None)
+
+    def truncate(self, lines: int) -> None:
+        """Drop records written after a checkpoint, so a resumed run does not log them twice."""
+        if self.path is not None and self.path.exists():
+            kept = self.path.read_text().splitlines()[:lines]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.lines = lines
 
     def write(self, record: dict, line: str | None = None) -> None:
         if self.path is not None:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            self.lines += 1
+        step = record.get("global_step", record.get("step", 0))
+        scalars = {f"{record.get('phase', 'run')}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
         if line:
             self.echo(line)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 @dataclass
@@ -50,11 +99,63 @@ class Query:
 
 
 @dataclass
-class AlignmentState:
+class TrainerState:
+    """Where a run is; JSON-serialisable so that it travels inside a checkpoint."""
     tau: float
-    step: int = 0
+    phase: str = "sft"
+    sft_step: int = 0
+    align_step: int = 0
     iteration: int = 0
-    history: list[dict] = field(default_factory=list)
+    batch_in_iteration: int = 0
+    nonfinite_streak: int = 0
+    skipped_steps: int = 0
+    normalizer: dict = field(default_factory=dict)
+    totals: dict = field(default_factory=dict)       # accumulators of the iteration in progress
+    history: list = field(default_factory=list)      # one record per finished iteration
+    before: dict | None = None                       # SFT-model evaluation: metrics, rewards
+    after: dict | None = None
+    metrics_lines: int = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.sft_step + self.align_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint has been written."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(f"stopped by signal {signum}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def catch_stop_signals():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+    received: list[int] = []
+    previous = {}
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:          # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def mean_logprob_loss(seq_logps: torch.Tensor, seq_tokens: torch.Tensor, length_normalize: bool) -> torch.Tensor:
@@ -64,159 +165,396 @@ def mean_logprob_loss(seq_logps: torch.Tensor, seq_tokens: torch.Tensor, length_
     return -seq_logps.mean()
 
 
-def _seq_tokens(responses: Sequence[Sequence[int]], device) -> torch.Tensor:
-    return torch.tensor([len(r) for r in responses], dtype=torch.long, device=device)
-
-
 def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int) -> torch.Tensor:
     rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
     return sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                              impl=impl, softcap=rows.softcap)
 
 
-def run_sft(model, examples: Sequence[tuple[list[int], list[int]]], cfg: Config, log: MetricsLog,
-            *, pad_token_id: int) -> None:
-    """Warm-up: token-averaged NLL of the responses, sampled with replacement from the SFT set."""
-    steps = cfg.sft.steps
-    if steps <= 0 or not examples:
-        return
-    rng = random.Random(cfg.run.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train()
-    start, tokens = time.perf_counter(), 0
-    for step in range(steps):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(cfg.sft.batch_size)]
-        prompts, responses = [b[0] for b in batch], [b[1] for b in batch]
-        logps = response_logprobs(model, prompts, responses, impl=cfg.ple.loss_impl, pad_token_id=pad_token_id)
-        n_tokens = sum(len(r) for r in responses)
-        loss = -logps.sum() / max(n_tokens, 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.ple.grad_clip)
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
+    """Linear warm-up times constant / cosine / linear decay over the whole run."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        progress = min(step / max(total_steps, 1), 1.0)
+        if schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return warm * (1.0 - progress)
+        return warm
+    return factor
+
+
+def _chunks(items: list, parts: int) -> list[list]:
+    """Split into at most `parts` contiguous, nearly equal, non-empty chunks."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+class Trainer:
+    """Runs the phases of one run and owns its state, optimizer and checkpoints."""
+
+    def __init__(self, cfg: Config, model, tokenizer, workload, reward_fn: RewardFunction, log: MetricsLog,
+                 *, run_dir: Path | None = None, device=None):
+        self.cfg, self.model, self.tokenizer, self.work = cfg, model, tokenizer, workload
+        self.reward_fn, self.log, self.run_dir = reward_fn, log, run_dir
+        self.device = device if device is not None else next(model.parameters()).device
+        self.state = TrainerState(tau=cfg.ple.tau0)
+        self.normalizer = RewardNormalizer(cfg.reward.normalize)
+        self.optimizer = self.scheduler = None
+        self.pending_resume: Path | None = None
+        self.stop_signals: list[int] = []
+        precision = cfg.run.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def build_optimizer(self, phase: str):
+        if phase == "sft":
+            lr, warmup, total, schedule = (self.cfg.sft.lr, self.cfg.sft.warmup_steps, self.cfg.sft.steps,
+                                           self.cfg.sft.schedule)
+        else:
+            lr, warmup, schedule = self.cfg.ple.lr, self.cfg.ple.warmup_steps, self.cfg.ple.schedule
+            total = self.cfg.ple.iterations * self.batches_per_iteration()
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total, schedule))
+        return optimizer, scheduler
+
+    def batches_per_iteration(self) -> int:
+        return math.ceil(len(self.work.queries) / self.cfg.ple.batch_size)
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """Load the state now; the optimizer of the saved phase is rebuilt and loaded in fit()."""
+        from ple_fast.checkpoint import load_checkpoint
+
+        self.state = TrainerState.from_dict(load_checkpoint(checkpoint, model=self.model))
+        self.normalizer.load_state_dict(self.state.normalizer) if self.state.normalizer else None
+        self.pending_resume = checkpoint
+        self.log.truncate(self.state.metrics_lines)
+
+    def _restore_optimizer(self, phase: str):
+        from ple_fast.checkpoint import load_checkpoint
+
+        optimizer, scheduler = self.build_optimizer(phase)
+        load_checkpoint(self.pending_resume, model=self.model, optimizer=optimizer, scheduler=scheduler)
+        self.pending_resume = None
+        return optimizer, scheduler
+
+    def optimizer_for(self, phase: str):
+        if self.pending_resume is not None:
+            self.optimizer, self.scheduler = self._restore_optimizer(phase)
+        else:
+            self.optimizer, self.scheduler = self.build_optimizer(phase)
+        return self.optimizer, self.scheduler
+
+    def save(self, optimizer=None, scheduler=None) -> Path | None:
+        if self.run_dir is None:
+            return None
+        from ple_fast.checkpoint import save_checkpoint
+
+        if optimizer is None:      # the final save keeps the last phase's optimizer (or a fresh one)
+            if self.optimizer is None:
+                self.optimizer, self.scheduler = self.build_optimizer("align")
+            optimizer, scheduler = self.optimizer, self.scheduler
+        self.state.normalizer = self.normalizer.state_dict()
+        self.state.metrics_lines = self.log.lines
+        return save_checkpoint(self.run_dir, self.state.global_step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer=optimizer, scheduler=scheduler, trainer_state=self.state.to_dict(),
+                               keep_last=self.cfg.run.keep_last)
+
+    def after_step(self, optimizer, scheduler) -> None:
+        """Periodic checkpoint, and the clean stop that SIGINT/SIGTERM asked for."""
+        every = self.cfg.run.save_every
+        if self.stop_signals:
+            path = self.save(optimizer, scheduler)
+            raise StopRequested(self.stop_signals[0], path)
+        if every > 0 and self.state.global_step % every == 0:
+            self.save(optimizer, scheduler)
+
+    def apply_update(self, optimizer, scheduler, loss_value: float | None) -> bool:
+        """Clip and step, or skip a non-finite step (and stop after too many in a row)."""
+        if loss_value is None:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_streak += 1
+            self.state.skipped_steps += 1
+            self.log.write({"phase": "warning", "global_step": self.state.global_step,
+                            "nonfinite_loss": str(loss_value), "streak": self.state.nonfinite_streak},
+                           f"[warn] non-finite loss ({loss_value}) at step {self.state.global_step}: step skipped")
+            if self.state.nonfinite_streak >= self.cfg.ple.max_nonfinite_steps:
+                raise RuntimeError(f"{self.state.nonfinite_streak} non-finite losses in a row (last at global step "
+                                   f"{self.state.global_step}); stopping. Lower the learning rate, check the "
+                                   f"reward for inf/NaN, or raise ple.max_nonfinite_steps.")
+            return False
+        self.state.nonfinite_streak = 0
+        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.ple.grad_clip)
         optimizer.step()
-        schedule.step()
-        tokens += n_tokens
-        if step % 50 == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - start
-            log.write({"phase": "sft", "step": step, "loss": loss.item(), "tokens_per_s": tokens / elapsed},
-                      f"[sft] step {step:4d}/{steps}  loss {loss.item():.4f}  {tokens / elapsed:,.0f} tok/s")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
 
+    def progress(self, total: int, desc: str, initial: int = 0):
+        from tqdm.auto import tqdm
 
-def _decode(tokenizer, seqs: Sequence[Sequence[int]]) -> list[str]:
-    return [tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.cfg.run.progress, leave=False,
+                    dynamic_ncols=True, unit="step")
 
+    # ------------------------------------------------------------------ phases
+    def fit(self) -> TrainerState:
+        with catch_stop_signals() as received:
+            self.stop_signals = received
+            if self.state.phase == "sft":
+                self.run_sft()
+                self.state.phase = "eval_before"
+            if self.state.phase == "eval_before":
+                self.pending_resume = None
+                result = self.evaluate(baseline=None)
+                result["metrics"].update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)
+                self.state.before = result
+                self.log.write({"phase": "eval", "when": "sft", "global_step": self.state.global_step,
+                                **result["metrics"]})
+                self.state.phase = "align"
+            if self.state.phase == "align":
+                self.run_alignment()
+                self.state.phase = "eval_after"
+            if self.state.phase == "eval_after":
+                self.pending_resume = None
+                result = self.evaluate(baseline=self.state.before)
+                self.state.after = result
+                self.log.write({"phase": "eval", "when": "final", "global_step": self.state.global_step,
+                                **result["metrics"]})
+                self.state.phase = "done"
+                self.save()
+        return self.state
 
-def run_alignment(model, tokenizer, queries: Sequence[Query], principle_ids: list[int],
-                  reward_fn: RewardFunction, cfg: Config, log: MetricsLog) -> AlignmentState:
-    """PLE or a baseline for cfg.ple.iterations passes over the queries."""
-    pc, rc = cfg.ple, cfg.rollout
-    state = AlignmentState(tau=pc.tau0)
-    if pc.algo == "sft" or pc.iterations <= 0 or not queries:
-        return state
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
-    normalizer = RewardNormalizer(cfg.reward.normalize)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=0.0)
-    rng = random.Random(cfg.run.seed + 1)
-    for iteration in range(pc.iterations):
-        order = list(range(len(queries)))
-        rng.shuffle(order)
-        totals = {"pairs": 0, "ranked": 0, "delta": 0.0, "s": 0.0, "s_p": 0.0, "loss": 0.0,
-                  "dropped": 0, "steps": 0, "tokens": 0}
-        tau_at_start = state.tau
-        start = time.perf_counter()
-        for lo in range(0, len(order), pc.batch_size):
-            batch = [queries[i] for i in order[lo:lo + pc.batch_size]]
-            q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
-            seed = cfg.run.seed * 1_000_003 + state.step
-            gen = dict(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                       top_k=rc.top_k, eos_token_id=eos_id, pad_token_id=pad_id, seed=seed)
-            if pc.algo == "raft":
-                # n samples per query without the principle (budget: n >= 2, same as PLE's two)
-                samples = generate(model, [q for q in q_ids for _ in range(pc.raft_samples)], **gen)
-                first = samples[0::pc.raft_samples]
-                second = samples[1::pc.raft_samples]
-            else:
-                roll = generate_dual(model, q_ids, principle_ids, backend=rc.backend, **gen)
-                first, second = roll.originals, roll.principled
-                samples = None
-            with torch.no_grad():
-                if samples is None:
-                    raw = torch.stack([reward_fn(q_texts, _decode(tokenizer, first)),
-                                       reward_fn(q_texts, _decode(tokenizer, second))], dim=1)
-                else:
-                    texts = [t for t in q_texts for _ in range(pc.raft_samples)]
-                    raw = reward_fn(texts, _decode(tokenizer, samples)).view(len(batch), pc.raft_samples)
-                rewards = normalizer(raw.flatten()).view_as(raw)
-            model.train()
-            if pc.algo == "ple":
-                prompts = [q for q in q_ids for _ in range(2)]
-                responses = [r for pair in zip(first, second) for r in pair]
-                rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_id)
-                out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index, rewards.to(device),
-                               state.tau, rank_loss=pc.rank_loss, weighting=pc.weighting,
-                               rank_sft_coef=pc.rank_sft_coef, length_normalize=pc.length_normalize,
-                               beta=pc.beta, impl=pc.loss_impl, softcap=rows.softcap)
-                loss = out.loss
-                valid = out.valid.cpu()
-                totals["ranked"] += int(out.ranked.sum())
-                totals["dropped"] += int(out.num_dropped)
-                delta = (rewards[:, 1] - rewards[:, 0])[valid]
-            else:
-                if pc.algo == "raft":
-                    finite = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
-                    best = finite.argmax(dim=1).tolist()
-                    valid = torch.isfinite(rewards).any(dim=1)
-                    targets = [samples[k * pc.raft_samples + b] for k, b in enumerate(best)]
-                    delta = (raw[:, 1] - raw[:, 0])[torch.isfinite(raw).all(dim=1)] if pc.raft_samples >= 2 \
-                        else torch.zeros(0)
-                else:  # distill
-                    valid = torch.ones(len(batch), dtype=torch.bool)
-                    targets = second
-                    delta = (rewards[:, 1] - rewards[:, 0])[torch.isfinite(rewards).all(dim=1)]
-                keep = [k for k in range(len(batch)) if valid[k]]
-                totals["dropped"] += len(batch) - len(keep)
-                if keep:
-                    kept_targets = [targets[k] for k in keep]
-                    logps = response_logprobs(model, [q_ids[k] for k in keep], kept_targets,
-                                              impl=pc.loss_impl, pad_token_id=pad_id)
-                    loss = mean_logprob_loss(logps, _seq_tokens(kept_targets, device), pc.length_normalize)
-                else:
-                    loss = None
-            if loss is not None and torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)
+    def evaluate(self, baseline: dict | None) -> dict:
+        from ple_fast.evaluate import evaluate
+
+        ec = self.cfg.eval
+        base = None
+        if baseline is not None:
+            base = torch.tensor(baseline["rewards"], dtype=torch.float32)
+        with self.autocast():
+            result = evaluate(self.model, self.tokenizer, self.work.eval_set, self.reward_fn, samples=ec.samples,
+                              temperature=ec.temperature, max_new_tokens=ec.max_new_tokens,
+                              batch_size=ec.batch_size, seed=self.cfg.run.seed + 7, loss_impl=self.cfg.ple.loss_impl,
+                              baseline_rewards=base, task_metrics=self.work.task_metrics,
+                              progress=self.cfg.run.progress, backend=self.cfg.rollout.backend)
+        return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses}
+
+    def run_sft(self) -> None:
+        """Warm-up: token-averaged NLL of responses sampled (with replacement) from the SFT set."""
+        sc, examples = self.cfg.sft, self.work.sft
+        if sc.steps <= 0 or not examples or self.state.sft_step >= sc.steps:
+            return
+        optimizer, scheduler = self.optimizer_for("sft")
+        self.model.train()
+        bar = self.progress(sc.steps, "sft", self.state.sft_step)
+        start, tokens = time.perf_counter(), 0
+        while self.state.sft_step < sc.steps:
+            step = self.state.sft_step
+            rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
+            batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
+            n_tokens = sum(len(b[1]) for b in batch)
+            loss_value = 0.0
+            for micro in _chunks(batch, sc.grad_accum):
+                with self.autocast():
+                    logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
+                                              impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id)
+                loss = -logps.sum() / max(n_tokens, 1)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), pc.grad_clip)
-                optimizer.step()
-                totals["loss"] += loss.item()
-                totals["steps"] += 1
-            finite_raw = raw[torch.isfinite(raw).all(dim=1)]
-            totals["pairs"] += len(batch)
-            totals["delta"] += float(delta.sum()) if delta.numel() else 0.0
-            totals["s"] += float(finite_raw[:, 0].sum())
-            totals["s_p"] += float(finite_raw[:, -1].sum())
-            totals["tokens"] += sum(len(r) for r in first) + sum(len(r) for r in second)
-            state.step += 1
-            if pc.decay == "step":
-                state.tau *= pc.alpha
+                loss_value += loss.item()
+            self.apply_update(optimizer, scheduler, loss_value)
+            self.state.sft_step += 1
+            tokens += n_tokens
+            rate = tokens / (time.perf_counter() - start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+            if step % 50 == 0 or step == sc.steps - 1:
+                self.log.write({"phase": "sft", "step": step, "global_step": self.state.global_step,
+                                "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate},
+                               f"[sft] step {step:4d}/{sc.steps}  loss {loss_value:.4f}  {rate:,.0f} tok/s")
+            self.after_step(optimizer, scheduler)
+        bar.close()
+
+    def run_alignment(self) -> None:
+        """PLE or a baseline for cfg.ple.iterations passes over the queries."""
+        pc, queries = self.cfg.ple, self.work.queries
+        if pc.algo == "sft" or pc.iterations <= 0 or not queries:
+            return
+        optimizer, scheduler = self.optimizer_for("align")
+        per_iteration = self.batches_per_iteration()
+        while self.state.iteration < pc.iterations:
+            iteration = self.state.iteration
+            order = list(range(len(queries)))
+            random.Random(self.cfg.run.seed * 7_919 + iteration).shuffle(order)
+            if self.state.batch_in_iteration == 0 or not self.state.totals:
+                self.state.totals = {"pairs": 0, "ranked": 0, "delta": 0.0, "s": 0.0, "s_p": 0.0, "loss": 0.0,
+                                     "dropped": 0, "steps": 0, "tokens": 0, "seconds": 0.0, "tau": self.state.tau,
+                                     "gen_seconds": 0.0, "score_seconds": 0.0, "update_seconds": 0.0}
+            samples: list[dict] = []
+            bar = self.progress(per_iteration, f"{pc.algo} iter {iteration + 1}/{pc.iterations}",
+                                self.state.batch_in_iteration)
+            while self.state.batch_in_iteration < per_iteration:
+                lo = self.state.batch_in_iteration * pc.batch_size
+                batch = [queries[i] for i in order[lo:lo + pc.batch_size]]
+                self.alignment_step(batch, optimizer, scheduler, samples)
+                self.state.batch_in_iteration += 1
+                self.state.align_step += 1
+                if pc.decay == "step":
+                    self.state.tau *= pc.alpha
+                t = self.state.totals
+                bar.update(1)
+                bar.set_postfix(gen_tok_s=f"{t['tokens'] / max(t['gen_seconds'], 1e-9):,.0f}",
+                                score_s=f"{t['score_seconds']:.1f}",
+                                upd_tok_s=f"{t['tokens'] / max(t['update_seconds'], 1e-9):,.0f}")
+                self.after_step(optimizer, scheduler)
+            bar.close()
+            self.finish_iteration(samples)
+
+    def finish_iteration(self, samples: list[dict]) -> None:
+        pc, t = self.cfg.ple, self.state.totals
+        iteration = self.state.iteration
         if pc.decay == "iteration":
-            state.tau *= pc.alpha
-        state.iteration = iteration + 1
-        scored = max(totals["pairs"] - totals["dropped"], 1)
-        record = {"phase": "align", "algo": pc.algo, "iteration": iteration + 1, "step": state.step,
-                  "tau": tau_at_start, "ranked_share": totals["ranked"] / scored if pc.algo == "ple" else None,
-                  "mean_delta": totals["delta"] / scored, "mean_reward": totals["s"] / scored,
-                  "mean_reward_principled": totals["s_p"] / scored,
-                  "loss": totals["loss"] / max(totals["steps"], 1), "dropped_pairs": totals["dropped"],
-                  "generated_tokens_per_s": totals["tokens"] / (time.perf_counter() - start)}
-        state.history.append(record)
-        second_name = "r(2nd sample)" if pc.algo == "raft" else "r(y_p)"
+            self.state.tau *= pc.alpha
+        scored = max(t["pairs"] - t["dropped"], 1)
+        record = {"phase": "align", "algo": pc.algo, "iteration": iteration + 1, "step": self.state.align_step,
+                  "global_step": self.state.global_step, "tau": t["tau"],
+                  "ranked_share": t["ranked"] / scored if pc.algo == "ple" else None,
+                  "mean_delta": t["delta"] / scored, "mean_reward": t["s"] / scored,
+                  "mean_reward_principled": t["s_p"] / scored, "loss": t["loss"] / max(t["steps"], 1),
+                  "dropped_pairs": t["dropped"], "skipped_steps": self.state.skipped_steps,
+                  "generated_tokens_per_s": t["tokens"] / max(t["gen_seconds"], 1e-9),
+                  "update_tokens_per_s": t["tokens"] / max(t["update_seconds"], 1e-9),
+                  "scoring_seconds": t["score_seconds"]}
+        self.state.history.append(record)
+        second = "r(2nd sample)" if pc.algo == "raft" else "r(y_p)"
         ranked = f"ranked {record['ranked_share']:.2f}  " if pc.algo == "ple" else ""
-        log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  tau {tau_at_start:.3f}  {ranked}"
-                          f"delta {record['mean_delta']:+.3f}  r(y) {record['mean_reward']:+.3f}  "
-                          f"{second_name} {record['mean_reward_principled']:+.3f}  loss {record['loss']:.4f}"
-                          + (f"  dropped {totals['dropped']}" if totals["dropped"] else ""))
-    return state
+        self.log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  tau {t['tau']:.3f}  {ranked}"
+                               f"delta {record['mean_delta']:+.3f}  r(y) {record['mean_reward']:+.3f}  "
+                               f"{second} {record['mean_reward_principled']:+.3f}  loss {record['loss']:.4f}"
+                               + (f"  dropped {t['dropped']}" if t["dropped"] else ""))
+        every = self.cfg.run.sample_every
+        if self.run_dir is not None and every > 0 and (iteration + 1) % every == 0 and samples:
+            folder = self.run_dir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / f"iter-{iteration + 1:04d}.jsonl", "w") as fh:
+                for sample in samples:
+                    fh.write(json.dumps(sample) + "\n")
+        self.state.iteration += 1
+        self.state.batch_in_iteration = 0
+        self.state.totals = {}
+
+    def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:
+        return [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
+
+    def alignment_step(self, batch: list[Query], optimizer, scheduler, samples: list[dict]) -> None:
+        pc, rc, t = self.cfg.ple, self.cfg.rollout, self.state.totals
+        q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
+        gen = dict(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
+                   seed=self.cfg.run.seed * 1_000_003 + self.state.align_step)
+        tick = time.perf_counter()
+        with self.autocast():
+            if pc.algo == "raft":
+                # n samples per query without the principle (budget: n >= 2, like PLE's two)
+                drawn = generate(self.model, [q for q in q_ids for _ in range(pc.raft_samples)],
+                                 backend=rc.backend, **gen)
+                first, second = drawn[0::pc.raft_samples], drawn[1::pc.raft_samples]
+            else:
+                roll = generate_dual(self.model, q_ids, self.work.principle_ids, backend=rc.backend, **gen)
+                first, second, drawn = roll.originals, roll.principled, None
+        t["gen_seconds"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        with torch.no_grad():
+            if drawn is None:
+                raw = torch.stack([self.reward_fn(q_texts, self.decode(first)),
+                                   self.reward_fn(q_texts, self.decode(second))], dim=1)
+            else:
+                texts = [q for q in q_texts for _ in range(pc.raft_samples)]
+                raw = self.reward_fn(texts, self.decode(drawn)).view(len(batch), pc.raft_samples)
+            rewards = self.normalizer(raw.flatten()).view_as(raw)
+        t["score_seconds"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        self.model.train()
+        loss_value = self.alignment_loss(q_ids, first, second, drawn, rewards)
+        if self.apply_update(optimizer, scheduler, loss_value):
+            t["loss"] += loss_value
+            t["steps"] += 1
+        t["update_seconds"] += time.perf_counter() - tick
+        finite = torch.isfinite(raw).all(dim=1)
+        t["pairs"] += len(batch)
+        t["delta"] += float((rewards[:, -1] - rewards[:, 0])[finite].sum()) if pc.algo != "raft" else \
+            float((raw[:, 1] - raw[:, 0])[finite].sum())
+        t["s"] += float(raw[finite, 0].sum())
+        t["s_p"] += float(raw[finite, -1].sum())
+        t["tokens"] += sum(len(r) for r in first) + sum(len(r) for r in second)
+        if len(samples) < SAMPLES_PER_ITERATION:
+            firsts, seconds = self.decode(first), self.decode(second)
+            for k in range(min(len(batch), SAMPLES_PER_ITERATION - len(samples))):
+                samples.append({"step": self.state.align_step, "query": q_texts[k], "original": firsts[k],
+                                "principled" if pc.algo != "raft" else "second_sample": seconds[k],
+                                "reward": raw[k, 0].item(), "reward_2": raw[k, -1].item()})
+
+    def alignment_loss(self, q_ids, first, second, drawn, rewards) -> float | None:
+        """Backward of the batch loss over grad_accum micro-batches; returns its value (None: no pair)."""
+        pc, t = self.cfg.ple, self.state.totals
+        if pc.algo == "ple":
+            valid = torch.isfinite(rewards).all(dim=1)
+        elif pc.algo == "raft":
+            valid = torch.isfinite(rewards).any(dim=1)      # the best finite sample is still a target
+        else:
+            valid = torch.ones(len(q_ids), dtype=torch.bool)  # distillation does not use the rewards
+        keep = [k for k in range(len(q_ids)) if valid[k]]
+        t["dropped"] += len(q_ids) - len(keep)
+        if not keep:
+            return None
+        total = 0.0
+        for micro in _chunks(keep, pc.grad_accum):
+            share = len(micro) / len(keep)           # micro-batch means -> the batch mean
+            with self.autocast():
+                if pc.algo == "ple":
+                    prompts = [q_ids[k] for k in micro for _ in range(2)]
+                    responses = [r for k in micro for r in (first[k], second[k])]
+                    rows = padded_response_rows(self.model, prompts, responses, pad_token_id=self.pad_id)
+                    out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index,
+                                   rewards[micro].to(self.device), self.state.tau, rank_loss=pc.rank_loss,
+                                   weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
+                                   length_normalize=pc.length_normalize, beta=pc.beta, impl=pc.loss_impl,
+                                   softcap=rows.softcap)
+                    loss = out.loss * share
+                    t["ranked"] += int(out.ranked.sum())
+                else:
+                    if pc.algo == "raft":
+                        scores = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
+                        best = scores.argmax(dim=1).tolist()
+                        targets = [drawn[k * pc.raft_samples + best[k]] for k in micro]
+                    else:
+                        targets = [second[k] for k in micro]
+                    logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
+                                              impl=pc.loss_impl, pad_token_id=self.pad_id)
+                    counts = torch.tensor([len(r) for r in targets], device=logps.device)
+                    loss = mean_logprob_loss(logps, counts, pc.length_normalize) * share
+            loss.backward()
+            total += loss.item()
+        return total

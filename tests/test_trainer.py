@@ -1,0 +1,252 @@
+"""Trainer features for real runs: exact resume, signals, accumulation, schedules, robustness."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ple_fast.config import build_config
+from ple_fast.trainer import MetricsLog, Trainer, lr_lambda
+
+SMALL = ["sft.steps=24", "ple.iterations=3", "ple.batch_size=48", "eval.samples=1", "run.save_every=4",
+         "run.progress=false", "run.plots=false", "run.threads=1"]
+
+
+def train_cmd(out, *extra):
+    return [sys.executable, "-m", "ple_fast.train", "--out", str(out), *SMALL, *extra]
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+
+
+def checkpoint_steps(run_dir):
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in folder.iterdir() if p.name.startswith("step-"))
+
+
+def wait_for_checkpoint_after(proc, run_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(s > step for s in checkpoint_steps(run_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before a checkpoint after step {step}")
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+def align_records(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if json.loads(line)["phase"] == "align"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(train_cmd(reference), check=True, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint_after(proc, killed, 24)          # inside the alignment phase
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "model").exists()
+    resumed = subprocess.run(train_cmd(killed, "--resume", "auto"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    a, b = weights(reference), weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    ref_iters, res_iters = align_records(reference), align_records(killed)
+    assert [r["loss"] for r in ref_iters] == [r["loss"] for r in res_iters]
+    assert [r["tau"] for r in ref_iters] == [r["tau"] for r in res_iters]
+    assert len(checkpoint_steps(killed)) <= 2                 # keep_last
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, "run.save_every=1000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or "sft" not in (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by signal" in stderr and "Traceback" not in stderr
+    steps = checkpoint_steps(out)
+    assert len(steps) == 1 and 0 < steps[0] < 1000
+    again = subprocess.run(train_cmd(out, "--resume", "auto"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_resume_from_an_explicit_path_and_bad_paths(tmp_path):
+    from ple_fast.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "r"), "--resume", str(tmp_path / "nope"), *SMALL])
+
+
+def small_trainer(tmp_path, *overrides):
+    from ple_fast.reward import BuiltinReward
+    from ple_fast.train import embedded_workload
+
+    cfg = build_config(None, ["sft.steps=6", "sft.batch_size=8", "ple.iterations=1", "ple.batch_size=8",
+                              "eval.samples=1", "run.progress=false", *overrides])
+    model, tokenizer, work = embedded_workload(cfg, torch.device("cpu"))
+    work.queries = work.queries[:16]
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    return Trainer(cfg, model, tokenizer, work, BuiltinReward(), log, run_dir=tmp_path)
+
+
+@pytest.mark.parametrize("phase", ["sft", "ple"])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
+    """The gradient handed to the optimizer is the same with 1 or 3 micro-batches."""
+    grads = {}
+    for accum in (1, 3):
+        trainer = small_trainer(tmp_path / f"a{accum}", f"sft.grad_accum={accum}", f"ple.grad_accum={accum}",
+                                "sft.steps=1")
+        real_update = trainer.apply_update
+        seen = []
+
+        def capture(optimizer, scheduler, loss_value):
+            seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
+            return real_update(optimizer, scheduler, loss_value)
+
+        trainer.apply_update = capture
+        if phase == "sft":
+            trainer.run_sft()
+        else:
+            trainer.cfg.sft.steps = 0
+            trainer.run_alignment()
+        grads[accum] = seen[0]
+    assert grads[1][1] == pytest.approx(grads[3][1], rel=1e-5)
+    for g1, g3 in zip(grads[1][0], grads[3][0]):
+        torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    from ple_fast.train import prepare_model
+
+    params = {}
+    for ckpt in (False, True):
+        trainer = small_trainer(tmp_path / str(ckpt), f"run.gradient_checkpointing={ckpt}")
+        trainer.model = prepare_model(trainer.model, trainer.cfg)
+        active = getattr(trainer.model, "is_activation_checkpointing", None)
+        assert (active if active is not None else trainer.model.is_gradient_checkpointing) == ckpt
+        trainer.run_sft()
+        params[ckpt] = [p.detach().clone() for p in trainer.model.parameters()]
+    for a, b in zip(params[False], params[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    trainer = small_trainer(tmp_path, "run.precision=bf16")
+    assert trainer.autocast_dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.run_sft()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
+    import ple_fast.trainer as trainer_module
+
+    trainer = small_trainer(tmp_path, "ple.max_nonfinite_steps=2")
+    trainer.cfg.sft.steps = 0
+    real = trainer_module.ple_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "ple_loss", poisoned)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+        trainer.run_alignment()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    warnings = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [w["streak"] for w in warnings if w["phase"] == "warning"] == [1, 2]
+
+
+def test_nonfinite_rewards_drop_pairs(tmp_path, monkeypatch):
+    trainer = small_trainer(tmp_path)
+    trainer.cfg.sft.steps = 0
+    real = trainer.reward_fn
+
+    def holey(queries, responses):
+        scores = real(queries, responses)
+        scores[::4] = float("nan")
+        return scores
+
+    trainer.reward_fn = holey
+    trainer.run_alignment()
+    record = trainer.state.history[-1]
+    assert record["dropped_pairs"] == 4 and math.isfinite(record["loss"])
+
+
+def test_lr_schedules():
+    cos = lr_lambda(10, 100, "cosine")
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(math.cos(math.pi * 0.09) * 0.5 + 0.5)
+    assert cos(100) == pytest.approx(0.0)
+    lin = lr_lambda(0, 100, "linear")
+    assert lin(0) == 1.0 and lin(50) == pytest.approx(0.5)
+    assert lr_lambda(4, 100, "constant")(50) == 1.0
+
+
+def test_samples_and_progress_are_written(tmp_path, capsys):
+    trainer = small_trainer(tmp_path, "run.progress=true")
+    trainer.run_sft()
+    trainer.run_alignment()
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "iter-0001.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and {"query", "original", "principled", "reward", "reward_2"} <= samples[0].keys()
+    err = capsys.readouterr().err
+    assert "sft" in err and "ple iter 1/1" in err and "gen_tok_s" in err
+
+
+def test_lora_trains_adapters_only(tmp_path):
+    pytest.importorskip("peft")
+    from ple_fast.train import prepare_model, save_final_model
+
+    trainer = small_trainer(tmp_path, "lora.enabled=true", "sft.steps=3")
+    trainer.model = prepare_model(trainer.model, trainer.cfg)
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    trainer.run_sft()
+    trainer.run_alignment()
+    assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
+    path = trainer.save()
+    assert path is not None and path.is_dir()
+    folder = save_final_model(trainer.model, trainer.tokenizer, tmp_path)
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(str(folder))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_tensorboard_logging_when_requested(tmp_path):
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    log.write({"phase": "align", "global_step": 3, "loss": 0.5})
+    log.close()
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_missing_logging_backends_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(RuntimeError, match="pip install wandb"):
+        MetricsLog(tmp_path / "m.jsonl", wandb_project="p")
