@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from ple_fast.attention import METADATA_KWARG, tree_attention_metadata, use_tree_attention
+from ple_fast.layout import PackedBatch, pack_dual, pack_sequences
 from ple_fast.models import decoder_of, output_head
 
 
@@ -53,3 +55,50 @@ def padded_response_rows(model, prompts: Sequence[Sequence[int]], responses: Seq
     weight, softcap = output_head(model)
     return ResponseRows(hidden.flatten(0, 1)[keep], labels.flatten().to(device)[keep],
                         seq_index.flatten().to(device)[keep], weight, softcap, len(prompts))
+
+
+def dual_forward(model, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
+    """[N, H] final (normed) hidden states of a packed batch, one row per packed token.
+
+    The model's own modeling code runs the N tokens as one sequence (batch dim 1) with the layout's
+    position ids; only attention is replaced, by the tree attention of `backend`
+    ("sdpa" | "flex" | "flash" | "auto", see ple_fast.attention).
+    """
+    if batch.num_tokens == 0:
+        raise ValueError("dual_forward: the packed batch has no tokens")
+    decoder = decoder_of(model)
+    param = next(model.parameters())
+    if batch.input_ids.device != param.device:
+        batch = batch.to(param.device)
+    tree = tree_attention_metadata(batch, backend, dtype=param.dtype)
+    with use_tree_attention(decoder):
+        out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                      use_cache=False, **{METADATA_KWARG: tree})
+    return out.last_hidden_state[0]
+
+
+def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str) -> ResponseRows:
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    hidden = dual_forward(model, batch, backend)
+    keep = batch.seq_index >= 0
+    weight, softcap = output_head(model)
+    return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap, num_seqs)
+
+
+def packed_dual_response_rows(model, queries: Sequence[Sequence[int]], originals: Sequence[Sequence[int]],
+                              principled: Sequence[Sequence[int]], *, backend: str = "auto") -> ResponseRows:
+    """Each query once, shared by its two responses; sequence 2k scores originals[k], 2k+1 principled[k].
+
+    Same sequences, row order, labels and seq_index as
+    padded_response_rows(model, [q for q in queries for _ in (0, 1)], [o0, p0, o1, p1, ...]).
+    """
+    batch = pack_dual(queries, originals, principled, device=next(model.parameters()).device)
+    return _scored_rows(model, batch, 2 * len(queries), backend)
+
+
+def packed_response_rows(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                         *, backend: str = "auto") -> ResponseRows:
+    """Padding-free padded_response_rows: prompt_i + response_i back to back, nothing shared."""
+    batch = pack_sequences(prompts, responses)
+    return _scored_rows(model, batch, len(prompts), backend)

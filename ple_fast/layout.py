@@ -42,7 +42,7 @@ class PackedBatch:
     kv_index: torch.Tensor      # [K] int64, rows to gather as keys: per segment its ancestors' rows, then its own
     max_seqlen_q: int
     max_seqlen_k: int
-    num_pairs: int
+    num_pairs: int              # pairs for pack_dual; 0 for pack_sequences (no pairs, one sequence per root)
 
     @property
     def num_tokens(self) -> int:
@@ -207,5 +207,52 @@ def pack_dual_reference(queries: Sequence[TokenIds], originals: Sequence[TokenId
         max_seqlen_q=max(diffs(cu_seqlens_q), default=0),
         max_seqlen_k=max(diffs(cu_seqlens_k), default=0),
         num_pairs=len(queries),
+    )
+    return batch if device is None else batch.to(device)
+
+
+def pack_sequences(prompts: Sequence[TokenIds], responses: Sequence[TokenIds],
+                   device: torch.device | str | None = None) -> PackedBatch:
+    """Independent sequences prompt_i + response_i back to back, each a root segment of its own.
+
+    The padding-free layout when nothing is shared (SFT, or the duplicated-query baseline of the
+    dual benchmark): sequence i scores response_i, rows predict the next token of their sequence.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"pack_sequences: got {len(prompts)} prompts but {len(responses)} responses")
+    input_ids, position_ids, labels, seq_index, segment_ids, seg_len = [], [], [], [], [], []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        response = [int(t) for t in (response.tolist() if isinstance(response, torch.Tensor) else response)]
+        if not prompt:
+            raise ValueError(f"pack_sequences: sequence {i} has an empty prompt; a response needs a prompt "
+                             "token to follow")
+        tokens = prompt + response
+        if any(t < 0 for t in tokens):
+            raise ValueError(f"pack_sequences: sequence {i} holds a negative token id")
+        input_ids += tokens
+        position_ids += range(len(tokens))
+        labels += tokens[1:] + [IGNORE_LABEL]
+        seq_index += [-1] * (len(prompt) - 1) + [i] * len(response) + [-1]
+        segment_ids += [i] * len(tokens)
+        seg_len.append(len(tokens))
+    lengths = torch.tensor(seg_len, dtype=torch.int32)
+    cu_seqlens = torch.zeros(len(seg_len) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    batch = PackedBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        position_ids=torch.tensor(position_ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        seq_index=torch.tensor(seq_index, dtype=torch.long),
+        segment_ids=torch.tensor(segment_ids, dtype=torch.long),
+        seg_start=cu_seqlens[:-1].clone(),
+        seg_len=lengths,
+        seg_parent=torch.full((len(seg_len),), -1, dtype=torch.int32),
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens.clone(),
+        kv_index=torch.arange(len(input_ids), dtype=torch.long),
+        max_seqlen_q=max(seg_len, default=0),
+        max_seqlen_k=max(seg_len, default=0),
+        num_pairs=0,
     )
     return batch if device is None else batch.to(device)

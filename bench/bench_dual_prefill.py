@@ -1,0 +1,171 @@
+"""Dual prefill: a PLE training step (forward + backward) with each query computed once.
+
+For each (query / original / principled) length, P pairs of random tokens through a ~1B Llama
+shape (random weights, bf16), forward + log-probs of both responses + backward:
+  packed_shared[B]      pack_dual: one query per pair, shared by both responses (tree attention B)
+  packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
+  padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
+B is each tree-attention backend this GPU runs: flash (flash-attn installed) and flex.
+The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
+log-probs use sequence_logprobs(impl="auto"), the same for every variant.
+
+tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
+has the same numerator and the ratios are ratios of step time. The theoretical ratio of shared
+over duplicated is the token-FLOP ratio (2Q+C+R)/(Q+C+R); the measured one is beside it.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (is_oom, parse_args, require_cuda, result_path, seconds_left, time_cuda,  # noqa: E402
+                    write_result)
+
+BENCH = "bench_dual_prefill"
+# ~1.1B Llama (TinyLlama's shape): 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000
+MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)
+QUICK_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+SHAPES = [(512, 128, 128), (256, 256, 256), (64, 512, 512)]  # the 1.5x-over-padded target shape first
+QUICK_SHAPES = [(64, 16, 16), (8, 64, 64)]
+PAIRS, QUICK_PAIRS = 8, 2
+MIN_SECONDS_PER_SHAPE = 40
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, attention_dropout=0.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).train()
+
+
+def make_pairs(num_pairs: int, lengths: tuple[int, int, int], vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def seqs(n):
+        return [torch.randint(3, vocab, (n,), generator=gen).tolist() for _ in range(num_pairs)]
+
+    return tuple(seqs(n) for n in lengths)
+
+
+def training_step(model, rows_fn):
+    """One forward + backward of the summed response log-probs."""
+    from ple_fast.loss import sequence_logprobs
+
+    model.zero_grad(set_to_none=True)
+    rows = rows_fn()
+    logps = sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
+                              impl="auto", softcap=rows.softcap)
+    logps.sum().backward()
+    return logps.detach()
+
+
+def variants(model, queries, originals, principled, backends: list[str], device: str):
+    """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model)."""
+    from ple_fast.forward import ResponseRows, dual_forward, padded_response_rows
+    from ple_fast.layout import pack_dual, pack_sequences
+    from ple_fast.models import output_head
+
+    prompts = [q for q in queries for _ in (0, 1)]
+    responses = [r for pair in zip(originals, principled) for r in pair]
+    shared = pack_dual(queries, originals, principled, device=device)
+    duplicated = pack_sequences(prompts, responses, device=device)
+    weight, softcap = output_head(model)
+
+    def packed(batch, backend):
+        keep = batch.seq_index >= 0
+
+        def rows():
+            hidden = dual_forward(model, batch, backend)
+            return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap,
+                                len(prompts))
+        return rows
+
+    out = {}
+    for backend in backends:
+        out[f"packed_shared[{backend}]"] = (packed(shared, backend), shared.num_tokens)
+        out[f"packed_duplicated[{backend}]"] = (packed(duplicated, backend), duplicated.num_tokens)
+    pad_id = 0
+    out["padded_hf"] = (lambda: padded_response_rows(model, prompts, responses, pad_token_id=pad_id),
+                        len(prompts) * max(len(p) + len(r) for p, r in zip(prompts, responses)))
+    return out
+
+
+def available_backends(dtype: torch.dtype) -> list[str]:
+    from ple_fast.attention import _flash_available
+
+    backends = []
+    if dtype in (torch.float16, torch.bfloat16) and _flash_available():
+        backends.append("flash")
+    backends.append("flex")
+    return backends
+
+
+def main() -> None:
+    args = parse_args("dual prefill: packed-shared vs packed-duplicated vs padded HF training steps")
+    require_cuda(BENCH)
+    from ple_fast.layout import pack_dual
+
+    dtype = torch.bfloat16
+    model_shape = QUICK_MODEL if args.quick else MODEL
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    num_pairs = QUICK_PAIRS if args.quick else PAIRS
+    model = build_model(model_shape, "cuda", dtype)
+    backends = available_backends(dtype)
+    path = result_path(args.out, BENCH)
+    payload = dict(model=dict(model_shape, params=sum(p.numel() for p in model.parameters())),
+                   dtype=str(dtype), pairs=num_pairs, backends=backends, rows=[],
+                   note="tokens/s = tokens of the 2P separate sequences / fwd+bwd time; "
+                        "theory = (2Q+C+R)/(Q+C+R)")
+    print(f"{BENCH}: {payload['model']['params'] / 1e9:.2f}B params, {num_pairs} pairs/step, backends {backends}")
+    for q_len, o_len, p_len in shapes:
+        if seconds_left() < MIN_SECONDS_PER_SHAPE:
+            print(f"skipping ({q_len}/{o_len}/{p_len}) and later shapes: {seconds_left():.0f}s left")
+            break
+        queries, originals, principled = make_pairs(num_pairs, (q_len, o_len, p_len), model_shape["vocab_size"])
+        logical_tokens = num_pairs * (2 * q_len + o_len + p_len)
+        theory = (2 * q_len + o_len + p_len) / (q_len + o_len + p_len)
+        pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device="cuda"))["ms"]
+        measured = {}
+        for name, (rows_fn, layout_tokens) in variants(model, queries, originals, principled,
+                                                       backends, "cuda").items():
+            row = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=name, layout_tokens=layout_tokens,
+                       theory_shared_over_dup=round(theory, 3))
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                timing = time_cuda(lambda: training_step(model, rows_fn), warmup=3, iters=5)
+                measured[name] = timing["ms"]
+                row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
+                           peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            except Exception as err:  # noqa: BLE001 - record and go on to the next variant
+                row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
+                traceback.print_exc()
+                torch.cuda.empty_cache()
+            payload["rows"].append(row)
+        for backend in backends:
+            shared, dup = measured.get(f"packed_shared[{backend}]"), measured.get(f"packed_duplicated[{backend}]")
+            padded = measured.get("padded_hf")
+            summary = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=f"ratios[{backend}]", pack_ms=pack_ms,
+                           theory_shared_over_dup=round(theory, 3),
+                           shared_over_dup=dup / shared if shared and dup else None,
+                           shared_over_padded=padded / shared if shared and padded else None)
+            if summary["shared_over_dup"]:
+                summary["of_theory"] = summary["shared_over_dup"] / theory
+            payload["rows"].append(summary)
+            print(f"({q_len}/{o_len}/{p_len}) {backend}: shared/dup {summary['shared_over_dup'] or float('nan'):.3f} "
+                  f"(theory {theory:.3f}), shared/padded {summary['shared_over_padded'] or float('nan'):.3f}")
+        write_result(path, BENCH, payload)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

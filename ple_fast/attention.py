@@ -1,0 +1,280 @@
+"""Tree attention over the packed prefix-tree layout, run by stock Hugging Face modeling code.
+
+A PackedBatch (ple_fast.layout) is a forest of token segments laid out as ONE sequence of N rows.
+Row i may attend to row j when j lies on i's root-to-leaf path: j is in an ancestor segment of i's,
+or in i's own segment and j <= i (DESIGN.md §2). HF models call their attention through
+transformers' AttentionInterface; this module registers `tree_attention_forward` there under
+ATTENTION_NAME, and `use_tree_attention` points a model at it for the length of one forward.
+The per-batch metadata (TreeAttention) travels as the `ple_tree` keyword argument, which HF hands
+unchanged from the model's forward to every attention call, so nothing is kept in globals.
+
+Backends, all computing the same function of (q, k, v):
+  sdpa   dense [N, N] boolean mask built from segment ancestry: the CPU reference, O(N^2) memory
+  flex   FlexAttention with a BlockMask from the same ancestry rule (GPU; no CPU backward)
+  flash  flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
+         ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_NAME = "ple_fast_tree"
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+METADATA_KWARG = "ple_tree"
+
+
+def segment_ancestry(seg_parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(depth [S], ancestor_at_depth [S, D+1]) of a forest given each segment's parent (-1: root).
+
+    ancestor_at_depth[s, d] is the segment at depth d on s's root path (s itself at d = depth[s]),
+    or -1 past it. Segment t is on s's path exactly when ancestor_at_depth[s, depth[t]] == t, which
+    turns the tree mask into one gather per (query, key) pair.
+    """
+    parent = seg_parent.long()
+    num_segments = parent.numel()
+    up = [torch.arange(num_segments, device=parent.device)]  # up[d][s]: d levels above s, or -1
+    while True:
+        above = up[-1]
+        nxt = torch.where(above >= 0, parent[above.clamp(min=0)], above)
+        if not bool((nxt >= 0).any()):
+            break
+        if len(up) > num_segments:
+            raise ValueError("seg_parent has a cycle: a segment is its own ancestor")
+        up.append(nxt)
+    up_table = torch.stack(up, dim=1)                       # [S, L]
+    depth = (up_table >= 0).sum(dim=1) - 1
+    levels = torch.arange(up_table.shape[1], device=parent.device)
+    steps_up = depth[:, None] - levels[None, :]
+    at_depth = torch.where(steps_up >= 0, up_table.gather(1, steps_up.clamp(min=0)),
+                           torch.full_like(up_table, -1))
+    return depth, at_depth
+
+
+def _visible(seg_q, seg_k, q_idx, kv_idx, pos_q, pos_k, depth, at_depth, sliding_window):
+    """The tree rule shared by the dense mask and the flex mask_mod (broadcasting tensors)."""
+    on_path = at_depth[seg_q, depth[seg_k]] == seg_k
+    visible = on_path & ((seg_q != seg_k) | (kv_idx <= q_idx))
+    if sliding_window is not None:  # HF semantics: a query sees the last `sliding_window` positions
+        visible = visible & (pos_q - pos_k < sliding_window)
+    return visible
+
+
+@dataclass
+class TreeAttention:
+    """Everything the backends need for one packed batch; built by `tree_attention_metadata`."""
+
+    backend: str                 # resolved: "sdpa" | "flex" | "flash"
+    num_tokens: int
+    position_ids: torch.Tensor   # [N] int64
+    segment_ids: torch.Tensor    # [N] int64
+    seg_depth: torch.Tensor      # [S] int64
+    seg_at_depth: torch.Tensor   # [S, D+1] int64
+    cu_seqlens_q: torch.Tensor   # [S+1] int32
+    cu_seqlens_k: torch.Tensor   # [S+1] int32
+    kv_index: torch.Tensor       # [K] int64
+    max_seqlen_q: int
+    max_seqlen_k: int
+    _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: dense / block mask
+
+    def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
+        """[N, N] bool, True where row i may attend to row j."""
+        key = ("dense", sliding_window)
+        if key not in self._masks:
+            rows = torch.arange(self.num_tokens, device=self.segment_ids.device)
+            seg, pos = self.segment_ids, self.position_ids
+            self._masks[key] = _visible(seg[:, None], seg[None, :], rows[:, None], rows[None, :],
+                                        pos[:, None], pos[None, :], self.seg_depth, self.seg_at_depth,
+                                        sliding_window)
+        return self._masks[key]
+
+    def block_mask(self, sliding_window: int | None = None):
+        """FlexAttention BlockMask of the same rule (built once per sliding window)."""
+        key = ("block", sliding_window)
+        if key not in self._masks:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            seg, pos, depth, at_depth = self.segment_ids, self.position_ids, self.seg_depth, self.seg_at_depth
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                # Block padding can ask about indices >= N: clamp for the lookups, then mask them out.
+                # N is read off a tensor, not closed over as an int, so the compiled kernel is not
+                # specialised (and recompiled) per batch size.
+                n = seg.shape[0]
+                q, kv = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
+                inside = (q_idx < n) & (kv_idx < n)
+                return inside & _visible(seg[q], seg[kv], q, kv, pos[q], pos[kv], depth, at_depth,
+                                         sliding_window)
+
+            n = self.num_tokens
+            self._masks[key] = create_block_mask(mask_mod, None, None, n, n, device=seg.device)
+        return self._masks[key]
+
+
+def _flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else flex on CUDA, else sdpa."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: choose one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16) and _flash_available():
+            return "flash"
+        return "flex"
+    return "sdpa"
+
+
+def tree_attention_metadata(batch, backend: str = "auto", *, dtype: torch.dtype = torch.float32) -> TreeAttention:
+    """Per-batch metadata for `batch` (a PackedBatch, already on the model's device)."""
+    device = batch.input_ids.device
+    depth, at_depth = segment_ancestry(batch.seg_parent)
+    return TreeAttention(
+        backend=resolve_backend(backend, device, dtype),
+        num_tokens=batch.input_ids.numel(),
+        position_ids=batch.position_ids.long(),
+        segment_ids=batch.segment_ids.long(),
+        seg_depth=depth,
+        seg_at_depth=at_depth,
+        cu_seqlens_q=batch.cu_seqlens_q.to(torch.int32),
+        cu_seqlens_k=batch.cu_seqlens_k.to(torch.int32),
+        kv_index=batch.kv_index.long(),
+        max_seqlen_q=int(batch.max_seqlen_q),
+        max_seqlen_k=int(batch.max_seqlen_k),
+    )
+
+
+# ---- backends: q [N, H, D], k / v [N, Hkv, D] -> [N, H, D] -----------------------------------------
+
+def _sdpa(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=tree.dense_mask(sliding_window), scale=scale)
+    return out.transpose(0, 1)
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_function(device: torch.device) -> Callable:
+    """flex_attention, compiled on CUDA (eager flex is a slow reference loop there)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:  # a compiled function, not per-call state: safe to share
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _flex(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
+    flex = _flex_function(q.device)
+    out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+               block_mask=tree.block_mask(sliding_window), scale=scale,
+               enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def _flash_varlen_func() -> Callable:
+    """flash_attn.flash_attn_varlen_func (tests replace this function with a documented double)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:
+        raise ImportError("attention backend 'flash' needs the flash-attn package "
+                          f"(pip install flash-attn); import failed: {err}") from err
+    return flash_attn_varlen_func
+
+
+def _flash(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
+    extra = {}
+    if sliding_window is not None:  # left window W-1 keys = HF's "last W positions", same as its FA2 path
+        extra["window_size"] = (sliding_window - 1, 0)
+    return _flash_varlen_func()(
+        q, k.index_select(0, tree.kv_index), v.index_select(0, tree.kv_index),
+        cu_seqlens_q=tree.cu_seqlens_q, cu_seqlens_k=tree.cu_seqlens_k,
+        max_seqlen_q=tree.max_seqlen_q, max_seqlen_k=tree.max_seqlen_k,
+        softmax_scale=scale, causal=True, **extra)
+
+
+_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash}
+
+
+def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float | None = None,
+                           dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
+    """AttentionInterface function: query [1, H, N, D], key / value [1, Hkv, N, D] -> ([1, N, H, D], None)."""
+    tree = kwargs.get(METADATA_KWARG)
+    where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    if not isinstance(tree, TreeAttention):
+        raise RuntimeError(
+            f"{where}: attention implementation {ATTENTION_NAME!r} was called without its "
+            f"`{METADATA_KWARG}` metadata; run packed batches through ple_fast.forward.dual_forward")
+    if query.shape[0] != 1 or query.shape[2] != tree.num_tokens or key.shape[2] != tree.num_tokens:
+        raise ValueError(f"{where}: tree attention expects one packed sequence of {tree.num_tokens} tokens, "
+                         f"got query {tuple(query.shape)} and key {tuple(key.shape)} (a KV cache is not supported)")
+    if attention_mask is not None:
+        raise ValueError(f"{where}: got an attention mask; the packed layout defines its own mask, so "
+                         "call the model without one")
+    if dropout:
+        raise NotImplementedError(f"{where}: attention dropout {dropout} is not supported by tree attention; "
+                                  "set config.attention_dropout = 0.0")
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"{where}: `{unsupported}` (attention logit softcapping / sinks) is not "
+                                      "supported by tree attention")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"{where}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
+    out = _BACKEND_FUNCTIONS[tree.backend](tree, q, k, v, scale, sliding_window)
+    return out[None], None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, tree_attention_forward)
+
+
+_register()
+
+
+@contextlib.contextmanager
+def use_tree_attention(decoder: nn.Module) -> Iterator[None]:
+    """Point every config under `decoder` at tree attention for the block, then restore it.
+
+    The swap lives on the model, not in a global: the model must not run other forwards
+    concurrently, and HF gradient checkpointing (which re-runs attention in backward, after the
+    swap is undone) is refused rather than silently recomputed with the wrong mask.
+    """
+    if decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+        raise NotImplementedError(
+            "dual_forward does not support Hugging Face gradient checkpointing: the recomputed attention "
+            "would run with the model's own implementation; disable it (model.gradient_checkpointing_disable())")
+    configs = {}
+    for module in decoder.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = ATTENTION_NAME
+        yield
+    finally:  # module order puts a model's config before its sub-configs, which the setter recurses into
+        for key, config in configs.items():
+            config._attn_implementation = saved[key]
