@@ -37,7 +37,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
              max_new_tokens: int, batch_size: int, seed: int, loss_impl: str = "auto",
              baseline_rewards: torch.Tensor | None = None,
              task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None,
-             progress: bool = False, backend: str = "hf") -> EvalResult:
+             progress: bool = False, backend: str = "hf", attention: str | None = None) -> EvalResult:
     """Generate `samples` responses per held-out query (seeded per batch, so two models are
     compared on the same draws), score them, and compare with the SFT model's rewards."""
     from tqdm.auto import tqdm
@@ -68,14 +68,15 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
         metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
             if both.any() else float("nan")
     metrics["perplexity"] = reference_perplexity(model, eval_set, batch_size=batch_size, loss_impl=loss_impl,
-                                                 pad_token_id=tokenizer.pad_token_id)
+                                                 pad_token_id=tokenizer.pad_token_id, attention=attention)
     if task_metrics is not None:
         metrics.update(task_metrics(texts, responses))
     model.train(was_training)
     return EvalResult(metrics, rewards, responses)
 
 
-def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl: str, pad_token_id: int) -> float:
+def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl: str, pad_token_id: int,
+                         attention: str | None = None) -> float:
     """exp(token-averaged NLL) of the reference responses given the query (no principle)."""
     pairs = [(q, r) for q, r in zip(eval_set.ids, eval_set.references) if r]
     if not pairs:
@@ -84,7 +85,7 @@ def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl
     for lo in range(0, len(pairs), batch_size):
         chunk = pairs[lo:lo + batch_size]
         logps = response_logprobs(model, [c[0] for c in chunk], [c[1] for c in chunk], impl=loss_impl,
-                                  pad_token_id=pad_token_id)
+                                  pad_token_id=pad_token_id, attention=attention)
         nll -= logps.double().sum().item()
         tokens += sum(len(c[1]) for c in chunk)
     return math.exp(nll / tokens)

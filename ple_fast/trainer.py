@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ple_fast.config import Config
-from ple_fast.forward import padded_response_rows
+from ple_fast.forward import packed_dual_response_rows, packed_response_rows, padded_response_rows
 from ple_fast.loss import ple_loss, sequence_logprobs
 from ple_fast.reward import RewardFunction, RewardNormalizer
 from ple_fast.rollout import generate, generate_dual
@@ -165,8 +165,14 @@ def mean_logprob_loss(seq_logps: torch.Tensor, seq_tokens: torch.Tensor, length_
     return -seq_logps.mean()
 
 
-def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int) -> torch.Tensor:
-    rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
+def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int,
+                      attention: str | None = "auto") -> torch.Tensor:
+    """Summed log-probs of each response given its prompt: packed and padding-free when
+    `attention` names a backend, padded HF forwards when it is None."""
+    if attention is None:
+        rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
+    else:
+        rows = packed_response_rows(model, prompts, responses, backend=attention)
     return sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                              impl=impl, softcap=rows.softcap)
 
@@ -209,6 +215,11 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self.pending_resume: Path | None = None
         self.stop_signals: list[int] = []
+        # The packed tree attention is swapped in per forward, so HF's re-run of attention under
+        # gradient checkpointing would see the stock mask: checkpointed runs use padded forwards.
+        self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
+        if cfg.ple.packed and cfg.run.gradient_checkpointing:
+            print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
         precision = cfg.run.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
@@ -359,7 +370,8 @@ class Trainer:
                               temperature=ec.temperature, max_new_tokens=ec.max_new_tokens,
                               batch_size=ec.batch_size, seed=self.cfg.run.seed + 7, loss_impl=self.cfg.ple.loss_impl,
                               baseline_rewards=base, task_metrics=self.work.task_metrics,
-                              progress=self.cfg.run.progress, backend=self.cfg.rollout.backend)
+                              progress=self.cfg.run.progress, backend=self.cfg.rollout.backend,
+                              attention=self.attention)
         return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses}
 
     def run_sft(self) -> None:
@@ -380,7 +392,8 @@ class Trainer:
             for micro in _chunks(batch, sc.grad_accum):
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
-                                              impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id)
+                                              impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id,
+                                              attention=self.attention)
                 loss = -logps.sum() / max(n_tokens, 1)
                 loss.backward()
                 loss_value += loss.item()
@@ -534,9 +547,14 @@ class Trainer:
             share = len(micro) / len(keep)           # micro-batch means -> the batch mean
             with self.autocast():
                 if pc.algo == "ple":
-                    prompts = [q_ids[k] for k in micro for _ in range(2)]
-                    responses = [r for k in micro for r in (first[k], second[k])]
-                    rows = padded_response_rows(self.model, prompts, responses, pad_token_id=self.pad_id)
+                    if self.attention is not None:     # each query computed once for both responses
+                        rows = packed_dual_response_rows(self.model, [q_ids[k] for k in micro],
+                                                         [first[k] for k in micro], [second[k] for k in micro],
+                                                         backend=self.attention)
+                    else:
+                        prompts = [q_ids[k] for k in micro for _ in range(2)]
+                        responses = [r for k in micro for r in (first[k], second[k])]
+                        rows = padded_response_rows(self.model, prompts, responses, pad_token_id=self.pad_id)
                     out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index,
                                    rewards[micro].to(self.device), self.state.tau, rank_loss=pc.rank_loss,
                                    weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
@@ -552,7 +570,8 @@ class Trainer:
                     else:
                         targets = [second[k] for k in micro]
                     logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
-                                              impl=pc.loss_impl, pad_token_id=self.pad_id)
+                                              impl=pc.loss_impl, pad_token_id=self.pad_id,
+                                              attention=self.attention)
                     counts = torch.tensor([len(r) for r in targets], device=logps.device)
                     loss = mean_logprob_loss(logps, counts, pc.length_normalize) * share
             loss.backward()
