@@ -37,15 +37,21 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
              max_new_tokens: int, batch_size: int, seed: int, loss_impl: str = "auto",
              baseline_rewards: torch.Tensor | None = None,
              task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None,
-             progress: bool = False, backend: str = "hf", attention: str | None = None) -> EvalResult:
+             progress: bool = False, backend: str = "hf", attention: str | None = None,
+             dist=None) -> EvalResult:
     """Generate `samples` responses per held-out query (seeded per batch, so two models are
     compared on the same draws), score them, and compare with the SFT model's rewards."""
     from tqdm.auto import tqdm
 
+    from ple_fast.distributed import Dist
+
+    dist = dist if dist is not None else Dist()
     was_training = model.training
     model.eval()
-    prompts = [ids for ids in eval_set.ids for _ in range(samples)]
-    texts = [t for t in eval_set.texts for _ in range(samples)]
+    all_texts = [t for t in eval_set.texts for _ in range(samples)]
+    indices, real = dist.shard(list(range(len(all_texts))))    # each rank generates and scores its share
+    prompts = [eval_set.ids[i // samples] for i in indices]
+    texts = [all_texts[i] for i in indices]
     token_lists: list[list[int]] = []
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, unit="resp") as bar:
@@ -56,7 +62,11 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
             bar.update(len(prompts[lo:lo + batch_size]))
             bar.set_postfix(tok_s=f"{sum(map(len, token_lists)) / (time.perf_counter() - start):,.0f}")
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
-    rewards = reward_fn(texts, responses).float()
+    rewards = reward_fn(texts, responses).float() if texts else torch.zeros(0)
+    token_lists = dist.gather(token_lists, real)
+    responses = dist.gather(responses, real)
+    rewards = torch.tensor(dist.gather(rewards.tolist(), real), dtype=torch.float32)
+    texts = all_texts
     finite = torch.isfinite(rewards)
     metrics = {"mean_reward": rewards[finite].mean().item() if finite.any() else float("nan"),
                "nonfinite_rewards": int((~finite).sum()),
@@ -68,7 +78,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
         metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
             if both.any() else float("nan")
     metrics["perplexity"] = reference_perplexity(model, eval_set, batch_size=batch_size, loss_impl=loss_impl,
-                                                 pad_token_id=tokenizer.pad_token_id, attention=attention)
+                                                 pad_token_id=tokenizer.pad_token_id, attention=attention, dist=dist)
     if task_metrics is not None:
         metrics.update(task_metrics(texts, responses))
     model.train(was_training)
@@ -76,19 +86,23 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
 
 
 def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl: str, pad_token_id: int,
-                         attention: str | None = None) -> float:
+                         attention: str | None = None, dist=None) -> float:
     """exp(token-averaged NLL) of the reference responses given the query (no principle)."""
+    from ple_fast.distributed import Dist
+
+    dist = dist if dist is not None else Dist()
     pairs = [(q, r) for q, r in zip(eval_set.ids, eval_set.references) if r]
     if not pairs:
         return float("nan")
+    pairs, real = dist.shard(pairs)
     nll, tokens = 0.0, 0
     for lo in range(0, len(pairs), batch_size):
-        chunk = pairs[lo:lo + batch_size]
+        chunk, keep = pairs[lo:lo + batch_size], torch.tensor(real[lo:lo + batch_size], dtype=torch.float64)
         logps = response_logprobs(model, [c[0] for c in chunk], [c[1] for c in chunk], impl=loss_impl,
                                   pad_token_id=pad_token_id, attention=attention)
-        nll -= logps.double().sum().item()
-        tokens += sum(len(c[1]) for c in chunk)
-    return math.exp(nll / tokens)
+        nll -= (logps.double().cpu() * keep).sum().item()
+        tokens += sum(len(c[1]) for c, k in zip(chunk, real[lo:lo + batch_size]) if k)
+    return math.exp(dist.sum(nll) / dist.sum(tokens))
 
 
 ROWS = [("mean_reward", "mean reward (no principle)", "{:+.3f}"),

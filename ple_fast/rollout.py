@@ -77,6 +77,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
             for row, prompt in enumerate(chunk):
                 input_ids[row, width - len(prompt):] = torch.as_tensor(prompt)
                 attention_mask[row, width - len(prompt):] = 1
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                kwargs["synced_gpus"] = True   # FSDP: every rank runs the same number of forwards
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  **kwargs)
             for row in out[:, width:].tolist():

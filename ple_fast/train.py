@@ -186,10 +186,29 @@ def main(argv=None) -> dict:
     try:
         yaml_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = build_config(yaml_path, overrides)
-        return run(cfg)
+        try:
+            return run(cfg)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     except (ConfigError, FileNotFoundError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def check_distributed(cfg: Config, world_size: int) -> None:
+    """What a torchrun launch needs that a single process does not."""
+    for key, value in (("sft.batch_size", cfg.sft.batch_size), ("ple.batch_size", cfg.ple.batch_size)):
+        if value % world_size:
+            raise ConfigError(f"{key}={value} must be a multiple of the {world_size} processes")
+    if cfg.run.save_every or cfg.run.resume:
+        raise ConfigError("checkpoints and --resume are single-process only for now; under torchrun set "
+                          "run.save_every=0 and leave run.resume unset (the final model is still saved)")
+    if cfg.lora.enabled:
+        raise ConfigError("lora.enabled with torchrun is not supported yet")
+    if cfg.rollout.backend == "fast":
+        print("[run] torchrun: rollouts use rollout.backend=hf (generate with synced FSDP ranks)")
+        cfg.rollout.backend = "hf"
 
 
 def prepare_model(model, cfg: Config):
@@ -216,9 +235,21 @@ def prepare_model(model, cfg: Config):
     return model
 
 
-def save_final_model(model, tokenizer, out_dir: Path) -> Path:
+def save_final_model(model, tokenizer, out_dir: Path, dist=None) -> Path:
     """An HF folder AutoModelForCausalLM loads; a LoRA run also keeps its adapter."""
     from ple_fast.models import save_policy
+
+    if dist is not None and dist.enabled:          # gather the FSDP shards; rank 0 writes
+        from ple_fast.distributed import full_state_dict
+        state = full_state_dict(model)
+        if dist.is_main:
+            with torch.device("meta"):
+                whole = type(model)(model.config)
+            whole.load_state_dict(state, strict=False, assign=True)
+            whole.tie_weights()
+            save_policy(whole, tokenizer, out_dir / "model")
+        dist.barrier()
+        return out_dir / "model"
 
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(str(out_dir / "adapter"))
@@ -250,9 +281,16 @@ def run(cfg: Config) -> dict:
     from ple_fast.reward import build_reward
     from ple_fast.trainer import MetricsLog, StopRequested, Trainer
 
+    from ple_fast.distributed import init_distributed, shard_model
+
     started = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    dist = init_distributed()
+    if dist.enabled:
+        check_distributed(cfg, dist.world_size)
+        if cfg.run.device == "auto" and torch.cuda.is_available():
+            cfg.run.device = f"cuda:{dist.local_rank}"
     device = pick_device(cfg.run.device)
     if cfg.model.path is None and cfg.reward.kind != "builtin" and cfg.reward.path is None:
         raise ConfigError("reward.path is required for reward.kind=" + cfg.reward.kind)
@@ -274,9 +312,10 @@ def run(cfg: Config) -> dict:
                 print(f"[run] warning: resuming with a changed config: {line}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
-    if checkpoint is None:
+    if checkpoint is None and dist.is_main:
         metrics_path.unlink(missing_ok=True)
-    save_yaml(cfg, out_dir / "config.yaml")
+    if dist.is_main:
+        save_yaml(cfg, out_dir / "config.yaml")
     seed_everything(cfg.run.seed)
 
     try:
@@ -288,11 +327,18 @@ def run(cfg: Config) -> dict:
     else:
         model, tokenizer, work = file_workload(cfg, device)
     model = prepare_model(model, cfg)
+    if dist.enabled:
+        model = shard_model(model)
     from ple_fast.config import to_dict
-    log = MetricsLog(metrics_path, tensorboard_dir=out_dir / "tensorboard" if cfg.run.tensorboard else None,
-                     wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
-    trainer = Trainer(cfg, model, tokenizer, work, reward_fn, log, run_dir=out_dir, device=device)
-    print(f"[run] {cfg.ple.algo} on {device}; {len(work.sft)} SFT examples, {len(work.queries)} queries, "
+    if dist.is_main:
+        log = MetricsLog(metrics_path, tensorboard_dir=out_dir / "tensorboard" if cfg.run.tensorboard else None,
+                         wandb_project=cfg.run.wandb_project, config=to_dict(cfg))
+    else:
+        log = MetricsLog(None, echo=lambda line: None)
+    trainer = Trainer(cfg, model, tokenizer, work, reward_fn, log, run_dir=out_dir, device=device, dist=dist)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    say(f"[run] {cfg.ple.algo} on {device}" + (f" x {dist.world_size} processes (FSDP2)" if dist.enabled else "")
+        + f"; {len(work.sft)} SFT examples, {len(work.queries)} queries, "
           f"{len(work.eval_set.texts)} held-out; run folder {out_dir}")
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
@@ -307,8 +353,10 @@ def run(cfg: Config) -> dict:
         raise SystemExit(128 + stop.signum) from None
     log.close()
 
-    model_dir = save_final_model(trainer.model, tokenizer, out_dir)
+    model_dir = save_final_model(trainer.model, tokenizer, out_dir, dist)
     before, after = state.before["metrics"], state.after["metrics"]
+    if not dist.is_main:
+        return {"algo": cfg.ple.algo, "before": before, "after": after, "iterations": state.history}
     table = format_table(before, after, cfg.ple.algo, work.extra_rows)
     (out_dir / "results.md").write_text(table + "\n")
     summary = {"algo": cfg.ple.algo, "before": before, "after": after, "iterations": state.history,

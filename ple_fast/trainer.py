@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from ple_fast.config import Config
+from ple_fast.distributed import Dist
 from ple_fast.forward import packed_dual_response_rows, packed_response_rows, padded_response_rows
 from ple_fast.loss import ple_loss, sequence_logprobs
 from ple_fast.reward import RewardFunction, RewardNormalizer
@@ -158,13 +159,6 @@ def catch_stop_signals():
             signal.signal(sig, old)
 
 
-def mean_logprob_loss(seq_logps: torch.Tensor, seq_tokens: torch.Tensor, length_normalize: bool) -> torch.Tensor:
-    """-mean_i l(y_i): the SFT objective on whole sequences, as PLE's l(y) defines it."""
-    if length_normalize:
-        return -(seq_logps / seq_tokens.clamp(min=1)).mean()
-    return -seq_logps.mean()
-
-
 def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int,
                       attention: str | None = "auto") -> torch.Tensor:
     """Summed log-probs of each response given its prompt: packed and padding-free when
@@ -206,8 +200,9 @@ class Trainer:
     """Runs the phases of one run and owns its state, optimizer and checkpoints."""
 
     def __init__(self, cfg: Config, model, tokenizer, workload, reward_fn: RewardFunction, log: MetricsLog,
-                 *, run_dir: Path | None = None, device=None):
+                 *, run_dir: Path | None = None, device=None, dist: Dist | None = None):
         self.cfg, self.model, self.tokenizer, self.work = cfg, model, tokenizer, workload
+        self.dist = dist if dist is not None else Dist()
         self.reward_fn, self.log, self.run_dir = reward_fn, log, run_dir
         self.device = device if device is not None else next(model.parameters()).device
         self.state = TrainerState(tau=cfg.ple.tau0)
@@ -238,7 +233,16 @@ class Trainer:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def reshard(self) -> None:
+        """After no_grad forwards (generate, evaluation) FSDP2 may leave layers unsharded, and
+        then model.parameters() are the unsharded copies: re-shard before building an
+        optimizer or taking a training step."""
+        if self.dist.enabled:
+            from ple_fast.distributed import reshard
+            reshard(self.model)
+
     def build_optimizer(self, phase: str):
+        self.reshard()
         if phase == "sft":
             lr, warmup, total, schedule = (self.cfg.sft.lr, self.cfg.sft.warmup_steps, self.cfg.sft.steps,
                                            self.cfg.sft.schedule)
@@ -277,7 +281,7 @@ class Trainer:
         return self.optimizer, self.scheduler
 
     def save(self, optimizer=None, scheduler=None) -> Path | None:
-        if self.run_dir is None:
+        if self.run_dir is None or self.dist.enabled:     # multi-process checkpoints: not supported yet
             return None
         from ple_fast.checkpoint import save_checkpoint
 
@@ -318,7 +322,12 @@ class Trainer:
                                    f"reward for inf/NaN, or raise ple.max_nonfinite_steps.")
             return False
         self.state.nonfinite_streak = 0
-        torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.ple.grad_clip)
+        if self.dist.enabled:
+            from ple_fast.distributed import clip_grad_norm, sync_replicated_grads
+            sync_replicated_grads(self.model, self.dist.world_size)
+            clip_grad_norm(self.trainable_parameters(), self.cfg.ple.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.ple.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -327,7 +336,8 @@ class Trainer:
     def progress(self, total: int, desc: str, initial: int = 0):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, disable=not self.cfg.run.progress, leave=False,
+        return tqdm(total=total, initial=initial, desc=desc, leave=False,
+                    disable=not self.cfg.run.progress or not self.dist.is_main,
                     dynamic_ncols=True, unit="step")
 
     # ------------------------------------------------------------------ phases
@@ -370,8 +380,9 @@ class Trainer:
                               temperature=ec.temperature, max_new_tokens=ec.max_new_tokens,
                               batch_size=ec.batch_size, seed=self.cfg.run.seed + 7, loss_impl=self.cfg.ple.loss_impl,
                               baseline_rewards=base, task_metrics=self.work.task_metrics,
-                              progress=self.cfg.run.progress, backend=self.cfg.rollout.backend,
-                              attention=self.attention)
+                              progress=self.cfg.run.progress and self.dist.is_main,
+                              backend=self.cfg.rollout.backend, attention=self.attention, dist=self.dist)
+        self.reshard()
         return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses}
 
     def run_sft(self) -> None:
@@ -388,15 +399,17 @@ class Trainer:
             rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
             batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
             n_tokens = sum(len(b[1]) for b in batch)
+            local, _ = self.dist.shard(batch)      # sft.batch_size is a multiple of the world size
             loss_value = 0.0
-            for micro in _chunks(batch, sc.grad_accum):
+            for micro in _chunks(local, sc.grad_accum):
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
                                               impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id,
                                               attention=self.attention)
-                loss = -logps.sum() / max(n_tokens, 1)
+                loss = -logps.sum() / max(n_tokens, 1) * self.dist.world_size
                 loss.backward()
                 loss_value += loss.item()
+            loss_value = self.dist.sum(loss_value) / self.dist.world_size
             self.apply_update(optimizer, scheduler, loss_value)
             self.state.sft_step += 1
             tokens += n_tokens
@@ -446,7 +459,11 @@ class Trainer:
             self.finish_iteration(samples)
 
     def finish_iteration(self, samples: list[dict]) -> None:
-        pc, t = self.cfg.ple, self.state.totals
+        pc, t = self.cfg.ple, self.dist.sum_dict(self.state.totals)
+        if self.dist.enabled:
+            t["tau"] = self.state.totals["tau"]
+            for key in ("gen_seconds", "score_seconds", "update_seconds"):   # wall time, not summed
+                t[key] = t[key] / self.dist.world_size
         iteration = self.state.iteration
         if pc.decay == "iteration":
             self.state.tau *= pc.alpha
@@ -468,7 +485,8 @@ class Trainer:
                                f"{second} {record['mean_reward_principled']:+.3f}  loss {record['loss']:.4f}"
                                + (f"  dropped {t['dropped']}" if t["dropped"] else ""))
         every = self.cfg.run.sample_every
-        if self.run_dir is not None and every > 0 and (iteration + 1) % every == 0 and samples:
+        if self.run_dir is not None and self.dist.is_main and every > 0 and (iteration + 1) % every == 0 \
+                and samples:
             folder = self.run_dir / "samples"
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / f"iter-{iteration + 1:04d}.jsonl", "w") as fh:
@@ -483,6 +501,7 @@ class Trainer:
 
     def alignment_step(self, batch: list[Query], optimizer, scheduler, samples: list[dict]) -> None:
         pc, rc, t = self.cfg.ple, self.cfg.rollout, self.state.totals
+        batch, real = self.dist.shard(batch)
         q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
         gen = dict(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
@@ -497,6 +516,7 @@ class Trainer:
             else:
                 roll = generate_dual(self.model, q_ids, self.work.principle_ids, backend=rc.backend, **gen)
                 first, second, drawn = roll.originals, roll.principled, None
+        self.reshard()
         t["gen_seconds"] += time.perf_counter() - tick
         tick = time.perf_counter()
         with torch.no_grad():
@@ -506,22 +526,23 @@ class Trainer:
             else:
                 texts = [q for q in q_texts for _ in range(pc.raft_samples)]
                 raw = self.reward_fn(texts, self.decode(drawn)).view(len(batch), pc.raft_samples)
+            raw[~torch.tensor(real, dtype=torch.bool)] = float("nan")     # padding of this rank's shard
             rewards = self.normalizer(raw.flatten()).view_as(raw)
         t["score_seconds"] += time.perf_counter() - tick
         tick = time.perf_counter()
         self.model.train()
-        loss_value = self.alignment_loss(q_ids, first, second, drawn, rewards)
+        loss_value = self.alignment_loss(q_ids, first, second, drawn, rewards, real)
         if self.apply_update(optimizer, scheduler, loss_value):
             t["loss"] += loss_value
             t["steps"] += 1
         t["update_seconds"] += time.perf_counter() - tick
         finite = torch.isfinite(raw).all(dim=1)
-        t["pairs"] += len(batch)
+        t["pairs"] += sum(real)
         t["delta"] += float((rewards[:, -1] - rewards[:, 0])[finite].sum()) if pc.algo != "raft" else \
             float((raw[:, 1] - raw[:, 0])[finite].sum())
         t["s"] += float(raw[finite, 0].sum())
         t["s_p"] += float(raw[finite, -1].sum())
-        t["tokens"] += sum(len(r) for r in first) + sum(len(r) for r in second)
+        t["tokens"] += sum(len(r) + len(r2) for r, r2, keep in zip(first, second, real) if keep)
         if len(samples) < SAMPLES_PER_ITERATION:
             firsts, seconds = self.decode(first), self.decode(second)
             for k in range(min(len(batch), SAMPLES_PER_ITERATION - len(samples))):
@@ -529,22 +550,26 @@ class Trainer:
                                 "principled" if pc.algo != "raft" else "second_sample": seconds[k],
                                 "reward": raw[k, 0].item(), "reward_2": raw[k, -1].item()})
 
-    def alignment_loss(self, q_ids, first, second, drawn, rewards) -> float | None:
-        """Backward of the batch loss over grad_accum micro-batches; returns its value (None: no pair)."""
+    def alignment_loss(self, q_ids, first, second, drawn, rewards, real) -> float | None:
+        """Backward of the batch loss over grad_accum micro-batches; returns its value (None: no pair).
+
+        The batch loss is the mean over every rank's valid pairs, so each micro-batch adds its
+        pairs' losses divided by the global count (times the world size: FSDP averages grads)."""
         pc, t = self.cfg.ple, self.state.totals
         if pc.algo == "ple":
             valid = torch.isfinite(rewards).all(dim=1)
         elif pc.algo == "raft":
             valid = torch.isfinite(rewards).any(dim=1)      # the best finite sample is still a target
         else:
-            valid = torch.ones(len(q_ids), dtype=torch.bool)  # distillation does not use the rewards
-        keep = [k for k in range(len(q_ids)) if valid[k]]
-        t["dropped"] += len(q_ids) - len(keep)
-        if not keep:
+            valid = torch.tensor(real, dtype=torch.bool)     # distillation does not use the rewards
+        t["dropped"] += sum(real) - int(valid.sum())
+        global_valid = self.dist.sum(float(valid.sum()))
+        if global_valid == 0:
             return None
+        scale = self.dist.world_size / global_valid
         total = 0.0
-        for micro in _chunks(keep, pc.grad_accum):
-            share = len(micro) / len(keep)           # micro-batch means -> the batch mean
+        for micro in _chunks(list(range(len(q_ids))), pc.grad_accum):
+            n_valid = int(valid[micro].sum())
             with self.autocast():
                 if pc.algo == "ple":
                     if self.attention is not None:     # each query computed once for both responses
@@ -560,8 +585,8 @@ class Trainer:
                                    weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
                                    length_normalize=pc.length_normalize, beta=pc.beta, impl=pc.loss_impl,
                                    softcap=rows.softcap)
-                    loss = out.loss * share
-                    t["ranked"] += int(out.ranked.sum())
+                    loss = out.loss * (n_valid * scale)      # micro mean -> share of the global mean
+                    t["ranked"] += int((out.ranked & out.valid).sum())
                 else:
                     if pc.algo == "raft":
                         scores = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
@@ -573,7 +598,9 @@ class Trainer:
                                               impl=pc.loss_impl, pad_token_id=self.pad_id,
                                               attention=self.attention)
                     counts = torch.tensor([len(r) for r in targets], device=logps.device)
-                    loss = mean_logprob_loss(logps, counts, pc.length_normalize) * share
+                    per_seq = logps / counts.clamp(min=1) if pc.length_normalize else logps
+                    weights = valid[micro].to(per_seq.device, per_seq.dtype)
+                    loss = -(per_seq * weights).sum() * scale
             loss.backward()
             total += loss.item()
-        return total
+        return self.dist.sum(total) / self.dist.world_size

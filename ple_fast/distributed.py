@@ -1,0 +1,160 @@
+"""Multi-process runs under torchrun: FSDP2 sharding, per-rank work splits, and reductions.
+
+`torchrun --nproc_per_node N -m ple_fast.train ...` starts N copies; each shards the decoder
+layers with FSDP2 (`fully_shard`) and takes 1/N of every batch of queries for rollouts, scoring
+and the update. The embedding, final norm and lm_head stay replicated: the fused loss reads the
+lm_head weight outside any module forward, where FSDP would hold it sharded, so their gradients
+are all-reduced by hand instead (DDP-style). Every rank runs the same number of forwards (FSDP's
+all-gathers are collectives), so shards are padded to equal length and padding is masked out.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---------------------------------------------------------------- work splits
+    def shard(self, items: Sequence) -> tuple[list, list[bool]]:
+        """This rank's contiguous share, padded (with copies of an item) to the same length on
+        every rank; the flags say which entries are real."""
+        items = list(items)
+        if not self.enabled:
+            return items, [True] * len(items)
+        per_rank = -(-len(items) // self.world_size) if items else 0
+        mine = items[self.rank * per_rank:(self.rank + 1) * per_rank]
+        real = [True] * len(mine)
+        filler = mine[0] if mine else (items[0] if items else None)
+        while len(mine) < per_rank:
+            mine.append(filler)
+            real.append(False)
+        return mine, real
+
+    def gather(self, local: list, real: list[bool]) -> list:
+        """Concatenate every rank's real entries in rank order (the inverse of shard)."""
+        if not self.enabled:
+            return list(local)
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, [x for x, keep in zip(local, real) if keep])
+        return [x for part in parts for x in part]
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item()
+
+    def sum_dict(self, values: dict) -> dict:
+        """Sum the numeric entries of a dict across ranks (one collective)."""
+        if not self.enabled:
+            return dict(values)
+        keys = [k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        out = dict(values)
+        out.update({k: (int(v) if isinstance(values[k], int) else v) for k, v in zip(keys, t.tolist())})
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes in the environment (no-op for one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 on each decoder layer; everything else stays replicated (see the module docstring)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ple_fast.models import decoder_of
+
+    layers = getattr(decoder_of(model), "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model).__name__}: no decoder `layers` list to shard with FSDP2")
+    for layer in layers:
+        fully_shard(layer)
+    return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP module back in its sharded state. generate() runs forwards under no_grad,
+    after which FSDP2 can leave layers unsharded; a training forward from that state would
+    put the gradients on the unsharded copies, and the optimizer would never see them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def sync_replicated_grads(model: torch.nn.Module, world_size: int) -> None:
+    """Average the gradients of the parameters FSDP does not manage, as FSDP averages its own."""
+    for p in replicated_parameters(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
+
+
+def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global-norm clipping over a mix of FSDP-sharded (DTensor) and replicated parameters."""
+    from torch.distributed.tensor import DTensor
+
+    sharded_sq = torch.zeros((), dtype=torch.float64)
+    replicated_sq = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded_sq += g.to_local().double().pow(2).sum().cpu()
+        else:
+            replicated_sq += g.double().pow(2).sum().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(sharded_sq)
+    total = (sharded_sq + replicated_sq).sqrt()
+    scale = min(1.0, max_norm / (total.item() + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's weights on rank 0 (CPU), for saving an HF folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
