@@ -249,12 +249,25 @@ def set_key(config: Config, dotted: str, value: Any) -> None:
                 raise ConfigError(f"{'.'.join(path)} is a value, not a section (in {dotted!r})")
 
 
+PACKAGED = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path, or the name of a config shipped in ple_fast/configs (e.g. `lora`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
+    raise ConfigError(f"config file {str(name)!r} does not exist (shipped configs: {shipped})")
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -53,3 +53,26 @@ def test_resolved_config_round_trips(tmp_path):
     save_yaml(cfg, tmp_path / "config.yaml")
     again = build_config(str(tmp_path / "config.yaml"))
     assert again == cfg
+
+
+def test_shipped_configs():
+    from ple_fast.config import PACKAGED
+
+    names = sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+    assert names == ["default", "hh_rlhf", "lora", "multi_gpu"]
+    assert build_config("default") == Config()        # the file spells out the defaults
+    assert build_config(str(PACKAGED / "default.yaml")) == Config()
+    assert build_config("lora").lora.enabled and build_config("lora").lora.r == 8
+    assert build_config("lora").lora.alpha == 16
+    assert build_config("hh_rlhf").reward.kind == "hf"
+    with pytest.raises(ConfigError, match="shipped configs: default, hh_rlhf, lora, multi_gpu"):
+        build_config("nonexistent")
+
+
+def test_real_config_fails_before_work_on_missing_folders(capsys):
+    from ple_fast.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", "hh_rlhf", "--out", "/tmp/ple_fast_never_written"])
+    assert exc.value.code == 2
+    assert "model.path: policy model folder '/models/policy' does not exist" in capsys.readouterr().err
