@@ -53,7 +53,7 @@ class SFTConfig:
     batch_size: int = 32
     lr: float = 3e-3
     grad_accum: int = 1              # micro-batches per step (batch_size is split across them)
-    warmup_steps: int = 40
+    warmup_steps: int = 40           # linear LR warm-up
     schedule: str = "cosine"         # constant | cosine | linear (after the warm-up)
 
 
@@ -77,7 +77,7 @@ class PLEConfig:
     attention: str = "auto"          # packed attention backend: auto | sdpa | flex | flash
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
-    warmup_steps: int = 0
+    warmup_steps: int = 0            # linear LR warm-up
     schedule: str = "constant"       # constant | cosine | linear (after the warm-up)
     max_nonfinite_steps: int = 3     # stop after this many non-finite losses in a row
 
@@ -86,8 +86,8 @@ class PLEConfig:
 class LoRAConfig:
     enabled: bool = False            # LoRA through PEFT (pip install ple_fast[lora])
     r: int = 8                       # the paper's setting: r = 8, alpha = 16, all linear layers
-    alpha: int = 16
-    dropout: float = 0.0
+    alpha: int = 16                  # LoRA scaling numerator (lora_alpha)
+    dropout: float = 0.0             # LoRA dropout
     target_modules: str = "all-linear"   # comma-separated module names, or all-linear
 
 
@@ -116,7 +116,7 @@ class RunConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     precision: str = "auto"          # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (scores with padded forwards)
     resume: str | None = None        # auto (newest checkpoint in out_dir) | a checkpoint folder
     save_every: int = 0              # checkpoint every N optimizer steps (0: only at phase ends)
     keep_last: int = 2               # checkpoints kept
