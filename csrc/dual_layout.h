@@ -130,6 +130,22 @@ using DualLayout = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at
                               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
                               int64_t>;
 
+// The op's output tensors, allocated the same way on either device.
+struct DualLayoutTensors {
+  at::Tensor input_ids, position_ids, labels, seq_index, segment_ids;            // [rows] int64
+  at::Tensor seg_start, seg_len, seg_parent, cu_seqlens_q, cu_seqlens_k;         // int32
+  at::Tensor kv_index;                                                           // [keys] int64
+
+  RowOutputs row_outputs() const;
+  SegmentOutputs segment_outputs() const;
+  DualLayout finish(int64_t max_seqlen_q, int64_t max_seqlen_k) const;
+};
+
+// Empty outputs for `rows` tokens, `num_segments` segments and `keys` gathered keys, on the
+// device and with the int64 options of `long_opts`.
+DualLayoutTensors allocate_dual_layout(int64_t rows, int64_t num_segments, int64_t keys,
+                                       const at::TensorOptions& long_opts);
+
 // Checks that do not read tensor data (dtype, rank, device, matching pair counts); shared by devices.
 void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query_lens,
                             const at::Tensor& orig_ids, const at::Tensor& orig_lens,

@@ -83,33 +83,16 @@ DualLayout dual_layout_cpu(const at::Tensor& query_ids_in, const at::Tensor& que
   TORCH_CHECK(keys <= kInt32Max, "dual_layout: the batch needs ", keys,
               " attention keys, more than int32 cu_seqlens_k can index; split the batch");
 
-  const auto long_opts = query_ids.options();
-  const auto int_opts = long_opts.dtype(at::kInt);
   const int64_t num_segments = kSegmentsPerPair * num_pairs;
-  at::Tensor input_ids = at::empty({rows}, long_opts);
-  at::Tensor position_ids = at::empty({rows}, long_opts);
-  at::Tensor labels = at::empty({rows}, long_opts);
-  at::Tensor seq_index = at::empty({rows}, long_opts);
-  at::Tensor segment_ids = at::empty({rows}, long_opts);
-  at::Tensor seg_start = at::empty({num_segments}, int_opts);
-  at::Tensor seg_len = at::empty({num_segments}, int_opts);
-  at::Tensor seg_parent = at::empty({num_segments}, int_opts);
-  at::Tensor cu_seqlens_q = at::empty({num_segments + 1}, int_opts);
-  at::Tensor cu_seqlens_k = at::empty({num_segments + 1}, int_opts);
-  at::Tensor kv_index = at::empty({keys}, long_opts);
-
-  const RowOutputs row_out{input_ids.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(),
-                           labels.data_ptr<int64_t>(), seq_index.data_ptr<int64_t>(),
-                           segment_ids.data_ptr<int64_t>()};
-  const SegmentOutputs seg_out{seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(),
-                               seg_parent.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(),
-                               cu_seqlens_k.data_ptr<int32_t>()};
+  const DualLayoutTensors out = allocate_dual_layout(rows, num_segments, keys, query_ids.options());
+  const RowOutputs row_out = out.row_outputs();
+  const SegmentOutputs seg_out = out.segment_outputs();
   seg_out.cu_seqlens_q[0] = 0;
   seg_out.cu_seqlens_k[0] = 0;
   const int64_t* q = query_ids.data_ptr<int64_t>();
   const int64_t* o = orig_ids.data_ptr<int64_t>();
   const int64_t* p = prin_ids.data_ptr<int64_t>();
-  int64_t* kv = kv_index.data_ptr<int64_t>();
+  int64_t* kv = out.kv_index.data_ptr<int64_t>();
   at::parallel_for(0, num_pairs, /*grain_size=*/8, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const PairSpan& s = spans[k];
@@ -120,9 +103,7 @@ DualLayout dual_layout_cpu(const at::Tensor& query_ids_in, const at::Tensor& que
       write_pair_segments(s, seg_out);
     }
   });
-  return {input_ids,  position_ids, labels,       seq_index,    segment_ids,
-          seg_start,  seg_len,      seg_parent,   cu_seqlens_q, cu_seqlens_k,
-          kv_index,   max_seqlen_q, max_seqlen_k};
+  return out.finish(max_seqlen_q, max_seqlen_k);
 }
 
 }  // namespace

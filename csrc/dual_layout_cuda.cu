@@ -89,7 +89,6 @@ DualLayout dual_layout_cuda(const at::Tensor& query_ids_in, const at::Tensor& qu
   const at::Tensor prin_lens = prin_lens_in.contiguous();
   const int64_t num_pairs = query_lens.size(0);
   const auto long_opts = query_ids.options();
-  const auto int_opts = long_opts.dtype(at::kInt);
   const int64_t num_segments = kSegmentsPerPair * num_pairs;
 
   int64_t rows = 0, keys = 0, max_seqlen_q = 0, max_seqlen_k = 0;
@@ -141,41 +140,23 @@ DualLayout dual_layout_cuda(const at::Tensor& query_ids_in, const at::Tensor& qu
     max_seqlen_k = st[kMaxSeqlenK];
   }
 
-  at::Tensor input_ids = at::empty({rows}, long_opts);
-  at::Tensor position_ids = at::empty({rows}, long_opts);
-  at::Tensor labels = at::empty({rows}, long_opts);
-  at::Tensor seq_index = at::empty({rows}, long_opts);
-  at::Tensor segment_ids = at::empty({rows}, long_opts);
-  at::Tensor seg_start = at::empty({num_segments}, int_opts);
-  at::Tensor seg_len = at::empty({num_segments}, int_opts);
-  at::Tensor seg_parent = at::empty({num_segments}, int_opts);
-  at::Tensor cu_seqlens_q = at::empty({num_segments + 1}, int_opts);
-  at::Tensor cu_seqlens_k = at::empty({num_segments + 1}, int_opts);
-  at::Tensor kv_index = at::empty({keys}, long_opts);
-
+  const DualLayoutTensors out = allocate_dual_layout(rows, num_segments, keys, long_opts);
   if (num_pairs == 0) {
-    cu_seqlens_q.zero_();
-    cu_seqlens_k.zero_();
+    out.cu_seqlens_q.zero_();
+    out.cu_seqlens_k.zero_();
   } else {
-    const RowOutputs row_out{input_ids.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(),
-                             labels.data_ptr<int64_t>(), seq_index.data_ptr<int64_t>(),
-                             segment_ids.data_ptr<int64_t>()};
-    const SegmentOutputs seg_out{seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(),
-                                 seg_parent.data_ptr<int32_t>(),
-                                 cu_seqlens_q.data_ptr<int32_t>(),
-                                 cu_seqlens_k.data_ptr<int32_t>()};
+    const RowOutputs row_out = out.row_outputs();
+    const SegmentOutputs seg_out = out.segment_outputs();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     dual_layout_kernel<<<static_cast<unsigned int>(num_pairs), kThreadsPerPair, 0, stream>>>(
         query_lens.data_ptr<int64_t>(), orig_lens.data_ptr<int64_t>(),
         prin_lens.data_ptr<int64_t>(), q_end.data_ptr<int64_t>(), o_end.data_ptr<int64_t>(),
         p_end.data_ptr<int64_t>(), row_end.data_ptr<int64_t>(), key_end.data_ptr<int64_t>(),
         query_ids.data_ptr<int64_t>(), orig_ids.data_ptr<int64_t>(),
-        prin_ids.data_ptr<int64_t>(), row_out, seg_out, kv_index.data_ptr<int64_t>());
+        prin_ids.data_ptr<int64_t>(), row_out, seg_out, out.kv_index.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {input_ids,  position_ids, labels,       seq_index,    segment_ids,
-          seg_start,  seg_len,      seg_parent,   cu_seqlens_q, cu_seqlens_k,
-          kv_index,   max_seqlen_q, max_seqlen_k};
+  return out.finish(max_seqlen_q, max_seqlen_k);
 }
 
 }  // namespace

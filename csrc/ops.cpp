@@ -4,6 +4,7 @@
 // library; the ops are then torch.ops.ple_fast.<name>. The module itself exposes only build facts.
 #include <Python.h>
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "dual_layout.h"
@@ -19,6 +20,33 @@ void check_one(const at::Tensor& t, const char* name) {
 }
 
 }  // namespace
+
+DualLayoutTensors allocate_dual_layout(int64_t rows, int64_t num_segments, int64_t keys,
+                                       const at::TensorOptions& long_opts) {
+  const auto int_opts = long_opts.dtype(at::kInt);
+  return {at::empty({rows}, long_opts),          at::empty({rows}, long_opts),
+          at::empty({rows}, long_opts),          at::empty({rows}, long_opts),
+          at::empty({rows}, long_opts),          at::empty({num_segments}, int_opts),
+          at::empty({num_segments}, int_opts),   at::empty({num_segments}, int_opts),
+          at::empty({num_segments + 1}, int_opts), at::empty({num_segments + 1}, int_opts),
+          at::empty({keys}, long_opts)};
+}
+
+RowOutputs DualLayoutTensors::row_outputs() const {
+  return {input_ids.data_ptr<int64_t>(), position_ids.data_ptr<int64_t>(), labels.data_ptr<int64_t>(),
+          seq_index.data_ptr<int64_t>(), segment_ids.data_ptr<int64_t>()};
+}
+
+SegmentOutputs DualLayoutTensors::segment_outputs() const {
+  return {seg_start.data_ptr<int32_t>(), seg_len.data_ptr<int32_t>(), seg_parent.data_ptr<int32_t>(),
+          cu_seqlens_q.data_ptr<int32_t>(), cu_seqlens_k.data_ptr<int32_t>()};
+}
+
+DualLayout DualLayoutTensors::finish(int64_t max_seqlen_q, int64_t max_seqlen_k) const {
+  return {input_ids,  position_ids, labels,       seq_index,    segment_ids,
+          seg_start,  seg_len,      seg_parent,   cu_seqlens_q, cu_seqlens_k,
+          kv_index,   max_seqlen_q, max_seqlen_k};
+}
 
 void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query_lens,
                             const at::Tensor& orig_ids, const at::Tensor& orig_lens,

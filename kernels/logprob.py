@@ -54,7 +54,6 @@ ple_fast.loss (same contract, fp64 accumulation), which is what gradcheck-level 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -5,7 +5,6 @@ set below, before anything imports triton), so shapes stay small. With CUDA the 
 the compiled kernels, and the `gpu`-marked test checks realistic shapes at bf16.
 """
 
-import math
 import os
 
 import torch
@@ -18,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import ple_fast.kernels.logprob as logprob  # noqa: E402
 from ple_fast.loss import ple_loss, sequence_logprobs  # noqa: E402
+import problems  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -25,19 +25,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # helpers
 
 
-def make_problem(seed, num_rows, hidden_size, vocab, num_pairs, dtype=torch.float32, masked_frac=0.25):
-    """Random packed batch on DEVICE; unscored rows get seq_index -1 and label -100."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=g, dtype=torch.float64)
-    weight = 2.0 * torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) / math.sqrt(hidden_size)
-    seq_index = torch.randint(0, 2 * num_pairs, (num_rows,), generator=g)
-    labels = torch.randint(0, vocab, (num_rows,), generator=g)
-    unscored = torch.rand(num_rows, generator=g) < masked_frac
-    seq_index[unscored] = -1
-    labels[unscored] = -100
-    rewards = torch.randn(num_pairs, 2, generator=g, dtype=torch.float64)
-    return dict(hidden=hidden.to(DEVICE, dtype), weight=weight.to(DEVICE, dtype), labels=labels.to(DEVICE),
-                seq_index=seq_index.to(DEVICE), rewards=rewards.float().to(DEVICE))
+def make_problem(*args, **kwargs):
+    return problems.make_problem(*args, device=DEVICE, **kwargs)
 
 
 def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ple_fast.loss as loss_mod
+from problems import make_problem
 from ple_fast.loss import (
     PLELossOutput,
     chunked_sequence_logprobs,
@@ -23,21 +24,6 @@ from ple_fast.loss import (
 
 # ----------------------------------------------------------------------------------------
 # helpers
-
-
-def make_problem(seed, num_rows, hidden_size, vocab, num_pairs, dtype=torch.float32, masked_frac=0.25):
-    """Random packed batch: some rows unscored (seq_index -1, label -100)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_rows, hidden_size, generator=g, dtype=torch.float64)
-    weight = 2.0 * torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) / math.sqrt(hidden_size)
-    seq_index = torch.randint(0, 2 * num_pairs, (num_rows,), generator=g)
-    labels = torch.randint(0, vocab, (num_rows,), generator=g)
-    unscored = torch.rand(num_rows, generator=g) < masked_frac
-    seq_index[unscored] = -1
-    labels[unscored] = -100
-    rewards = torch.randn(num_pairs, 2, generator=g, dtype=torch.float64)
-    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype), labels=labels, seq_index=seq_index,
-                rewards=rewards.float())
 
 
 def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):

@@ -1,7 +1,6 @@
 """Trainer features for real runs: exact resume, signals, accumulation, schedules, robustness."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
