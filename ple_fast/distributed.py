@@ -158,3 +158,86 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class _FullOptimizerState:
+    """Stands in for the optimizer in save_checkpoint: its state_dict is the gathered one."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def whole_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """An unsharded copy of `model` holding `state` (rank 0), for save_pretrained."""
+    with torch.device("meta"):
+        whole = type(model)(model.config)
+    whole.load_state_dict(state, strict=False, assign=True)
+    whole.tie_weights()
+    return whole
+
+
+def save_distributed_checkpoint(dist_info: Dist, run_dir, step: int, *, model, tokenizer, optimizer, scheduler,
+                                trainer_state: dict, keep_last: int):
+    """Gather the full model and optimizer state (a collective), then rank 0 writes an ordinary
+    checkpoint folder; its optimizer.pt is keyed by parameter name, as torch's distributed
+    state-dict API writes it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from ple_fast.checkpoint import save_checkpoint
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = full_state_dict(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    path = None
+    if dist_info.is_main:
+        path = save_checkpoint(run_dir, step, model=whole_model(model, model_state), tokenizer=tokenizer,
+                               optimizer=_FullOptimizerState(optim_state), scheduler=scheduler,
+                               trainer_state={**trainer_state, "world_size": dist_info.world_size},
+                               keep_last=keep_last)
+    dist_info.barrier()
+    return path
+
+
+def load_distributed_checkpoint(path, *, model, optimizer=None, scheduler=None) -> dict:
+    """Every rank reads the checkpoint and keeps its own shards of the model and optimizer."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from ple_fast.checkpoint import RNG, SCHEDULER, TRAINER_STATE, CheckpointError, restore_rng_state
+
+    path = Path(path)
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    saved_world = trainer_state.get("world_size", 1)
+    if saved_world != dist.get_world_size():
+        raise CheckpointError(f"{path} was written by {saved_world} process(es); resume it with the same "
+                              f"number (this run has {dist.get_world_size()})")
+    files = sorted((path / "model").glob("*.safetensors"))
+    state: dict = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    own = set(model.state_dict())
+    if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings",
+                                                                             False):
+        embed = [k for k in state if k.endswith("embed_tokens.weight")]
+        if embed:
+            state["lm_head.weight"] = state[embed[0]]
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise CheckpointError(f"{path / 'model'}: weights do not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, state, options=options)
+    if optimizer is not None:
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=options)
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / SCHEDULER, map_location="cpu", weights_only=True))
+    restore_rng_state(torch.load(path / RNG, map_location="cpu", weights_only=True))
+    return trainer_state

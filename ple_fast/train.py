@@ -201,9 +201,6 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("ple.batch_size", cfg.ple.batch_size)):
         if value % world_size:
             raise ConfigError(f"{key}={value} must be a multiple of the {world_size} processes")
-    if cfg.run.save_every or cfg.run.resume:
-        raise ConfigError("checkpoints and --resume are single-process only for now; under torchrun set "
-                          "run.save_every=0 and leave run.resume unset (the final model is still saved)")
     if cfg.lora.enabled:
         raise ConfigError("lora.enabled with torchrun is not supported yet")
     if cfg.rollout.backend == "fast":
@@ -240,14 +237,10 @@ def save_final_model(model, tokenizer, out_dir: Path, dist=None) -> Path:
     from ple_fast.models import save_policy
 
     if dist is not None and dist.enabled:          # gather the FSDP shards; rank 0 writes
-        from ple_fast.distributed import full_state_dict
+        from ple_fast.distributed import full_state_dict, whole_model
         state = full_state_dict(model)
         if dist.is_main:
-            with torch.device("meta"):
-                whole = type(model)(model.config)
-            whole.load_state_dict(state, strict=False, assign=True)
-            whole.tie_weights()
-            save_policy(whole, tokenizer, out_dir / "model")
+            save_policy(whole_model(model, state), tokenizer, out_dir / "model")
         dist.barrier()
         return out_dir / "model"
 
@@ -307,7 +300,7 @@ def run(cfg: Config) -> dict:
             raise ConfigError(f"run.resume={cfg.run.resume!r}: {err}") from None
         if checkpoint is None:
             print(f"[run] --resume auto: no checkpoint in {out_dir}, starting fresh")
-        elif (out_dir / "config.yaml").is_file():
+        elif (out_dir / "config.yaml").is_file() and dist.is_main:
             for line in config_differences(out_dir / "config.yaml", cfg):
                 print(f"[run] warning: resuming with a changed config: {line}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,14 +335,15 @@ def run(cfg: Config) -> dict:
           f"{len(work.eval_set.texts)} held-out; run folder {out_dir}")
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
-        print(f"[run] resumed from {checkpoint} (phase {trainer.state.phase}, global step "
+        say(f"[run] resumed from {checkpoint} (phase {trainer.state.phase}, global step "
               f"{trainer.state.global_step})")
     try:
         state = trainer.fit()
     except StopRequested as stop:
         log.close()
-        print(f"\n[run] stopped by signal {stop.signum}; checkpoint written to {stop.checkpoint}. "
-              f"Continue with: python -m ple_fast.train ... --out {out_dir} --resume auto", file=sys.stderr)
+        if dist.is_main:
+            print(f"\n[run] stopped by signal {stop.signum}; checkpoint written to {stop.checkpoint}. "
+                  f"Continue with: python -m ple_fast.train ... --out {out_dir} --resume auto", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     log.close()
 

@@ -258,20 +258,24 @@ class Trainer:
 
     def resume_from(self, checkpoint: Path) -> None:
         """Load the state now; the optimizer of the saved phase is rebuilt and loaded in fit()."""
-        from ple_fast.checkpoint import load_checkpoint
-
-        self.state = TrainerState.from_dict(load_checkpoint(checkpoint, model=self.model))
+        self.state = TrainerState.from_dict(self._load(checkpoint))
         self.normalizer.load_state_dict(self.state.normalizer) if self.state.normalizer else None
         self.pending_resume = checkpoint
         self.log.truncate(self.state.metrics_lines)
 
     def _restore_optimizer(self, phase: str):
-        from ple_fast.checkpoint import load_checkpoint
-
         optimizer, scheduler = self.build_optimizer(phase)
-        load_checkpoint(self.pending_resume, model=self.model, optimizer=optimizer, scheduler=scheduler)
+        self._load(self.pending_resume, optimizer, scheduler)
         self.pending_resume = None
         return optimizer, scheduler
+
+    def _load(self, checkpoint: Path, optimizer=None, scheduler=None) -> dict:
+        if self.dist.enabled:
+            from ple_fast.distributed import load_distributed_checkpoint
+            self.reshard()
+            return load_distributed_checkpoint(checkpoint, model=self.model, optimizer=optimizer, scheduler=scheduler)
+        from ple_fast.checkpoint import load_checkpoint
+        return load_checkpoint(checkpoint, model=self.model, optimizer=optimizer, scheduler=scheduler)
 
     def optimizer_for(self, phase: str):
         if self.pending_resume is not None:
@@ -281,7 +285,7 @@ class Trainer:
         return self.optimizer, self.scheduler
 
     def save(self, optimizer=None, scheduler=None) -> Path | None:
-        if self.run_dir is None or self.dist.enabled:     # multi-process checkpoints: not supported yet
+        if self.run_dir is None:
             return None
         from ple_fast.checkpoint import save_checkpoint
 
@@ -291,6 +295,12 @@ class Trainer:
             optimizer, scheduler = self.optimizer, self.scheduler
         self.state.normalizer = self.normalizer.state_dict()
         self.state.metrics_lines = self.log.lines
+        if self.dist.enabled:
+            from ple_fast.distributed import save_distributed_checkpoint
+            self.reshard()
+            return save_distributed_checkpoint(self.dist, self.run_dir, self.state.global_step, model=self.model,
+                                               tokenizer=self.tokenizer, optimizer=optimizer, scheduler=scheduler,
+                                               trainer_state=self.state.to_dict(), keep_last=self.cfg.run.keep_last)
         return save_checkpoint(self.run_dir, self.state.global_step, model=self.model, tokenizer=self.tokenizer,
                                optimizer=optimizer, scheduler=scheduler, trainer_state=self.state.to_dict(),
                                keep_last=self.cfg.run.keep_last)
@@ -298,9 +308,12 @@ class Trainer:
     def after_step(self, optimizer, scheduler) -> None:
         """Periodic checkpoint, and the clean stop that SIGINT/SIGTERM asked for."""
         every = self.cfg.run.save_every
-        if self.stop_signals:
+        stop = bool(self.stop_signals)
+        if self.dist.enabled:            # ranks see a signal at different moments: agree first
+            stop = self.dist.sum(float(stop)) > 0
+        if stop:
             path = self.save(optimizer, scheduler)
-            raise StopRequested(self.stop_signals[0], path)
+            raise StopRequested(self.stop_signals[0] if self.stop_signals else signal.SIGTERM, path)
         if every > 0 and self.state.global_step % every == 0:
             self.save(optimizer, scheduler)
 
