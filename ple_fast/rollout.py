@@ -50,6 +50,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         pad_token_id = model.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = min(eos_ids) if eos_ids else 0
+    if not prompts:
+        return []
     if backend == "fast":
         return _generate_fast(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, eos_ids=eos_ids, pad_token_id=pad_token_id, seed=seed,

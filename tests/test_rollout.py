@@ -204,6 +204,7 @@ def test_edge_cases_and_errors():
     model = tiny_model("llama")
     assert generate(model, [[4, 5]], max_new_tokens=0, backend="fast") == [[]]
     assert generate_dual(model, [], [3, 4], max_new_tokens=4, backend="fast").originals == []
+    assert generate_dual(model, [], [3, 4], max_new_tokens=4, backend="hf").principled == []
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[4], []], max_new_tokens=3, backend="fast")
     with pytest.raises(ValueError, match="at least one token"):
