@@ -249,3 +249,29 @@ def test_missing_logging_backends_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(RuntimeError, match="pip install wandb"):
         MetricsLog(tmp_path / "m.jsonl", wandb_project="p")
+
+
+def test_wandb_logging_when_requested(tmp_path, monkeypatch):
+    """The W&B sink with a stand-in module (the real one needs an account or a network)."""
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(project, config, dir):
+        calls["init"].append((project, config, dir))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    log = MetricsLog(tmp_path / "m.jsonl", wandb_project="ple", config={"ple": {"tau0": 0.2}})
+    log.write({"phase": "align", "global_step": 7, "loss": 0.25, "ranked_share": 0.5, "algo": "ple"})
+    log.close()
+    assert calls["init"] == [("ple", {"ple": {"tau0": 0.2}}, str(tmp_path))]
+    assert calls["log"] == [(7, {"align/loss": 0.25, "align/ranked_share": 0.5})]
+    assert calls["finish"] == 1
