@@ -3,6 +3,8 @@ import math
 
 import torch
 
+from ple_fast.loss import ple_loss
+
 
 def make_problem(seed, num_rows, hidden_size, vocab, num_pairs, dtype=torch.float32, masked_frac=0.25,
                  device="cpu"):
@@ -18,3 +20,14 @@ def make_problem(seed, num_rows, hidden_size, vocab, num_pairs, dtype=torch.floa
     rewards = torch.randn(num_pairs, 2, generator=g, dtype=torch.float64)
     return dict(hidden=hidden.to(device, dtype), weight=weight.to(device, dtype), labels=labels.to(device),
                 seq_index=seq_index.to(device), rewards=rewards.float().to(device))
+
+
+def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):
+    """ple_loss + backward on fresh leaves; returns the output and the two grads."""
+    hidden = problem["hidden"].detach().clone().requires_grad_(grad_hidden)
+    weight = problem["weight"].detach().clone().requires_grad_(grad_weight)
+    out = ple_loss(hidden, weight, problem["labels"], problem["seq_index"], problem["rewards"],
+                   kwargs.pop("tau", 0.2), impl=impl, **kwargs)
+    if grad_hidden or grad_weight:
+        out.loss.backward()
+    return out, hidden.grad, weight.grad

@@ -29,15 +29,7 @@ def make_problem(*args, **kwargs):
     return problems.make_problem(*args, device=DEVICE, **kwargs)
 
 
-def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):
-    """ple_loss + backward on fresh leaves; returns the output and the two grads."""
-    hidden = problem["hidden"].detach().clone().requires_grad_(grad_hidden)
-    weight = problem["weight"].detach().clone().requires_grad_(grad_weight)
-    out = ple_loss(hidden, weight, problem["labels"], problem["seq_index"], problem["rewards"],
-                   kwargs.pop("tau", 0.2), impl=impl, **kwargs)
-    if grad_hidden or grad_weight:
-        out.loss.backward()
-    return out, hidden.grad, weight.grad
+run_loss = problems.run_loss
 
 
 def run_logprobs(problem, impl, grad_seq, **kwargs):

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ple_fast.loss as loss_mod
-from problems import make_problem
+from problems import make_problem, run_loss
 from ple_fast.loss import (
     PLELossOutput,
     chunked_sequence_logprobs,
@@ -24,17 +24,6 @@ from ple_fast.loss import (
 
 # ----------------------------------------------------------------------------------------
 # helpers
-
-
-def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):
-    """ple_loss + backward on fresh leaves; returns the output and the two grads."""
-    hidden = problem["hidden"].detach().clone().requires_grad_(grad_hidden)
-    weight = problem["weight"].detach().clone().requires_grad_(grad_weight)
-    out = ple_loss(hidden, weight, problem["labels"], problem["seq_index"], problem["rewards"],
-                   kwargs.pop("tau", 0.2), impl=impl, **kwargs)
-    if grad_hidden or grad_weight:
-        out.loss.backward()
-    return out, hidden.grad, weight.grad
 
 
 def assert_finite(*tensors):
