@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ple_fast.config import Config, ConfigError, build_config, save_yaml
+from ple_fast.config import Config, ConfigError, build_config, save_yaml, to_dict
 from ple_fast.checkpoint import CheckpointError
 from ple_fast.data import DataError
 
@@ -285,8 +285,6 @@ def run(cfg: Config) -> dict:
         if cfg.run.device == "auto" and torch.cuda.is_available():
             cfg.run.device = f"cuda:{dist.local_rank}"
     device = pick_device(cfg.run.device)
-    if cfg.model.path is None and cfg.reward.kind != "builtin" and cfg.reward.path is None:
-        raise ConfigError("reward.path is required for reward.kind=" + cfg.reward.kind)
     if cfg.model.path is not None and cfg.reward.kind == "builtin":
         raise ConfigError("reward.kind=builtin scores the embedded task only; with model.path set, "
                           "use reward.kind=hf (reward-model folder) or reward.kind=python (module:function)")
@@ -322,7 +320,6 @@ def run(cfg: Config) -> dict:
     model = prepare_model(model, cfg)
     if dist.enabled:
         model = shard_model(model)
-    from ple_fast.config import to_dict
     if dist.is_main:
         log = MetricsLog(metrics_path, tensorboard_dir=out_dir / "tensorboard" if cfg.run.tensorboard else None,
                          wandb_project=cfg.run.wandb_project, config=to_dict(cfg))

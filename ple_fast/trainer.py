@@ -259,7 +259,8 @@ class Trainer:
     def resume_from(self, checkpoint: Path) -> None:
         """Load the state now; the optimizer of the saved phase is rebuilt and loaded in fit()."""
         self.state = TrainerState.from_dict(self._load(checkpoint))
-        self.normalizer.load_state_dict(self.state.normalizer) if self.state.normalizer else None
+        if self.state.normalizer:
+            self.normalizer.load_state_dict(self.state.normalizer)
         self.pending_resume = checkpoint
         self.log.truncate(self.state.metrics_lines)
 
