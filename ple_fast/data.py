@@ -396,7 +396,7 @@ def load_preferences(path, *, tokenizer=None, on_prompt_mismatch: str = "shared"
 # --------------------------------------------------------------------------- tokenising + lengths
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False
@@ -404,9 +404,9 @@ def _adds_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
-def _encode_prompt(tokenizer, text: str, adds_bos: bool) -> list[int]:
+def _encode_prompt(tokenizer, text: str, with_bos: bool) -> list[int]:
     ids = list(tokenizer.encode(text, add_special_tokens=False))
-    if adds_bos and (not ids or ids[0] != tokenizer.bos_token_id):
+    if with_bos and (not ids or ids[0] != tokenizer.bos_token_id):
         ids.insert(0, tokenizer.bos_token_id)
     return ids
 
@@ -414,7 +414,7 @@ def _encode_prompt(tokenizer, text: str, adds_bos: bool) -> list[int]:
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids, led by BOS when the tokenizer adds one, never two (a chat template may already
     have written it) and never a trailing EOS (some tokenizers append one as a special token)."""
-    return _encode_prompt(tokenizer, text, _adds_bos(tokenizer))
+    return _encode_prompt(tokenizer, text, adds_bos(tokenizer))
 
 
 def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
@@ -503,11 +503,11 @@ def tokenize_sft(
     examples: Sequence[SFTExample], tokenizer, rule: LengthRule, *, add_eos: bool = True
 ) -> tuple[list[tuple[list[int], list[int]]], LengthStats]:
     """(prompt ids, response ids) per kept example, and what the length rule did."""
-    adds_bos = _adds_bos(tokenizer)
+    with_bos = adds_bos(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
     out, stats = [], LengthStats()
     for example in examples:
-        prompt = _encode_prompt(tokenizer, example.prompt, adds_bos)
+        prompt = _encode_prompt(tokenizer, example.prompt, with_bos)
         response = encode_response(tokenizer, example.response, add_eos=add_eos)
         keep_first = 1 if bos is not None and prompt[:1] == [bos] else 0
         result = apply_length_rule(prompt, response, rule, keep_first=keep_first)

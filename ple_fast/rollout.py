@@ -118,23 +118,38 @@ def _generate_fast(model, prompts, *, max_new_tokens, temperature, top_p, top_k,
     return responses
 
 
+def principled_query(query: Sequence[int], principle: Sequence[int], bos_token_id: int | None) -> list[int]:
+    """The query's tokens as they follow the principle: a BOS that both begin with appears once."""
+    query = list(query)
+    if bos_token_id is not None and len(query) > 1 and principle[:1] == [bos_token_id] \
+            and query[0] == bos_token_id:
+        return query[1:]
+    return query
+
+
 def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[int], *,
                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                   eos_token_id=None, pad_token_id: int | None = None, seed: int = 0,
-                  backend: str = "hf") -> DualRollout:
-    """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch."""
+                  backend: str = "hf", bos_token_id: int | None = None) -> DualRollout:
+    """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch.
+
+    With `bos_token_id`, a query that starts with it loses that token after a principle that
+    starts with it too, so the principle-guided prompt reads BOS principle query."""
     _check_backend(backend)
+    principle = list(principle)
+    after_principle = [principled_query(q, principle, bos_token_id) for q in queries]
     if backend == "fast":
         if any(len(q) == 0 for q in queries):
             raise ValueError("generate_dual: every query needs at least one token")
         eos_ids = _eos_set(model, eos_token_id)
         pad_token_id = _pad_id(model, pad_token_id, eos_ids)
-        out = _generate_fast(model, [list(q) for q in queries] * 2, max_new_tokens=max_new_tokens,
+        prompts = [list(q) for q in queries] + after_principle
+        out = _generate_fast(model, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
                              pad_token_id=pad_token_id, seed=seed, prefix=list(principle),
                              prefixed=[False] * len(queries) + [True] * len(queries))
         return DualRollout(out[:len(queries)], out[len(queries):])
-    prompts = [list(q) for q in queries] + [list(principle) + list(q) for q in queries]
+    prompts = [list(q) for q in queries] + [principle + q for q in after_principle]
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
     return DualRollout(out[:len(queries)], out[len(queries):])

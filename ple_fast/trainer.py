@@ -210,6 +210,8 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self.pending_resume: Path | None = None
         self.stop_signals: list[int] = []
+        from ple_fast.data import adds_bos
+        self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None   # one BOS in p + x
         # The packed tree attention is swapped in per forward, so HF's re-run of attention under
         # gradient checkpointing would see the stock mask: checkpointed runs use padded forwards.
         self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
@@ -528,7 +530,8 @@ class Trainer:
                                  backend=rc.backend, **gen)
                 first, second = drawn[0::pc.raft_samples], drawn[1::pc.raft_samples]
             else:
-                roll = generate_dual(self.model, q_ids, self.work.principle_ids, backend=rc.backend, **gen)
+                roll = generate_dual(self.model, q_ids, self.work.principle_ids, backend=rc.backend,
+                                     bos_token_id=self.bos_id, **gen)
                 first, second, drawn = roll.originals, roll.principled, None
         self.reshard()
         t["gen_seconds"] += time.perf_counter() - tick

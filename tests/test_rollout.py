@@ -230,3 +230,20 @@ def test_peft_lora_model_equals_hf_generate():
     principle = [7, 8, 9]
     fast = generate_dual(wrapped, queries, principle, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
     assert fast == generate_dual(wrapped, queries, principle, max_new_tokens=8, eos_token_id=NO_EOS)
+
+
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_principle_and_query_share_one_bos(backend):
+    """With bos_token_id, the principle-guided prompt is BOS + principle + query without its BOS."""
+    model = tiny_model("llama")
+    bos = 1
+    queries = [[bos] + q for q in random_tokens([4, 7], seed=5)] + [[bos]]
+    principle = [bos] + random_tokens([3], seed=6)[0]
+    out = generate_dual(model, queries, principle, max_new_tokens=6, eos_token_id=NO_EOS, backend=backend,
+                        bos_token_id=bos)
+    expected = [principle + q[1:] for q in queries[:2]] + [principle + [bos]]   # a lone BOS stays
+    assert out.principled == generate(model, expected, max_new_tokens=6, eos_token_id=NO_EOS)
+    assert out.originals == generate(model, queries, max_new_tokens=6, eos_token_id=NO_EOS)
+    plain = generate_dual(model, queries, principle, max_new_tokens=6, eos_token_id=NO_EOS, backend=backend)
+    assert plain.principled == generate(model, [principle + q for q in queries], max_new_tokens=6,
+                                        eos_token_id=NO_EOS)
