@@ -15,11 +15,15 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 OUT="${OUT:-$REPO/bench/results}"
-mkdir -p "$OUT/logs"
+mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+# Step logs live outside $OUT: the device tool returns at most 8 files from $OUT, and those
+# should be the JSON results, summary.md and one logs.txt holding every log's tail.
+LOGS="${SUITE_LOGS:-$(mktemp -d /tmp/ple_fast_suite.XXXXXX)}"
+mkdir -p "$LOGS"
 BUDGET="${SUITE_BUDGET_S:-480}"
 START=$(date +%s)
-STATUS="$OUT/logs/status.tsv"
+STATUS="$LOGS/status.tsv"
 printf 'step\tstatus\tseconds\tlog\n' > "$STATUS"
 PY="${PYTHON:-python}"
 
@@ -28,7 +32,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # run_step NAME TIMEOUT_S CMD...: log to $OUT/logs/NAME.log, record status, never abort the suite
 run_step() {
   local name="$1" limit="$2"; shift 2
-  local log="$OUT/logs/$name.log" t0 rc status
+  local log="$LOGS/$name.log" t0 rc status
   t0=$(date +%s)
   echo "== $name (timeout ${limit}s): $*"
   timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
@@ -39,15 +43,15 @@ run_step() {
     *) status="failed(rc=$rc)" ;;
   esac
   tail -n 5 "$log" | sed 's/^/   /'
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "logs/$name.log" >> "$STATUS"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" "logs.txt#$name" >> "$STATUS"
 }
 
-"$PY" - > "$OUT/logs/env.txt" 2>&1 <<'EOF'
+"$PY" - > "$LOGS/env.txt" 2>&1 <<'EOF'
 import torch, platform
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 EOF
-if command -v nvidia-smi > /dev/null; then nvidia-smi >> "$OUT/logs/env.txt" 2>&1; fi
+if command -v nvidia-smi > /dev/null; then nvidia-smi >> "$LOGS/env.txt" 2>&1; fi
 
 # 1. install: editable, no build isolation (compiles against the installed torch), no deps
 run_step install 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
@@ -84,7 +88,8 @@ done
   echo "# GPU suite $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo '```'
-  cat "$OUT/logs/env.txt" | head -n 3
+  head -n 3 "$LOGS/env.txt"
+  echo "commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo '```'
   echo
   echo "| step | status | seconds | log |"
@@ -93,5 +98,9 @@ done
   echo
   "$PY" "$REPO/bench/common.py" summarize "$OUT" || echo "(summary failed; see the JSON files)"
 } > "$OUT/summary.md"
-echo "== wrote $OUT/summary.md in $(( $(date +%s) - START ))s"
+for log in "$LOGS"/env.txt "$LOGS"/*.log; do
+  echo "===== $(basename "$log") (last 200 lines)"
+  tail -n 200 "$log"
+done > "$OUT/logs.txt"
+echo "== wrote $OUT/summary.md and $OUT/logs.txt in $(( $(date +%s) - START ))s"
 cat "$OUT/summary.md"
