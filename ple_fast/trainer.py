@@ -208,7 +208,7 @@ class Trainer:
         self.state = TrainerState(tau=cfg.ple.tau0)
         self.normalizer = RewardNormalizer(cfg.reward.normalize)
         self.optimizer = self.scheduler = None
-        self.pending_resume: Path | None = None
+        self.optimizer_phase: str | None = None        # the phase self.optimizer belongs to
         self.stop_signals: list[int] = []
         from ple_fast.data import adds_bos
         self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None   # one BOS in p + x
@@ -259,20 +259,19 @@ class Trainer:
         return math.ceil(len(self.work.queries) / self.cfg.ple.batch_size)
 
     def resume_from(self, checkpoint: Path) -> None:
-        """Load the state now; the optimizer of the saved phase is rebuilt and loaded in fit()."""
+        """Restore weights, the saved phase's optimizer and scheduler, and the trainer state."""
+        from ple_fast.checkpoint import TRAINER_STATE
+
+        phase = json.loads((checkpoint / TRAINER_STATE).read_text()).get("phase")
+        if phase in ("sft", "align"):
+            self.optimizer_for(phase)
         self.state = TrainerState.from_dict(self._load(checkpoint))
         if self.state.normalizer:
             self.normalizer.load_state_dict(self.state.normalizer)
-        self.pending_resume = checkpoint
         self.log.truncate(self.state.metrics_lines)
 
-    def _restore_optimizer(self, phase: str):
-        optimizer, scheduler = self.build_optimizer(phase)
-        self._load(self.pending_resume, optimizer, scheduler)
-        self.pending_resume = None
-        return optimizer, scheduler
-
-    def _load(self, checkpoint: Path, optimizer=None, scheduler=None) -> dict:
+    def _load(self, checkpoint: Path) -> dict:
+        optimizer, scheduler = self.optimizer, self.scheduler
         if self.dist.enabled:
             from ple_fast.distributed import load_distributed_checkpoint
             self.reshard()
@@ -281,21 +280,20 @@ class Trainer:
         return load_checkpoint(checkpoint, model=self.model, optimizer=optimizer, scheduler=scheduler)
 
     def optimizer_for(self, phase: str):
-        if self.pending_resume is not None:
-            self.optimizer, self.scheduler = self._restore_optimizer(phase)
-        else:
+        """The phase's optimizer: the one restored from a checkpoint of this phase, else a new one."""
+        if self.optimizer_phase != phase:
             self.optimizer, self.scheduler = self.build_optimizer(phase)
+            self.optimizer_phase = phase
         return self.optimizer, self.scheduler
 
-    def save(self, optimizer=None, scheduler=None) -> Path | None:
+    def save(self) -> Path | None:
         if self.run_dir is None:
             return None
         from ple_fast.checkpoint import save_checkpoint
 
-        if optimizer is None:      # the final save keeps the last phase's optimizer (or a fresh one)
-            if self.optimizer is None:
-                self.optimizer, self.scheduler = self.build_optimizer("align")
-            optimizer, scheduler = self.optimizer, self.scheduler
+        if self.optimizer is None:      # a run without updates still saves an optimizer state
+            self.optimizer_for("align")
+        optimizer, scheduler = self.optimizer, self.scheduler
         self.state.normalizer = self.normalizer.state_dict()
         self.state.metrics_lines = self.log.lines
         if self.dist.enabled:
@@ -308,20 +306,21 @@ class Trainer:
                                optimizer=optimizer, scheduler=scheduler, trainer_state=self.state.to_dict(),
                                keep_last=self.cfg.run.keep_last)
 
-    def after_step(self, optimizer, scheduler) -> None:
+    def after_step(self) -> None:
         """Periodic checkpoint, and the clean stop that SIGINT/SIGTERM asked for."""
         every = self.cfg.run.save_every
         stop = bool(self.stop_signals)
         if self.dist.enabled:            # ranks see a signal at different moments: agree first
             stop = self.dist.sum(float(stop)) > 0
         if stop:
-            path = self.save(optimizer, scheduler)
+            path = self.save()
             raise StopRequested(self.stop_signals[0] if self.stop_signals else signal.SIGTERM, path)
         if every > 0 and self.state.global_step % every == 0:
-            self.save(optimizer, scheduler)
+            self.save()
 
-    def apply_update(self, optimizer, scheduler, loss_value: float | None) -> bool:
+    def apply_update(self, loss_value: float | None) -> bool:
         """Clip and step, or skip a non-finite step (and stop after too many in a row)."""
+        optimizer, scheduler = self.optimizer, self.scheduler
         if loss_value is None:
             optimizer.zero_grad(set_to_none=True)
             return False
@@ -364,7 +363,6 @@ class Trainer:
                 self.run_sft()
                 self.state.phase = "eval_before"
             if self.state.phase == "eval_before":
-                self.pending_resume = None
                 result = self.evaluate(baseline=None)
                 result["metrics"].update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)
                 self.state.before = result
@@ -375,7 +373,6 @@ class Trainer:
                 self.run_alignment()
                 self.state.phase = "eval_after"
             if self.state.phase == "eval_after":
-                self.pending_resume = None
                 result = self.evaluate(baseline=self.state.before)
                 self.state.after = result
                 self.log.write({"phase": "eval", "when": "final", "global_step": self.state.global_step,
@@ -406,7 +403,7 @@ class Trainer:
         sc, examples = self.cfg.sft, self.work.sft
         if sc.steps <= 0 or not examples or self.state.sft_step >= sc.steps:
             return
-        optimizer, scheduler = self.optimizer_for("sft")
+        _, scheduler = self.optimizer_for("sft")
         self.model.train()
         bar = self.progress(sc.steps, "sft", self.state.sft_step)
         start, tokens = time.perf_counter(), 0
@@ -426,7 +423,7 @@ class Trainer:
                 loss.backward()
                 loss_value += loss.item()
             loss_value = self.dist.sum(loss_value) / self.dist.world_size
-            self.apply_update(optimizer, scheduler, loss_value)
+            self.apply_update(loss_value)
             self.state.sft_step += 1
             tokens += n_tokens
             rate = tokens / (time.perf_counter() - start)
@@ -436,7 +433,7 @@ class Trainer:
                 self.log.write({"phase": "sft", "step": step, "global_step": self.state.global_step,
                                 "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate},
                                f"[sft] step {step:4d}/{sc.steps}  loss {loss_value:.4f}  {rate:,.0f} tok/s")
-            self.after_step(optimizer, scheduler)
+            self.after_step()
         bar.close()
 
     def run_alignment(self) -> None:
@@ -444,7 +441,7 @@ class Trainer:
         pc, queries = self.cfg.ple, self.work.queries
         if pc.algo == "sft" or pc.iterations <= 0 or not queries:
             return
-        optimizer, scheduler = self.optimizer_for("align")
+        self.optimizer_for("align")
         per_iteration = self.batches_per_iteration()
         while self.state.iteration < pc.iterations:
             iteration = self.state.iteration
@@ -460,7 +457,7 @@ class Trainer:
             while self.state.batch_in_iteration < per_iteration:
                 lo = self.state.batch_in_iteration * pc.batch_size
                 batch = [queries[i] for i in order[lo:lo + pc.batch_size]]
-                self.alignment_step(batch, optimizer, scheduler, samples)
+                self.alignment_step(batch, samples)
                 self.state.batch_in_iteration += 1
                 self.state.align_step += 1
                 if pc.decay == "step":
@@ -470,7 +467,7 @@ class Trainer:
                 bar.set_postfix(gen_tok_s=f"{t['tokens'] / max(t['gen_seconds'], 1e-9):,.0f}",
                                 score_s=f"{t['score_seconds']:.1f}",
                                 upd_tok_s=f"{t['tokens'] / max(t['update_seconds'], 1e-9):,.0f}")
-                self.after_step(optimizer, scheduler)
+                self.after_step()
             bar.close()
             self.finish_iteration(samples)
 
@@ -515,7 +512,7 @@ class Trainer:
     def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:
         return [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
 
-    def alignment_step(self, batch: list[Query], optimizer, scheduler, samples: list[dict]) -> None:
+    def alignment_step(self, batch: list[Query], samples: list[dict]) -> None:
         pc, rc, t = self.cfg.ple, self.cfg.rollout, self.state.totals
         batch, real = self.dist.shard(batch)
         q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
@@ -549,7 +546,7 @@ class Trainer:
         tick = time.perf_counter()
         self.model.train()
         loss_value = self.alignment_loss(q_ids, first, second, drawn, rewards, real)
-        if self.apply_update(optimizer, scheduler, loss_value):
+        if self.apply_update(loss_value):
             t["loss"] += loss_value
             t["steps"] += 1
         t["update_seconds"] += time.perf_counter() - tick

@@ -121,9 +121,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
         real_update = trainer.apply_update
         seen = []
 
-        def capture(optimizer, scheduler, loss_value):
+        def capture(loss_value):
             seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
-            return real_update(optimizer, scheduler, loss_value)
+            return real_update(loss_value)
 
         trainer.apply_update = capture
         if phase == "sft":
