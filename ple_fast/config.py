@@ -315,8 +315,9 @@ def save_yaml(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def build_config(yaml_path: str | None = None, overrides: list[str] = ()) -> Config:
-    config = Config()
+def build_config(yaml_path: str | None = None, overrides: list[str] = (), *, base=None):
+    """Defaults (a Config, or the `base` tree of another command), the YAML file, then overrides."""
+    config = Config() if base is None else base
     if yaml_path:
         apply_mapping(config, load_yaml(yaml_path), str(yaml_path))
     for text in overrides:

@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ple_fast.config import ConfigError, apply_mapping, load_yaml, parse_override, save_yaml, set_key
+from ple_fast.config import ConfigError, build_config, save_yaml
 from ple_fast.data import (DataError, LengthRule, LengthStats, PreferenceExample, apply_length_rule,
                            load_preferences, split_holdout)
 from ple_fast.reward import join_text
@@ -93,21 +93,9 @@ FILE_DEFAULTS = {"lr": 1e-5, "epochs": 1}
 MAX_BAD_STEPS_IN_ROW = 10
 
 
-def _set(cfg: RewardTrainConfig, key: str, value, source: str) -> None:
-    try:
-        set_key(cfg, key, value)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-
-
 def build_rm_config(yaml_path: str | None = None, overrides: Sequence[str] = ()) -> RewardTrainConfig:
     """Defaults, then the YAML file, then key=value overrides; every key and value checked."""
-    cfg = RewardTrainConfig()
-    if yaml_path:
-        apply_mapping(cfg, load_yaml(yaml_path), str(yaml_path))
-    for text in overrides:
-        key, value = parse_override(text)
-        _set(cfg, key, value, "command line")
+    cfg = build_config(yaml_path, overrides, base=RewardTrainConfig())
     check_config(cfg)
     return cfg
 
@@ -427,30 +415,10 @@ def file_data(cfg: RewardTrainConfig, tokenizer) -> tuple[list[PreferenceExample
 # --------------------------------------------------------------------------- the run
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
-    return device
-
-
-class _Metrics:
-    def __init__(self, path: Path):
-        self.path = path
-        path.unlink(missing_ok=True)
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
 def run(cfg: RewardTrainConfig) -> dict:
     from ple_fast.models import build_word_tokenizer, parse_dtype
+    from ple_fast.train import pick_device
+    from ple_fast.trainer import MetricsLog
 
     started = time.perf_counter()
     check_config(cfg)
@@ -499,7 +467,8 @@ def run(cfg: RewardTrainConfig) -> dict:
     out_dir = Path(cfg.run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out_dir / "config.yaml")
-    metrics = _Metrics(out_dir / "metrics.jsonl")
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
     print(f"[run] {len(train_set)} training pairs, {len(eval_set)} held-out; {total_steps} steps of "
           f"{tc.batch_size} pairs on {device}; run folder {out_dir}")
 
