@@ -8,15 +8,17 @@
 #include <torch/library.h>
 
 #include "dual_layout.h"
+#include "prefill_layout.h"
 
 namespace ple_fast {
 
 namespace {
 
-void check_one(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 1, "dual_layout: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kLong, "dual_layout: ", name, " must be int64, got ",
-              t.scalar_type());
+void check_one(const at::Tensor& t, const char* name, const char* op = "dual_layout",
+               at::ScalarType dtype = at::kLong) {
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "bool",
+              ", got ", t.scalar_type());
 }
 
 }  // namespace
@@ -73,6 +75,24 @@ void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query
               query_lens.size(0), " (one per pair)");
 }
 
+void check_prefill_layout_args(const at::Tensor& prefix_ids, const at::Tensor& prompt_ids,
+                               const at::Tensor& prompt_lens, const at::Tensor& prefixed) {
+  constexpr const char* op = "prefill_layout";
+  check_one(prefix_ids, "prefix_ids", op);
+  check_one(prompt_ids, "prompt_ids", op);
+  check_one(prompt_lens, "prompt_lens", op);
+  check_one(prefixed, "prefixed", op, at::kBool);
+  const auto device = prompt_ids.device();
+  const std::pair<const at::Tensor*, const char*> others[] = {
+      {&prefix_ids, "prefix_ids"}, {&prompt_lens, "prompt_lens"}, {&prefixed, "prefixed"}};
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+                " but prompt_ids is on ", device, "; all four inputs must be on one device");
+  }
+  TORCH_CHECK(prefixed.size(0) == prompt_lens.size(0), op, ": prefixed has ", prefixed.size(0),
+              " entries but prompt_lens has ", prompt_lens.size(0), " (one per prompt)");
+}
+
 TORCH_LIBRARY(ple_fast, m) {
   m.def(
       "dual_layout(Tensor query_ids, Tensor query_lens, Tensor orig_ids, Tensor orig_lens, "
@@ -80,6 +100,11 @@ TORCH_LIBRARY(ple_fast, m) {
       "Tensor labels, Tensor seq_index, Tensor segment_ids, Tensor seg_start, Tensor seg_len, "
       "Tensor seg_parent, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor kv_index, "
       "int max_seqlen_q, int max_seqlen_k)");
+  m.def(
+      "prefill_layout(Tensor prefix_ids, Tensor prompt_ids, Tensor prompt_lens, Tensor prefixed) -> "
+      "(Tensor input_ids, Tensor position_ids, Tensor labels, Tensor seq_index, Tensor segment_ids, "
+      "Tensor seg_start, Tensor seg_len, Tensor seg_parent, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor kv_index, int max_seqlen_q, int max_seqlen_k)");
 }
 
 }  // namespace ple_fast

@@ -39,8 +39,9 @@ def _main() -> None:
     ext = load_extension()
     print(f"ple_fast._C: {ext.__file__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), built with CUDA ops: {built_with_cuda()}")
-    for key in ("CPU", "CUDA"):
-        print(f"torch.ops.ple_fast.dual_layout [{key}]: {has_kernel('dual_layout', key)}")
+    for op in ("dual_layout", "prefill_layout"):
+        for key in ("CPU", "CUDA"):
+            print(f"torch.ops.ple_fast.{op} [{key}]: {has_kernel(op, key)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Pair k becomes three segments of packed rows (DESIGN.md §2, csrc/dual_layout.h)
 Each row sees its ancestors' rows and, causally, its own segment, so one varlen causal attention
 (bottom-right aligned) over keys gathered by kv_index is exact for the tree. `pack_dual` runs the
 C++/CUDA op torch.ops.ple_fast.dual_layout; `pack_dual_reference` is the plain-Python oracle.
+
+Rollout prefill packs the other tree of DESIGN.md §2: the principle once, as a root, with each
+principle-guided prompt a child placed after it and each plain prompt a root of its own
+(`pack_prefill`, op torch.ops.ple_fast.prefill_layout; oracle `pack_prefill_reference`).
 """
 from __future__ import annotations
 
@@ -253,6 +257,84 @@ def pack_sequences(prompts: Sequence[TokenIds], responses: Sequence[TokenIds],
         kv_index=torch.arange(len(input_ids), dtype=torch.long),
         max_seqlen_q=max(seg_len, default=0),
         max_seqlen_k=max(seg_len, default=0),
+        num_pairs=0,
+    )
+    return batch if device is None else batch.to(device)
+
+
+def _prefill_inputs(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequence[bool]):
+    if len(prefixed) != len(prompts):
+        raise ValueError(f"pack_prefill: {len(prefixed)} prefixed flags for {len(prompts)} prompts")
+    for b, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"pack_prefill: prompt {b} is empty; every prompt needs at least one token")
+    prefix_ids, _ = _flatten([prefix], "prefix")
+    prompt_ids, prompt_lens = _flatten(prompts, "prompts")
+    flags = torch.tensor([bool(f) for f in prefixed], dtype=torch.bool, device=prompt_lens.device)
+    return prefix_ids.to(prompt_ids.device), prompt_ids, prompt_lens, flags
+
+
+def pack_prefill(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequence[bool],
+                 device: torch.device | str | None = None) -> PackedBatch:
+    """The rollout-prefill forest, built by the C++/CUDA op on `device` (default: the tokens' device).
+
+    Segment 0 is the prefix (absent when it is empty); prompt b is segment b (+1 with a prefix),
+    a child of the prefix where prefixed[b], else a root. seq_index marks each prompt's last row
+    with b: the row whose logits give prompt b's first new token. labels are the next token along
+    the row's path (-100 at a segment's end), for callers that score prompts.
+    """
+    load_extension()
+    inputs = _prefill_inputs(prefix, prompts, prefixed)
+    target = torch.device(device) if device is not None else inputs[1].device
+    on_gpu = target.type == "cuda" and has_kernel("prefill_layout", "CUDA")
+    run_on = target if on_gpu else torch.device("cpu")
+    out = torch.ops.ple_fast.prefill_layout(*(t.to(run_on) for t in inputs))
+    batch = PackedBatch(*out, num_pairs=0)
+    return batch if run_on == target else batch.to(target)
+
+
+def pack_prefill_reference(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequence[bool],
+                           device: torch.device | str | None = None) -> PackedBatch:
+    """Plain-Python pack_prefill, segment by segment: the oracle for the C++/CUDA op."""
+    _prefill_inputs(prefix, prompts, prefixed)             # same validation and messages
+    prefix = [int(t) for t in (prefix.tolist() if isinstance(prefix, torch.Tensor) else prefix)]
+    segments = []                                          # (tokens, first position, parent, scored)
+    if prefix:
+        segments.append((prefix, 0, -1, -1))
+    for b, (prompt, follows) in enumerate(zip(prompts, prefixed)):
+        tokens = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if any(t < 0 for t in tokens):
+            raise ValueError(f"pack_prefill: prompt {b} holds a negative token id")
+        under_prefix = bool(follows) and bool(prefix)
+        segments.append((tokens, len(prefix) if under_prefix else 0, 0 if under_prefix else -1, b))
+
+    fields = {name: [] for name in ("input_ids", "position_ids", "labels", "seq_index", "segment_ids")}
+    starts, kv_index, cu_q, cu_k = [], [], [0], [0]
+    for s, (tokens, first, parent, scored) in enumerate(segments):
+        start = len(fields["input_ids"])
+        starts.append(start)
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            fields["input_ids"].append(token)
+            fields["position_ids"].append(first + i)
+            fields["labels"].append(IGNORE_LABEL if last else tokens[i + 1])
+            fields["seq_index"].append(scored if last and scored >= 0 else -1)
+            fields["segment_ids"].append(s)
+        if parent >= 0:
+            kv_index.extend(range(starts[parent], starts[parent] + len(segments[parent][0])))
+        kv_index.extend(range(start, start + len(tokens)))
+        cu_q.append(start + len(tokens))
+        cu_k.append(len(kv_index))
+    batch = PackedBatch(
+        **{name: torch.tensor(values, dtype=torch.long) for name, values in fields.items()},
+        seg_start=torch.tensor(starts, dtype=torch.int32),
+        seg_len=torch.tensor([len(t) for t, *_ in segments], dtype=torch.int32),
+        seg_parent=torch.tensor([p for _, _, p, _ in segments], dtype=torch.int32),
+        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
+        cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        kv_index=torch.tensor(kv_index, dtype=torch.long),
+        max_seqlen_q=max((b - a for a, b in zip(cu_q, cu_q[1:])), default=0),
+        max_seqlen_k=max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0),
         num_pairs=0,
     )
     return batch if device is None else batch.to(device)

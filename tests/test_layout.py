@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ple_fast._ext import built_with_cuda, has_kernel, load_extension
-from ple_fast.layout import IGNORE_LABEL, PackedBatch, pack_dual, pack_dual_reference
+from ple_fast.layout import (IGNORE_LABEL, PackedBatch, pack_dual, pack_dual_reference, pack_prefill,
+                             pack_prefill_reference)
 
 INT32_FIELDS = {"seg_start", "seg_len", "seg_parent", "cu_seqlens_q", "cu_seqlens_k"}
 
@@ -48,7 +49,7 @@ def test_extension_loads_and_registers_the_op():
     ext = load_extension()
     assert ext.__name__ == "ple_fast._C"
     assert hasattr(torch.ops.ple_fast, "dual_layout")
-    assert has_kernel("dual_layout", "CPU")
+    assert has_kernel("dual_layout", "CPU") and has_kernel("prefill_layout", "CPU")
     assert built_with_cuda() == has_kernel("dual_layout", "CUDA")
     if torch.version.cuda is None:
         assert not built_with_cuda()
@@ -313,11 +314,92 @@ def test_dense_mask_rejects_a_parent_cycle():
         broken.dense_mask()
 
 
+# ---- rollout prefill layout ------------------------------------------------------------------------
+
+def random_prefill(rng: random.Random, num_prompts: int, max_prompt: int = 8, max_prefix: int = 6,
+                   vocab: int = 50):
+    prefix = [rng.randrange(vocab) for _ in range(rng.choice([0, 1, rng.randint(0, max_prefix)]))]
+    prompts = [[rng.randrange(vocab) for _ in range(1 if rng.random() < 0.3 else rng.randint(1, max_prompt))]
+               for _ in range(num_prompts)]
+    prefixed = [rng.random() < 0.5 for _ in range(num_prompts)]
+    return prefix, prompts, prefixed
+
+
+def test_prefill_matches_reference_on_random_batches():
+    rng = random.Random(77)
+    for _ in range(300):
+        case = random_prefill(rng, rng.randint(0, 9))
+        assert_same_batch(pack_prefill(*case), pack_prefill_reference(*case))
+
+
+@pytest.mark.parametrize("case", [
+    ([], [], []),                                   # nothing at all
+    ([4, 5], [], []),                               # a prefix and no prompt
+    ([4, 5], [[1]], [True]),                        # one-token prompt under the prefix
+    ([4, 5], [[1], [2, 3]], [False, False]),        # prefix present, nobody follows it
+    ([], [[1, 2], [3]], [True, True]),              # flagged, but there is no prefix: roots
+    ([7], [[1, 2, 3]] * 3, [True, False, True]),    # a one-token prefix, repeated prompts
+])
+def test_prefill_matches_reference_on_edge_cases(case):
+    assert_same_batch(pack_prefill(*case), pack_prefill_reference(*case))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_prefill_paths_are_the_prompts_as_generated(seed):
+    """Each prompt's root-to-leaf path is (prefix +) prompt at positions 0.., and its last row is marked."""
+    prefix, prompts, prefixed = random_prefill(random.Random(seed), 7)
+    batch = pack_prefill(prefix, prompts, prefixed)
+    mask = batch.dense_mask()
+    last_rows = (batch.seq_index >= 0).nonzero().flatten()
+    assert batch.seq_index[last_rows].tolist() == list(range(len(prompts)))
+    for b, row in enumerate(last_rows.tolist()):
+        path = mask[row].nonzero().flatten()
+        expected = (prefix if prefixed[b] else []) + prompts[b]
+        assert batch.input_ids[path].tolist() == expected
+        assert batch.position_ids[path].tolist() == list(range(len(expected)))
+    assert batch.num_tokens == (len(prefix) if prefix else 0) + sum(map(len, prompts))  # the prefix once
+
+
+def test_prefill_varlen_keys_equal_dense_mask():
+    batch = pack_prefill(*random_prefill(random.Random(8), 9, max_prefix=9))
+    mask = batch.dense_mask()
+    cu_q, cu_k = batch.cu_seqlens_q.tolist(), batch.cu_seqlens_k.tolist()
+    for s in range(len(cu_q) - 1):
+        keys = batch.kv_index[cu_k[s]:cu_k[s + 1]].tolist()
+        offset = len(keys) - (cu_q[s + 1] - cu_q[s])
+        for i, row in enumerate(range(cu_q[s], cu_q[s + 1])):
+            assert set(keys[:i + offset + 1]) == set(mask[row].nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("pack", [pack_prefill, pack_prefill_reference])
+def test_prefill_errors(pack):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pack([1], [[2], []], [True, True])
+    with pytest.raises(ValueError, match="2 prefixed flags for 1 prompts"):
+        pack([1], [[2]], [True, False])
+    with pytest.raises(ValueError, match="negative token id"):
+        pack([1], [[2, -3]], [True])
+
+
+def test_prefill_op_errors_name_the_argument():
+    op = torch.ops.ple_fast.prefill_layout
+    ids = torch.tensor([1, 2])
+    with pytest.raises(RuntimeError, match="prompt_lens sums to 1 but prompt_ids has 2"):
+        op(ids, ids, torch.tensor([1]), torch.tensor([True]))
+    with pytest.raises(RuntimeError, match="prefixed must be bool"):
+        op(ids, ids, torch.tensor([2]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="prefixed has 2 entries but prompt_lens has 1"):
+        op(ids, ids, torch.tensor([2]), torch.tensor([True, False]))
+    with pytest.raises(RuntimeError, match="prefix_ids.0. = -1"):
+        op(torch.tensor([-1]), ids, torch.tensor([2]), torch.tensor([True]))
+
+
 # ---- CUDA ----------------------------------------------------------------------------------------
 
-cuda_op = pytest.mark.skipif(
-    not (torch.cuda.is_available() and has_kernel("dual_layout", "CUDA")),
-    reason="needs a GPU and ple_fast._C built with CUDA")
+def cuda_op(test):
+    """Runs in bench/gpu_suite.sh (marker gpu); skipped without a GPU and a CUDA build of _C."""
+    ready = torch.cuda.is_available() and has_kernel("dual_layout", "CUDA")
+    return pytest.mark.gpu(pytest.mark.skipif(not ready, reason="needs a GPU and ple_fast._C built with CUDA")(test))
 
 
 @cuda_op
@@ -351,3 +433,21 @@ def test_cuda_op_errors():
         torch.ops.ple_fast.dual_layout(
             torch.tensor([1], device="cuda"), torch.tensor([1]), torch.tensor([], dtype=torch.long),
             torch.tensor([0]), torch.tensor([], dtype=torch.long), torch.tensor([0]))
+
+
+@cuda_op
+def test_cuda_prefill_op_matches_reference():
+    rng = random.Random(99)
+    for num_prompts in [0, 1, 2, 5, 64, 300]:
+        case = random_prefill(rng, num_prompts, max_prompt=400 if num_prompts == 1 else 12, vocab=32000)
+        batch = pack_prefill(*case, device="cuda")
+        assert batch.input_ids.is_cuda
+        assert_same_batch(batch, pack_prefill_reference(*case, device="cuda"))
+    assert_same_batch(pack_prefill([5, 6], [], [], device="cuda"), pack_prefill_reference([5, 6], [], [], device="cuda"))
+    op = torch.ops.ple_fast.prefill_layout
+    ids = torch.tensor([1, 2], device="cuda")
+    with pytest.raises(RuntimeError, match="prompt_lens has an entry of 0"):
+        op(ids, ids, torch.tensor([2, 0], device="cuda"), torch.tensor([True, True], device="cuda"))
+    with pytest.raises(RuntimeError, match="token ids are negative"):
+        op(ids, torch.tensor([1, -2], device="cuda"), torch.tensor([2], device="cuda"),
+           torch.tensor([True], device="cuda"))
