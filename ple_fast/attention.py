@@ -213,6 +213,12 @@ def _flash(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | Non
 _BACKEND_FUNCTIONS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash}
 
 
+def tree_attention(tree: TreeAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   sliding_window: int | None = None) -> torch.Tensor:
+    """q [N, H, D], k / v [N, Hkv, D] -> [N, H, D] under the tree mask, by tree.backend."""
+    return _BACKEND_FUNCTIONS[tree.backend](tree, q, k, v, scale, sliding_window)
+
+
 def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, scaling: float | None = None,
                            dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
@@ -240,8 +246,7 @@ def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
         raise ValueError(f"{where}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
-    out = _BACKEND_FUNCTIONS[tree.backend](tree, q, k, v, scale, sliding_window)
-    return out[None], None
+    return tree_attention(tree, q, k, v, scale, sliding_window)[None], None
 
 
 def _register() -> None:

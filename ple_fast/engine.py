@@ -9,8 +9,13 @@ same code runs on transformers 5.17 and 5.24.
 Cache layout: row b's token at position p lives in slot p, so position == slot for every row
 and the attention mask is a pure function of the query positions (`slot <= position`). Prompts
 are therefore right-aligned at slot 0 (no left padding), and a shared prefix (the principle)
-occupies slots 0..Lp-1 of every row that uses it: it is prefilled once, in one row, and its K/V
-copied to the others. Rows differ only in where they end; decode steps have fixed shapes
+occupies slots 0..Lp-1 of every row that uses it.
+
+Prefill runs the prompts padding-free through the prefix-tree packing (ple_fast.layout.pack_prefill,
+DESIGN.md §2): one packed sequence holds the prefix once, each principle-guided prompt as its child
+and each plain prompt as a root, under tree attention (ple_fast.attention); each layer scatters the
+packed K/V into the cache rows, the prefix's into every row that follows it. Rows differ only in
+where they end; decode steps have fixed shapes
 [B, 1] and attend over the first L slots, L rounded up to `kv_block`, so one CUDA graph per L
 serves every step of that length. The per-step RNG draw happens outside the graph, from a
 seeded torch.Generator, into a static noise buffer the graph reads.
@@ -27,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
+from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
 
 ENGINE_ATTENTION = "ple_fast_static_kv"
@@ -130,23 +137,39 @@ class StaticKVCache:
         self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
         self.values[layer].view(-1, dim).index_copy_(0, flat, values.reshape(-1, dim).to(self.values.dtype))
 
+    def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [W, kv_heads, D] go to the flat slots [W, kv_heads] (see `flat_slots`)."""
+        dim = self.head_dim
+        flat = slots.reshape(-1)
+        self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
+        self.values[layer].view(-1, dim).index_copy_(0, flat, values.reshape(-1, dim).to(self.values.dtype))
+
+    def flat_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[W, kv_heads] flat indices into one layer's K (or V) of (rows[w], head, positions[w])."""
+        return self.head_base[rows] + positions.unsqueeze(1)
+
     def read(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views [R, kv_heads, length, D] of the first `length` slots."""
         return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length]
 
-    def copy_prefix(self, source_row: int, target_rows: torch.Tensor, length: int) -> None:
-        """Every layer's slots 0..length-1 of source_row, into target_rows."""
-        for buf in (self.keys, self.values):
-            buf[:, target_rows, :, :length] = buf[:, source_row:source_row + 1, :, :length]
 
 
 @dataclass
 class _Pass:
-    """What the attention core needs to know about the forward in flight."""
+    """A decode step (or any padded forward) over cache rows: what the attention core needs."""
     cache: StaticKVCache
     rows: slice                 # cache rows of the batch rows
     positions: torch.Tensor     # [R, Q] position (= slot) of each query token
     kv_length: int              # attend over slots 0..kv_length-1
+
+
+@dataclass
+class _PackedPass:
+    """A packed prefill: tree attention over the N packed tokens, and where their K/V go."""
+    cache: StaticKVCache
+    tree: TreeAttention
+    sources: torch.Tensor       # [W] packed token whose K/V fill ...
+    slots: torch.Tensor         # [W, kv_heads] ... these flat cache slots (a prefix token: one per follower)
 
 
 _UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
@@ -167,6 +190,12 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"rollout engine: attention with {name!r} "
                                       f"({type(module).__name__}) is not supported; use rollout.backend=hf")
+    if isinstance(ple_pass, _PackedPass):
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))        # [N, heads, D]
+        ple_pass.cache.scatter(module.layer_idx, ple_pass.slots, k.index_select(0, ple_pass.sources),
+                               v.index_select(0, ple_pass.sources))
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window)[None], None
     cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
     cache.write(module.layer_idx, rows, ple_pass.positions, key, value)
     keys, values = cache.read(module.layer_idx, rows, length)
@@ -255,7 +284,7 @@ class RolloutEngine:
     """
 
     def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
-                 check_every: int | None = None, prefill_tokens: int = 32768):
+                 check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto"):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -274,6 +303,7 @@ class RolloutEngine:
         self.kv_block = kv_block
         self.check_every = check_every or (8 if on_cuda else 1)
         self.prefill_tokens = prefill_tokens
+        self.prefill_attention = prefill_attention      # tree-attention backend of the packed prefill
         self.cache: StaticKVCache | None = None
         self.state: _DecodeState | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -355,25 +385,56 @@ class RolloutEngine:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _prefill(self, suffixes: list[list[int]], offsets: list[int], pad_id: int) -> torch.Tensor:
-        """Run every row's prompt suffix from its offset; logits [B, V] at each row's last token."""
-        width = max(len(s) for s in suffixes)
-        per_chunk = max(1, self.prefill_tokens // width)
-        logits = []
-        for lo in range(0, len(suffixes), per_chunk):
-            chunk = suffixes[lo:lo + per_chunk]
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            for r, s in enumerate(chunk):
-                ids[r, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-            starts = torch.tensor(offsets[lo:lo + len(chunk)], dtype=torch.long)
-            positions = starts.unsqueeze(1) + torch.arange(width).unsqueeze(0)
-            lengths = torch.tensor([len(s) for s in chunk])
-            kv_length = max(offsets[lo:lo + len(chunk)]) + width
-            hidden = self._hidden(ids.to(self.device), positions.to(self.device), slice(lo, lo + len(chunk)),
-                                  kv_length)
-            last = hidden[torch.arange(len(chunk), device=self.device), (lengths - 1).to(self.device)]
-            logits.append(self._logits(last))
+    def _prefill(self, prompts: list[list[int]], prefixed: list[bool], prefix: list[int]) -> torch.Tensor:
+        """Packed prefill of every prompt (after the prefix where prefixed); logits [B, V] at each
+        prompt's last token. Chunks of about `prefill_tokens` tokens; a chunk with followers carries
+        the prefix once (so a long batch recomputes the prefix once per chunk, not once per prompt)."""
+        logits, lo = [], 0
+        while lo < len(prompts):
+            hi, tokens = lo + 1, len(prompts[lo])
+            while hi < len(prompts) and tokens + len(prompts[hi]) <= self.prefill_tokens:
+                tokens += len(prompts[hi])
+                hi += 1
+            chunk_prefix = prefix if any(prefixed[lo:hi]) else []
+            logits.append(self._prefill_chunk(lo, prompts[lo:hi], prefixed[lo:hi], chunk_prefix))
+            lo = hi
         return torch.cat(logits)
+
+    def _prefill_chunk(self, first_row: int, prompts: list[list[int]], prefixed: list[bool],
+                       prefix: list[int]) -> torch.Tensor:
+        batch = pack_prefill(prefix, prompts, prefixed, device=self.device)
+        prefix_len, num_tokens = len(prefix), batch.num_tokens
+        has_prefix = 1 if prefix_len else 0
+        # Prompt tokens fill their own row's slots; prefix tokens those of every row that follows it.
+        sources = [torch.arange(prefix_len, num_tokens, device=self.device)]
+        rows = [batch.segment_ids[prefix_len:] - has_prefix + first_row]
+        positions = [batch.position_ids[prefix_len:]]
+        followers = [first_row + b for b, flag in enumerate(prefixed) if flag]
+        if prefix_len and followers:
+            prefix_rows = torch.arange(prefix_len, device=self.device)
+            sources.append(prefix_rows.repeat(len(followers)))
+            rows.append(torch.tensor(followers, device=self.device).repeat_interleave(prefix_len))
+            positions.append(prefix_rows.repeat(len(followers)))
+        sources, slots = torch.cat(sources), self.cache.flat_slots(torch.cat(rows), torch.cat(positions))
+        tree = tree_attention_metadata(batch, self.prefill_attention, dtype=self.dtype)
+        try:
+            hidden = self._packed_hidden(batch, _PackedPass(self.cache, tree, sources, slots))
+        except Exception as err:
+            # FlexAttention compiles on first use; if that fails on this stack, the dense-mask backend
+            # computes the same function (the chunk rewrites every slot it touches, so a retry is clean).
+            if tree.backend != "flex" or self.prefill_attention != "auto":
+                raise
+            warnings.warn(f"rollout engine: packed prefill with FlexAttention failed ({err!r}); "
+                          "using the dense-mask SDPA backend")
+            self.prefill_attention = "sdpa"
+            tree = tree_attention_metadata(batch, "sdpa", dtype=self.dtype)
+            hidden = self._packed_hidden(batch, _PackedPass(self.cache, tree, sources, slots))
+        last_rows = batch.cu_seqlens_q[has_prefix + 1:].long() - 1
+        return self._logits(hidden.index_select(0, last_rows))
+
+    def _packed_hidden(self, batch, packed: _PackedPass) -> torch.Tensor:
+        return self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                          use_cache=False, ple_pass=packed)[0][0]
 
     def _decode_step(self, kv_length: int, sampling: tuple[float, int, float], pad: torch.Tensor,
                      eos: torch.Tensor) -> None:
@@ -452,7 +513,7 @@ class RolloutEngine:
         vocab = self.head.weight.shape[0]
         sampling = (float(temperature), int(top_k), float(top_p)) if temperature > 0 else (0.0, 0, 1.0)
         self._ensure_buffers(batch, capacity, max_new_tokens)
-        st, cache = self.state, self.cache
+        st = self.state
         st.use_noise(noise_width(vocab, top_k, top_p) if sampling[0] > 0 else 1)
         eos_ids = tuple(sorted({int(e) for e in eos_token_ids}))
         pad, eos = self._constants(int(pad_token_id), eos_ids)
@@ -462,14 +523,7 @@ class RolloutEngine:
 
         with self._engine_mode():
             timer.mark()
-            if any(offsets):
-                first = offsets.index(len(prefix))
-                self._prefill_prefix(first, prefix)
-                targets = torch.tensor([b for b, o in enumerate(offsets) if o and b != first], dtype=torch.long,
-                                       device=self.device)
-                if targets.numel():
-                    cache.copy_prefix(first, targets, len(prefix))
-            logits = self._prefill([list(p) for p in prompts], offsets, pad_token_id)
+            logits = self._prefill([[int(t) for t in p] for p in prompts], [bool(o) for o in offsets], prefix)
             st.done.zero_()
             st.step.zero_()
             st.positions.copy_(torch.tensor(ends, device=self.device))
@@ -496,12 +550,6 @@ class RolloutEngine:
         prefill_s, decode_s = timer.intervals()
         self.last_stats = RolloutStats(prefill_s, decode_s, steps, self.cuda_graphs)
         return [_cut(row[:steps], set(eos_ids)) for row in rows]
-
-    def _prefill_prefix(self, row: int, tokens: list[int]) -> None:
-        """Prefill `tokens` from position 0 into one cache row (the shared prefix)."""
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(tokens), device=self.device).unsqueeze(0)
-        self._hidden(ids, positions, slice(row, row + 1), len(tokens))
 
 
 def _cut(tokens: list[int], eos: set[int]) -> list[int]:

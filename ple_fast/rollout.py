@@ -2,8 +2,9 @@
 
 This module's `backend="hf"` path runs Hugging Face `generate` on one left-padded batch
 holding both prompt kinds; it is the reference that faster engines are checked against.
-`backend="fast"` runs ple_fast.engine (static KV cache, on-device sampling, CUDA graphs), which
-prefills the principle once per call and shares its K/V with every principle-guided prompt.
+`backend="fast"` runs ple_fast.engine (static KV cache, on-device sampling, CUDA graphs), whose
+packed prefill computes the principle once per call and shares its K/V with every principle-guided
+prompt.
 """
 from __future__ import annotations
 

@@ -79,6 +79,50 @@ def test_greedy_dual_equals_hf_generate_run_separately(family):
                                         eos_token_id=eos)
 
 
+@pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"), (32768, "flex")])
+def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens, attention):
+    """Mixed prefixed / plain prompts in any order; small budgets split the packed prefill in chunks."""
+    model = tiny_model("qwen2", seed=3)
+    prompts = random_tokens([4, 1, 6, 2, 5], seed=21)
+    prefixed = [True, False, True, True, False]
+    principle = random_tokens([6], seed=22)[0]
+    engine = RolloutEngine(model, prefill_tokens=prefill_tokens, prefill_attention=attention)
+    fed = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
+    try:
+        got = engine.generate(prompts, max_new_tokens=5, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed)
+    finally:
+        hook.remove()
+    expected = generate(model, [principle + p if f else p for p, f in zip(prompts, prefixed)], max_new_tokens=5,
+                        eos_token_id=NO_EOS)
+    assert got == expected
+    prefill_fed = sum(fed) - 4 * len(prompts)            # the 4 decode steps feed one token per row
+    if prefill_tokens >= sum(map(len, prompts)):          # one chunk: every token once, the principle too
+        assert prefill_fed == len(principle) + sum(map(len, prompts))
+    else:                                                 # once per chunk that has followers
+        assert len(principle) + sum(map(len, prompts)) < prefill_fed <= 3 * len(principle) + sum(map(len, prompts))
+
+
+def test_packed_prefill_falls_back_to_sdpa_when_flex_fails(monkeypatch):
+    from ple_fast import attention
+
+    model = tiny_model("llama")
+    prompts = random_tokens([3, 5], seed=23)
+    expected = generate(model, [[9, 8] + prompts[0], prompts[1]], max_new_tokens=4, eos_token_id=NO_EOS)
+    monkeypatch.setattr(attention, "resolve_backend", lambda backend, device, dtype: "flex" if backend == "auto" else backend)
+
+    def broken_flex(*args, **kwargs):
+        raise RuntimeError("flex cannot compile here")
+
+    monkeypatch.setitem(attention._BACKEND_FUNCTIONS, "flex", broken_flex)
+    engine = RolloutEngine(model)
+    with pytest.warns(UserWarning, match="FlexAttention failed"):
+        got = engine.generate(prompts, max_new_tokens=4, eos_token_ids=[NO_EOS], prefix=[9, 8], prefixed=[True, False])
+    assert got == expected and engine.prefill_attention == "sdpa"
+    with pytest.raises(RuntimeError, match="cannot compile"):      # asked for by name: no silent fallback
+        RolloutEngine(model, prefill_attention="flex").generate(prompts, max_new_tokens=2, prefix=[9], prefixed=[True, True])
+
+
 def test_sliding_window_matches_hf_per_prompt():
     model = tiny_model("mistral", sliding_window=4)
     prompts = random_tokens([6, 2], seed=4)
@@ -247,3 +291,24 @@ def test_principle_and_query_share_one_bos(backend):
     plain = generate_dual(model, queries, principle, max_new_tokens=6, eos_token_id=NO_EOS, backend=backend)
     assert plain.principled == generate(model, [principle + q for q in queries], max_new_tokens=6,
                                         eos_token_id=NO_EOS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cuda_graph_engine_equals_hf_generate_on_gpu(family):
+    """The GPU path end to end: packed prefill (flex), CUDA-graph decode, mid-batch EOS, fp32."""
+    model = tiny_model(family).to("cuda")
+    queries = random_tokens([3, 9, 1, 6, 4, 7, 2, 5], seed=31)
+    principle = random_tokens([6], seed=32)[0]
+    new = 60                                            # ends past slot 64: two cache lengths, two graphs
+    probe = generate(model, queries + [principle + q for q in queries], max_new_tokens=new, eos_token_id=NO_EOS)
+    eos = midbatch_eos(probe)
+    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast")
+    assert engine_for(model).last_stats.graphs, "decode steps ran as CUDA graphs"
+    assert fast.originals == generate(model, queries, max_new_tokens=new, eos_token_id=eos)
+    assert fast.principled == generate(model, [principle + q for q in queries], max_new_tokens=new, eos_token_id=eos)
+    sample = dict(max_new_tokens=24, temperature=1.0, top_p=0.9, eos_token_id=NO_EOS, backend="fast")
+    first = generate_dual(model, queries, principle, seed=5, **sample)
+    assert first == generate_dual(model, queries, principle, seed=5, **sample)
+    assert first != generate_dual(model, queries, principle, seed=6, **sample)
