@@ -471,6 +471,7 @@ def test_sigkill_at_a_random_moment_of_a_save_loop(tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, expected.model.embed_tokens.weight)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rng_states_and_weights_on_device(tmp_path):
     torch.manual_seed(0)

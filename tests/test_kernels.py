@@ -2,7 +2,8 @@
 
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is
 set below, before anything imports triton), so shapes stay small. With CUDA the same tests run
-the compiled kernels, and the `gpu`-marked test checks realistic shapes at bf16.
+the compiled kernels (the whole module is `gpu`-marked, so the GPU suite runs it), and
+test_gpu_bf16_matches_reference checks realistic shapes at bf16.
 """
 
 import os
@@ -20,6 +21,8 @@ from ple_fast.loss import ple_loss, sequence_logprobs  # noqa: E402
 import problems  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every test here runs in bench/gpu_suite.sh (pytest -m gpu): on a GPU they check the compiled kernels.
+pytestmark = pytest.mark.gpu
 
 # ----------------------------------------------------------------------------------------
 # helpers
