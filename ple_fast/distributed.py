@@ -6,9 +6,12 @@ and the update. The embedding, final norm and lm_head stay replicated: the fused
 lm_head weight outside any module forward, where FSDP would hold it sharded, so their gradients
 are all-reduced by hand instead (DDP-style). Every rank runs the same number of forwards (FSDP's
 all-gathers are collectives), so shards are padded to equal length and padding is masked out.
+The fast rollout engine is the exception: `unsharded_for_inference` gathers the full weights once
+per rollout, so its forwards communicate nothing and each rank stops decoding when its rows are done.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -114,6 +117,26 @@ def reshard(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+@contextlib.contextmanager
+def unsharded_for_inference(model: torch.nn.Module):
+    """Every FSDP2 module's full weights, gathered once (a collective: all ranks enter together),
+    for a block of no_grad forwards that then communicate nothing, so ranks may run different
+    numbers of them (the rollout engine stops when its own rows are done). Costs the full weights'
+    memory on every rank for the block; re-sharded on exit. A no-op without FSDP modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in modules:          # shard_model keeps fully_shard's default: reshard after forward
+        module.set_reshard_after_forward(False)
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.reshard()
+            module.set_reshard_after_forward(True)
 
 
 def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -51,12 +51,12 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
         pad_token_id = model.generation_config.pad_token_id
     if pad_token_id is None:
         pad_token_id = min(eos_ids) if eos_ids else 0
-    if not prompts:
-        return []
-    if backend == "fast":
+    if backend == "fast":       # before the empty check: under torchrun every rank must gather weights
         return _generate_fast(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, eos_ids=eos_ids, pad_token_id=pad_token_id, seed=seed,
                               batch_size=batch_size)
+    if not prompts:
+        return []
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -106,16 +106,19 @@ def _check_backend(backend: str) -> None:
 
 def _generate_fast(model, prompts, *, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_token_id, seed,
                    batch_size=None, prefix=(), prefixed=None) -> list[list[int]]:
+    from ple_fast.distributed import unsharded_for_inference
     from ple_fast.engine import engine_for
 
-    engine = engine_for(model)
     batch_size = batch_size or max(1, len(prompts))
     responses: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        responses += engine.generate(
-            prompts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            top_k=top_k, eos_token_ids=sorted(eos_ids), pad_token_id=pad_token_id, seed=seed + start,
-            prefix=prefix, prefixed=None if prefixed is None else prefixed[start:start + batch_size])
+    with unsharded_for_inference(model):     # FSDP2 (torchrun): full weights for the whole rollout
+        engine = engine_for(model)
+        for start in range(0, len(prompts), batch_size):
+            responses += engine.generate(
+                prompts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k, eos_token_ids=sorted(eos_ids), pad_token_id=pad_token_id,
+                seed=seed + start, prefix=prefix,
+                prefixed=None if prefixed is None else prefixed[start:start + batch_size])
     return responses
 
 

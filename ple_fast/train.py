@@ -206,9 +206,6 @@ def check_distributed(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"{key}={value} must be a multiple of the {world_size} processes")
     if cfg.lora.enabled:
         raise ConfigError("lora.enabled with torchrun is not supported yet")
-    if cfg.rollout.backend == "fast":
-        print("[run] torchrun: rollouts use rollout.backend=hf (generate with synced FSDP ranks)")
-        cfg.rollout.backend = "hf"
 
 
 def prepare_model(model, cfg: Config):

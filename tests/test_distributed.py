@@ -16,7 +16,7 @@ from ple_fast.distributed import Dist
 from ple_fast.train import check_distributed
 
 GREEDY = ["sft.steps=120", "ple.iterations=2", "ple.batch_size=16", "eval.samples=1", "rollout.temperature=0",
-          "eval.temperature=0", "run.progress=false", "run.plots=false", "run.threads=1", "rollout.backend=hf"]
+          "eval.temperature=0", "run.progress=false", "run.plots=false", "run.threads=1"]
 
 
 def launch(out, nproc, *args):
@@ -28,10 +28,13 @@ def launch(out, nproc, *args):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algo", ["ple", "raft"])
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path, algo):
-    one = launch(tmp_path / "one", 1, *GREEDY, f"ple.algo={algo}")
-    two = launch(tmp_path / "two", 2, *GREEDY, f"ple.algo={algo}")
+@pytest.mark.parametrize("algo,rollout", [("ple", "fast"), ("raft", "hf")])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, algo, rollout):
+    """Greedy rollouts, so both process counts see the same responses: the fast engine (each rank on
+    gathered weights, stopping on its own) and HF generate (sharded weights, synchronised ranks)."""
+    args = [*GREEDY, f"ple.algo={algo}", f"rollout.backend={rollout}"]
+    one = launch(tmp_path / "one", 1, *args)
+    two = launch(tmp_path / "two", 2, *args)
     for phase in ("sft", "align"):
         a = [r["loss"] for r in one if r["phase"] == phase]
         b = [r["loss"] for r in two if r["phase"] == phase]
@@ -95,4 +98,6 @@ def test_distributed_config_checks():
         check_distributed(build_config(None, []), 3)
     cfg = build_config(None, [])
     check_distributed(cfg, 2)
-    assert cfg.rollout.backend == "hf"
+    assert cfg.rollout.backend == "fast"          # the engine runs under torchrun too
+    with pytest.raises(ConfigError, match="lora.enabled with torchrun"):
+        check_distributed(build_config(None, ["lora.enabled=true"]), 2)
