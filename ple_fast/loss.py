@@ -6,8 +6,13 @@ Three implementations of `sequence_logprobs`, one contract:
              held for all rows at once
   triton     fused kernels in ple_fast.kernels.logprob, imported lazily
 `gated_loss` turns the [2P] sequence log-probs into the PLE loss and is shared by all.
-Nothing on the compute path syncs with the host or has a data-dependent shape, so it can
-be captured in CUDA graphs and compiled with torch.compile(fullgraph=True).
+Nothing on the compute path of these three syncs with the host or has a data-dependent shape,
+so it can be captured in CUDA graphs and compiled with torch.compile(fullgraph=True).
+
+A fourth, `ple_loss(impl="pairs")`, lives in ple_fast.loss_pairs: chunks of whole pairs with
+the loss gradient applied in the forward (6NHV instead of 8NHV). It needs one host sync to
+plan its chunks, so it cannot sit inside a CUDA graph. `sequence_logprobs(impl="pairs")` has
+no loss to fold in and runs the torch path.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "reference", "pairs")
 RANK_LOSSES = ("hinge", "logistic")
 WEIGHTINGS = ("softmax", "tanh")
 
@@ -252,45 +257,56 @@ class _ChunkedSequenceLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_seq):
         hidden, weight, safe_labels, slots, lse = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        softcap, temperature, chunk_rows = ctx.softcap, ctx.temperature, ctx.chunk_rows
-        acc = lse.dtype
-        mm_dtype = _matmul_dtype(hidden, weight, acc)
-        w = weight.to(mm_dtype)
-        # d seq / d token logp is 1 per scored row; the extra slot holds 0 for unscored rows.
-        grad_slots = torch.cat([grad_seq.to(acc), grad_seq.new_zeros(1, dtype=acc)])
-        grad_rows = grad_slots[slots] / temperature  # 1/T: chain rule of z / T
-        d_hidden = torch.empty_like(hidden) if need_dx else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
-        num_rows = hidden.shape[0]
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, num_rows if (need_dx or need_dw) else 0, chunk_rows):
-                rows = slice(start, min(start + chunk_rows, num_rows))
-                x = hidden[rows].to(mm_dtype)
-                g = grad_rows[rows, None]
-                z = _mm(x, w.T, acc)
-                # dz = g * (onehot(label) - softmax(z)) [* (1 - tanh^2) under softcap]
-                if softcap is not None:
-                    t = z.div_(softcap).tanh_()
-                    dz = torch.exp(t * (softcap / temperature) - lse[rows, None]).mul_(g).neg_()
-                    dz.scatter_add_(1, safe_labels[rows, None], g)
-                    dz.mul_(t.square_().neg_().add_(1.0))
-                else:
-                    if temperature != 1.0:
-                        z.div_(temperature)
-                    dz = z.sub_(lse[rows, None]).exp_().mul_(g).neg_()
-                    dz.scatter_add_(1, safe_labels[rows, None], g)
-                dz = dz.to(mm_dtype)
-                if need_dx:
-                    d_hidden[rows] = _mm(dz, w, acc)
-                if need_dw:
-                    if mm_dtype == acc:
-                        d_weight.addmm_(dz.T, x)
-                    else:
-                        d_weight.add_(torch.mm(dz.T, x, out_dtype=acc))
-        if need_dw:
-            d_weight = d_weight.to(weight.dtype)
+        d_hidden, d_weight = _chunked_logprob_grads(
+            hidden, weight, safe_labels, slots, lse, grad_seq, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.softcap, ctx.temperature, ctx.chunk_rows,
+        )
         return d_hidden, d_weight, None, None, None, None, None, None
+
+
+def _chunked_logprob_grads(hidden, weight, safe_labels, slots, lse, grad_seq, need_dx, need_dw, softcap,
+                           temperature, chunk_rows):
+    """(dX, dW) of sum(grad_seq * seq_logps) with the logits recomputed chunk by chunk from the
+    forward's per-row logsumexp `lse`: the backward of the torch path, also used by
+    impl="pairs" (ple_fast.loss_pairs) for a gradient that reaches its seq_logps output.
+    dX has hidden's dtype, dW weight's dtype (fp32 accumulation); None where not needed."""
+    acc = lse.dtype
+    mm_dtype = _matmul_dtype(hidden, weight, acc)
+    w = weight.to(mm_dtype)
+    # d seq / d token logp is 1 per scored row; the extra slot holds 0 for unscored rows.
+    grad_slots = torch.cat([grad_seq.to(acc), grad_seq.new_zeros(1, dtype=acc)])
+    grad_rows = grad_slots[slots] / temperature  # 1/T: chain rule of z / T
+    d_hidden = torch.empty_like(hidden) if need_dx else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+    num_rows = hidden.shape[0]
+    with torch.autocast(hidden.device.type, enabled=False):
+        for start in range(0, num_rows if (need_dx or need_dw) else 0, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, num_rows))
+            x = hidden[rows].to(mm_dtype)
+            g = grad_rows[rows, None]
+            z = _mm(x, w.T, acc)
+            # dz = g * (onehot(label) - softmax(z)) [* (1 - tanh^2) under softcap]
+            if softcap is not None:
+                t = z.div_(softcap).tanh_()
+                dz = torch.exp(t * (softcap / temperature) - lse[rows, None]).mul_(g).neg_()
+                dz.scatter_add_(1, safe_labels[rows, None], g)
+                dz.mul_(t.square_().neg_().add_(1.0))
+            else:
+                if temperature != 1.0:
+                    z.div_(temperature)
+                dz = z.sub_(lse[rows, None]).exp_().mul_(g).neg_()
+                dz.scatter_add_(1, safe_labels[rows, None], g)
+            dz = dz.to(mm_dtype)
+            if need_dx:
+                d_hidden[rows] = _mm(dz, w, acc)
+            if need_dw:
+                if mm_dtype == acc:
+                    d_weight.addmm_(dz.T, x)
+                else:
+                    d_weight.add_(torch.mm(dz.T, x, out_dtype=acc))
+    if need_dw:
+        d_weight = d_weight.to(weight.dtype)
+    return d_hidden, d_weight
 
 
 def _torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature, chunk_rows=None):
@@ -335,6 +351,12 @@ def _triton_kernel():
 
 
 def _resolve_impl(impl: str, hidden: Tensor) -> str:
+    # "auto" picks triton on CUDA: measured against the 6NHV pairs design and the torch path by
+    # bench/bench_logprob_loss.py on an H200 (torch 2.11, triton 3.6; bench/results/2026-11-28-h200),
+    # bf16 forward+backward, ms (triton / pairs / torch):
+    #   (16384, 4096, 128256) 113.7 / 115.8 / 191.2     (4096, 4096, 128256)  30.0 / 32.2 / 48.9
+    #   (8192, 2048, 151936)   35.8 /  43.0 /  71.8     (8192, 3584, 152064)  61.1 / 64.5 / 107.6
+    # and triton holds the least extra memory (0.88 GiB at the first shape, pairs 1.96, torch 3.31).
     if impl == "auto":
         return "triton" if hidden.is_cuda and _triton_kernel() is not None else "torch"
     return impl
@@ -351,6 +373,8 @@ def sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, *, impl="auto
     Row n predicts labels[n] from logits hidden[n] @ weight.T (softcapped, then divided by
     temperature) and adds to sequence seq_index[n]; rows with seq_index -1 are ignored, and
     their labels are never read. fp32 result (fp64 when an input is fp64).
+    impl="pairs" is a ple_loss design (the loss gradient is formed in the forward); with no
+    loss to fold in, it runs the torch path here.
     """
     _check_impl(impl)
     labels, seq_index, softcap, temperature = _check_logprob_args(
@@ -425,12 +449,22 @@ def gated_loss(seq_logps, seq_tokens, rewards, tau, *, rank_loss, weighting, ran
 def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hinge", weighting="softmax",
              rank_sft_coef=1.0, length_normalize=True, beta=1.0, impl="auto", softcap=None,
              temperature=1.0) -> PLELossOutput:
-    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss)."""
+    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss).
+
+    impl="pairs" dispatches to ple_fast.loss_pairs.pairs_ple_loss (same outputs; one host sync).
+    """
     _check_impl(impl)
     _check_gate_options(rank_loss, weighting, rank_sft_coef, length_normalize, beta)
     num_pairs = _check_rewards(rewards)
     if isinstance(hidden, Tensor) and rewards.device != hidden.device:
         raise ValueError(f"rewards is on {rewards.device} but hidden is on {hidden.device}")
+    if impl == "pairs":
+        from ple_fast.loss_pairs import pairs_ple_loss
+
+        return pairs_ple_loss(hidden, weight, labels, seq_index, rewards, tau, rank_loss=rank_loss,
+                              weighting=weighting, rank_sft_coef=rank_sft_coef,
+                              length_normalize=length_normalize, beta=beta, softcap=softcap,
+                              temperature=temperature)
     num_seqs = 2 * num_pairs
     seq_logps = sequence_logprobs(
         hidden, weight, labels, seq_index, num_seqs, impl=impl, softcap=softcap, temperature=temperature
