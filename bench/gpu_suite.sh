@@ -25,6 +25,8 @@ BUDGET="${SUITE_BUDGET_S:-480}"
 START=$(date +%s)
 STATUS="$LOGS/status.tsv"
 printf 'step\tstatus\tseconds\tlog\n' > "$STATUS"
+# Always "$PY" -m pip, never a bare pip: on the GPU image `pip` belongs to another interpreter than
+# the python that has torch (a hand-run `pip install -e .` there failed: no scikit_build_core).
 PY="${PYTHON:-python}"
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
