@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
+import warnings
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 
 def join_text(query: str, response: str) -> str:
@@ -25,6 +28,17 @@ class RewardFunction:
 
     def __call__(self, queries: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def score_pairs(self, queries: Sequence[str], first: Sequence[str], second: Sequence[str]) -> torch.Tensor:
+        """[B, 2] float32: r(queries[k], first[k]) and r(queries[k], second[k]), both against the same query.
+
+        The trainer scores PLE pairs through this, so a reward that can share work between a pair's
+        two responses (HFReward: one forward of the query) overrides it; the default is two calls.
+        """
+        if not len(queries) == len(first) == len(second):
+            raise ValueError(f"score_pairs: got {len(queries)} queries, {len(first)} first and "
+                             f"{len(second)} second responses; need one of each per pair")
+        return torch.stack([self(queries, first).float(), self(queries, second).float()], dim=1)
 
 
 class BuiltinReward(RewardFunction):
@@ -66,14 +80,48 @@ class CallableReward(RewardFunction):
         return scores
 
 
+def _packing_unsupported(err: Exception) -> bool:
+    """Errors that mean "this model/backend cannot run packed", not a bug: tree attention's refusals
+    (softcap, sinks, dropout: NotImplementedError) and a failed torch.compile of the flex kernel
+    (seen on an H200 with torch 2.11: bf16, head_dim 64, out of shared memory)."""
+    if isinstance(err, NotImplementedError):
+        return True
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(err, dynamo.TorchDynamoException)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class HFReward(RewardFunction):
-    """A local AutoModelForSequenceClassification folder with one output (Bradley-Terry RM)."""
+    """A local AutoModelForSequenceClassification folder with one output (Bradley-Terry RM).
+
+    `__call__` is the right-padded reference: one padded forward per `batch_size` texts.
+    `score_pairs` scores a pair's two responses packed and padding-free: the tokens both texts share
+    (the query) run once through the trunk with tree attention (ple_fast.forward.dual_forward), and
+    the `score` head reads each sequence's pooled row. Models without a one-output `score` Linear, or
+    whose attention tree attention refuses, are scored by the padded path instead.
+    """
+
+    DEFAULT_PACKED_TOKENS = 16384
+    DEFAULT_PACKED_TOKENS_SDPA = 512    # sdpa attends densely over [heads, N, N]: small chunks are faster (CPU)
 
     def __init__(self, path: str, *, device="cpu", dtype=torch.float32, batch_size: int = 16,
-                 max_length: int = 1024):
+                 max_length: int = 1024, attention: str = "auto", max_packed_tokens: int | None = None):
         from transformers import AutoConfig, AutoModelForSequenceClassification
-        from ple_fast.models import _check_model_dir, load_tokenizer
+        from ple_fast.attention import BACKENDS, resolve_backend
+        from ple_fast.models import _check_model_dir, decoder_of, load_tokenizer
 
+        if attention not in BACKENDS:
+            raise ValueError(f"reward attention backend {attention!r}: choose one of {BACKENDS}")
+        if max_packed_tokens is not None and max_packed_tokens < 1:
+            raise ValueError(f"max_packed_tokens must be >= 1, got {max_packed_tokens}")
         folder = _check_model_dir(path, "reward model")
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if getattr(config, "num_labels", 1) != 1:
@@ -93,6 +141,22 @@ class HFReward(RewardFunction):
         self.device, self.batch_size, self.max_length = device, batch_size, max_length
         self.name = str(folder)
 
+        # Packed scoring needs the trunk and a head we can apply to chosen rows; decided once here.
+        head = getattr(self.model, "score", None)
+        self._head = head if isinstance(head, nn.Linear) and head.out_features == 1 else None
+        try:
+            decoder_of(self.model)
+            has_trunk = True
+        except TypeError:
+            has_trunk = False
+        self.packed = self._head is not None and has_trunk
+        self.attention = attention
+        if max_packed_tokens is None:
+            param = next(self.model.parameters())
+            sdpa = resolve_backend(attention, param.device, param.dtype) == "sdpa"
+            max_packed_tokens = self.DEFAULT_PACKED_TOKENS_SDPA if sdpa else self.DEFAULT_PACKED_TOKENS
+        self.max_packed_tokens = max_packed_tokens
+
     @torch.no_grad()
     def __call__(self, queries, responses):
         scores = []
@@ -103,6 +167,120 @@ class HFReward(RewardFunction):
                                  max_length=self.max_length).to(self.device)
             scores.append(self.model(**enc).logits[:, 0].float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
+
+    @torch.no_grad()
+    def score_pairs(self, queries, first, second):
+        """[B, 2] float32, the numbers `__call__` gives (to fp rounding), each query computed once.
+
+        Both texts are tokenised exactly as the padded path does (join_text, truncation, special
+        tokens), and the shared root is their longest common token prefix, so a BPE merge across
+        the query/response boundary, an empty response or one response a prefix of the other are
+        all exact. Pairs sharing no token (left truncation cut them differently) are packed as two
+        independent sequences. Pooling follows HF's padded rule: the head reads the rightmost token
+        whose id is not pad_token_id (the first token if all are). So when a text's own tokens end
+        in the pad id (e.g. pad = eos and the text ends in eos), both paths read the token before
+        it, not the literal last token; a model class with a different pooling rule than HF's
+        sequence classifiers would differ from its padded scores here.
+        """
+        if not len(queries) == len(first) == len(second):
+            raise ValueError(f"score_pairs: got {len(queries)} queries, {len(first)} first and "
+                             f"{len(second)} second responses; need one of each per pair")
+        if not self.packed:
+            return super().score_pairs(queries, first, second)
+        ids_a = self._encode([join_text(q, r) for q, r in zip(queries, first)])
+        ids_b = self._encode([join_text(q, r) for q, r in zip(queries, second)])
+        scores = torch.empty(len(queries), 2, dtype=torch.float32)
+        shared, separate, padded = [], [], []
+        for k, (a, b) in enumerate(zip(ids_a, ids_b)):
+            lcp = _common_prefix(a, b)
+            if not a or not b:
+                padded.append(k)          # nothing to pack: leave an empty text to the reference
+            elif lcp == 0:
+                separate.append(k)
+            else:
+                shared.append(k)
+        try:
+            self._score_shared(shared, ids_a, ids_b, scores)
+            self._score_separate(separate, ids_a, ids_b, scores)
+        except Exception as err:
+            if not _packing_unsupported(err):
+                raise
+            warnings.warn(f"reward model {self.name}: packed scoring unsupported "
+                          f"({type(err).__name__}: {str(err)[:300]}); using the padded path from now on")
+            self.packed = False
+            return super().score_pairs(queries, first, second)
+        if padded:
+            scores[padded] = super().score_pairs(*([xs[k] for k in padded] for xs in (queries, first, second)))
+        return scores
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids as the padded path builds them, before padding."""
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def _pool_index(self, ids: Sequence[int]) -> int:
+        """Index of the token HF's padded forward pools: the rightmost non-pad one, else 0."""
+        pad = self.model.config.get_text_config().pad_token_id
+        if pad is None:
+            return len(ids) - 1
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] != pad:
+                return i
+        return 0
+
+    def _chunks(self, items: list[int], cost) -> list[list[int]]:
+        """Consecutive groups of at most max_packed_tokens rows; an item over budget goes alone."""
+        chunks, current, used = [], [], 0
+        for k in items:
+            c = cost(k)
+            if current and used + c > self.max_packed_tokens:
+                chunks.append(current)
+                current, used = [], 0
+            current.append(k)
+            used += c
+        if current:
+            chunks.append(current)
+        return chunks
+
+    def _head_at(self, batch, rows: list[int]) -> torch.Tensor:
+        from ple_fast import forward
+
+        hidden = forward.dual_forward(self.model, batch, backend=self.attention)
+        picked = hidden[torch.as_tensor(rows, device=hidden.device)]
+        return self._head(picked)[:, 0].float().cpu()
+
+    def _score_shared(self, pairs, ids_a, ids_b, scores) -> None:
+        """pack_dual: root = q[:-1], branch 3j+1 / 3j+2 = [q[-1]] + rest of a / b (layout.py)."""
+        from ple_fast.layout import SEGMENTS_PER_PAIR, pack_dual
+
+        lcps = {k: _common_prefix(ids_a[k], ids_b[k]) for k in pairs}
+        cost = lambda k: len(ids_a[k]) + len(ids_b[k]) - lcps[k] + 1  # noqa: E731  (rows of the pair)
+        for chunk in self._chunks(pairs, cost):
+            batch = pack_dual([ids_a[k][:lcps[k]] for k in chunk], [ids_a[k][lcps[k]:] for k in chunk],
+                              [ids_b[k][lcps[k]:] for k in chunk], device=self.device)
+            seg_start = batch.seg_start.tolist()
+            rows = []
+            for j, k in enumerate(chunk):
+                root = SEGMENTS_PER_PAIR * j
+                for side, ids in enumerate((ids_a[k], ids_b[k])):
+                    i = self._pool_index(ids)     # token i of the sequence: root row, else branch row
+                    in_root = i < lcps[k] - 1
+                    rows.append(seg_start[root] + i if in_root else
+                                seg_start[root + 1 + side] + i - (lcps[k] - 1))
+            scores[chunk] = self._head_at(batch, rows).view(len(chunk), 2)
+
+    def _score_separate(self, pairs, ids_a, ids_b, scores) -> None:
+        """pack_sequences: each whole text its own root segment, nothing shared."""
+        from ple_fast.layout import pack_sequences
+
+        for chunk in self._chunks(pairs, lambda k: len(ids_a[k]) + len(ids_b[k])):
+            seqs = [ids for k in chunk for ids in (ids_a[k], ids_b[k])]
+            batch = pack_sequences(seqs, [[] for _ in seqs], device=self.device)
+            seg_start = batch.seg_start.tolist()
+            rows = [seg_start[s] + self._pool_index(ids) for s, ids in enumerate(seqs)]
+            scores[chunk] = self._head_at(batch, rows).view(len(chunk), 2)
 
 
 def build_reward(kind: str, path: str | None, *, device="cpu", dtype=torch.float32,

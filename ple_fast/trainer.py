@@ -535,8 +535,7 @@ class Trainer:
         tick = time.perf_counter()
         with torch.no_grad():
             if drawn is None:
-                raw = torch.stack([self.reward_fn(q_texts, self.decode(first)),
-                                   self.reward_fn(q_texts, self.decode(second))], dim=1)
+                raw = self.reward_fn.score_pairs(q_texts, self.decode(first), self.decode(second))
             else:
                 texts = [q for q in q_texts for _ in range(pc.raft_samples)]
                 raw = self.reward_fn(texts, self.decode(drawn)).view(len(batch), pc.raft_samples)

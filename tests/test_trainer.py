@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from ple_fast.config import build_config
+from ple_fast.reward import RewardFunction
 from ple_fast.trainer import MetricsLog, Trainer, lr_lambda
 
 SMALL = ["sft.steps=24", "ple.iterations=3", "ple.batch_size=48", "eval.samples=1", "run.save_every=4",
@@ -187,12 +188,13 @@ def test_nonfinite_rewards_drop_pairs(tmp_path, monkeypatch):
     trainer.cfg.sft.steps = 0
     real = trainer.reward_fn
 
-    def holey(queries, responses):
-        scores = real(queries, responses)
-        scores[::4] = float("nan")
-        return scores
+    class Holey(RewardFunction):
+        def __call__(self, queries, responses):
+            scores = real(queries, responses)
+            scores[::4] = float("nan")
+            return scores
 
-    trainer.reward_fn = holey
+    trainer.reward_fn = Holey()
     trainer.run_alignment()
     record = trainer.state.history[-1]
     assert record["dropped_pairs"] == 4 and math.isfinite(record["loss"])
