@@ -9,10 +9,16 @@ The per-batch metadata (TreeAttention) travels as the `ple_tree` keyword argumen
 unchanged from the model's forward to every attention call, so nothing is kept in globals.
 
 Backends, all computing the same function of (q, k, v):
-  sdpa   dense [N, N] boolean mask built from segment ancestry: the CPU reference, O(N^2) memory
-  flex   FlexAttention with a BlockMask from the same ancestry rule (GPU; no CPU backward)
-  flash  flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
-         ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
+  sdpa      dense [N, N] boolean mask built from segment ancestry: the CPU reference, O(N^2) memory
+  segments  the varlen form on stock SDPA: each segment's queries and its keys (gathered by
+            kv_index: ancestors' rows, then its own) padded to [S, max_q, max_k], bottom-right
+            causal mask; O(S * max_q * max_k), no compile, runs wherever SDPA does (CUDA default
+            without flash-attn)
+  flex      FlexAttention with a BlockMask from the same ancestry rule (GPU; no CPU backward). On
+            torch 2.11 its compiled kernel failed on an H200 for bf16 with head_dim 64 (out of
+            shared memory), so it is used only when asked for by name.
+  flash     flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
+            ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_NAME = "ple_fast_tree"
-BACKENDS = ("auto", "sdpa", "flex", "flash")
+BACKENDS = ("auto", "sdpa", "segments", "flex", "flash")
 METADATA_KWARG = "ple_tree"
 
 
@@ -93,6 +99,34 @@ class TreeAttention:
                                         sliding_window)
         return self._masks[key]
 
+    def segment_gather(self, sliding_window: int | None = None):
+        """(q_rows [S, Q], k_rows [S, K], q_valid [S, Q], mask [S, 1, Q, K]) of the varlen form.
+
+        Row index N stands for a zero pad row. Q and K are max_seqlen_q/k rounded up to 16 (SDPA's
+        fused kernels want aligned masks). Padding queries see one key, so no softmax row is empty.
+        """
+        key = ("segments", sliding_window)
+        if key not in self._masks:
+            device, n = self.segment_ids.device, self.num_tokens
+            cu_q, cu_k = self.cu_seqlens_q.long(), self.cu_seqlens_k.long()
+            len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+            width_q, width_k = (-(-max(m, 1) // 16) * 16 for m in (self.max_seqlen_q, self.max_seqlen_k))
+            i = torch.arange(width_q, device=device)
+            j = torch.arange(width_k, device=device)
+            q_valid = i[None, :] < len_q[:, None]
+            k_valid = j[None, :] < len_k[:, None]
+            q_rows = torch.where(q_valid, cu_q[:-1, None] + i, n)
+            keys = torch.cat([self.kv_index, self.kv_index.new_full((1,), n)])
+            k_rows = torch.where(k_valid, keys[(cu_k[:-1, None] + j).clamp(max=keys.numel() - 1)], n)
+            offset = (len_k - len_q)[:, None, None]                      # bottom-right alignment
+            mask = k_valid[:, None, :] & (j[None, None, :] <= i[None, :, None] + offset)
+            if sliding_window is not None:
+                pos = torch.cat([self.position_ids, self.position_ids.new_zeros(1)])
+                mask = mask & (pos[q_rows][:, :, None] - pos[k_rows][:, None, :] < sliding_window)
+            mask = mask | (~q_valid[:, :, None] & (j == 0)[None, None, :])
+            self._masks[key] = (q_rows, k_rows, q_valid, mask[:, None])
+        return self._masks[key]
+
     def block_mask(self, sliding_window: int | None = None):
         """FlexAttention BlockMask of the same rule (built once per sliding window)."""
         key = ("block", sliding_window)
@@ -125,7 +159,7 @@ def _flash_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else flex on CUDA, else sdpa."""
+    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else segments on CUDA, else sdpa."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: choose one of {BACKENDS}")
     if backend != "auto":
@@ -133,7 +167,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if device.type == "cuda":
         if dtype in (torch.float16, torch.bfloat16) and _flash_available():
             return "flash"
-        return "flex"
+        return "segments"
     return "sdpa"
 
 
@@ -164,6 +198,19 @@ def _sdpa(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                          attn_mask=tree.dense_mask(sliding_window), scale=scale)
     return out.transpose(0, 1)
+
+
+def _segments(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
+    q_rows, k_rows, q_valid, mask = tree.segment_gather(sliding_window)
+    groups = q.shape[1] // k.shape[1]
+
+    def padded(t):                        # [N + 1, heads, D]: row N is the zero pad row
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])])
+
+    k, v = (padded(t.repeat_interleave(groups, dim=1) if groups > 1 else t) for t in (k, v))
+    out = F.scaled_dot_product_attention(padded(q)[q_rows].transpose(1, 2), k[k_rows].transpose(1, 2),
+                                         v[k_rows].transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[q_valid]   # segments hold consecutive rows, in order: row order again
 
 
 _compiled_flex: Callable | None = None
@@ -210,7 +257,7 @@ def _flash(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | Non
         softmax_scale=scale, causal=True, **extra)
 
 
-_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "flex": _flex, "flash": _flash}
+_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flex": _flex, "flash": _flash}
 
 
 def tree_attention(tree: TreeAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -74,7 +74,7 @@ class PLEConfig:
     raft_samples: int = 2            # responses per query for RAFT (same sample budget as PLE)
     loss_impl: str = "auto"          # auto | torch | reference | triton
     packed: bool = True              # score responses in the packed prefix-tree layout (each query once)
-    attention: str = "auto"          # packed attention backend: auto | sdpa | flex | flash
+    attention: str = "auto"          # packed attention backend: auto | sdpa | segments | flex | flash
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
     warmup_steps: int = 0            # linear LR warm-up
@@ -151,7 +151,7 @@ CHOICES = {
     "ple.rank_loss": ("hinge", "logistic"),
     "ple.weighting": ("softmax", "tanh"),
     "ple.loss_impl": ("auto", "torch", "reference", "triton"),
-    "ple.attention": ("auto", "sdpa", "flex", "flash"),
+    "ple.attention": ("auto", "sdpa", "segments", "flex", "flash"),
     "rollout.backend": ("hf", "fast"),
     "sft.schedule": ("constant", "cosine", "linear"),
     "ple.schedule": ("constant", "cosine", "linear"),

@@ -416,25 +416,12 @@ class RolloutEngine:
             rows.append(torch.tensor(followers, device=self.device).repeat_interleave(prefix_len))
             positions.append(prefix_rows.repeat(len(followers)))
         sources, slots = torch.cat(sources), self.cache.flat_slots(torch.cat(rows), torch.cat(positions))
-        tree = tree_attention_metadata(batch, self.prefill_attention, dtype=self.dtype)
-        try:
-            hidden = self._packed_hidden(batch, _PackedPass(self.cache, tree, sources, slots))
-        except Exception as err:
-            # FlexAttention compiles on first use; if that fails on this stack, the dense-mask backend
-            # computes the same function (the chunk rewrites every slot it touches, so a retry is clean).
-            if tree.backend != "flex" or self.prefill_attention != "auto":
-                raise
-            warnings.warn(f"rollout engine: packed prefill with FlexAttention failed ({err!r}); "
-                          "using the dense-mask SDPA backend")
-            self.prefill_attention = "sdpa"
-            tree = tree_attention_metadata(batch, "sdpa", dtype=self.dtype)
-            hidden = self._packed_hidden(batch, _PackedPass(self.cache, tree, sources, slots))
+        packed = _PackedPass(self.cache, tree_attention_metadata(batch, self.prefill_attention, dtype=self.dtype),
+                             sources, slots)
+        hidden = self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                            use_cache=False, ple_pass=packed)[0][0]
         last_rows = batch.cu_seqlens_q[has_prefix + 1:].long() - 1
         return self._logits(hidden.index_select(0, last_rows))
-
-    def _packed_hidden(self, batch, packed: _PackedPass) -> torch.Tensor:
-        return self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                          use_cache=False, ple_pass=packed)[0][0]
 
     def _decode_step(self, kv_length: int, sampling: tuple[float, int, float], pad: torch.Tensor,
                      eos: torch.Tensor) -> None:

@@ -148,19 +148,47 @@ def test_pack_sequences_is_separate_causal_sequences():
 
 # ---- sdpa backend == separate padded HF forwards: log-probs and gradients ------------------------
 
+@pytest.mark.parametrize("backend", ["sdpa", "segments"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_sdpa_matches_padded_forwards(family):
+def test_sdpa_matches_padded_forwards(family, backend):
     model = tiny_model(family)
     rng = random.Random(["llama", "qwen2", "mistral"].index(family))
     for trial in range(3):
-        check_against_padded(model, random_pairs(rng, rng.choice([1, 3, 5])), "sdpa", seed=trial)
+        check_against_padded(model, random_pairs(rng, rng.choice([1, 3, 5])), backend, seed=trial)
 
 
-def test_edge_case_pairs():
+@pytest.mark.parametrize("backend", ["sdpa", "segments"])
+def test_edge_case_pairs(backend):
     model = tiny_model("llama", layers=1)
     pairs = ([[5], [1, 2], [3]], [[], [4], [7, 8, 9]], [[6], [], []])  # 1-token queries, empty / 1-token
-    logps = check_against_padded(model, pairs, "sdpa")
+    logps = check_against_padded(model, pairs, backend)
     assert logps[[0, 3, 5]].tolist() == [0.0, 0.0, 0.0]  # empty responses score 0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_segments_backend_equals_dense_mask_with_grads(seed):
+    """The varlen-on-SDPA backend against the dense reference, fp64, on dual and prefill forests."""
+    from ple_fast.attention import tree_attention
+    from ple_fast.layout import pack_prefill
+
+    rng = random.Random(seed)
+    if seed % 2:
+        batch = pack_dual(*random_pairs(rng, rng.randint(1, 6)))
+    else:
+        prefix = [rng.randrange(50) for _ in range(rng.choice([0, 1, 5]))]
+        prompts = [[rng.randrange(50) for _ in range(rng.randint(1, 7))] for _ in range(rng.randint(1, 6))]
+        batch = pack_prefill(prefix, prompts, [rng.random() < 0.5 for _ in prompts])
+    n = batch.num_tokens
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(n, heads, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+               for heads in (4, 2, 2))
+    for window in (None, 3):
+        dense = tree_attention(tree_attention_metadata(batch, "sdpa"), q, k, v, 0.3, window)
+        varlen = tree_attention(tree_attention_metadata(batch, "segments"), q, k, v, 0.3, window)
+        torch.testing.assert_close(varlen, dense, rtol=1e-12, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(varlen.square().sum(), (q, k, v)),
+                        torch.autograd.grad(dense.square().sum(), (q, k, v))):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_packed_sequences_match_padded_forwards():
@@ -307,6 +335,21 @@ def test_flex_matches_padded_on_gpu(family):
         check_against_padded(model, random_pairs(random.Random(9 + seed), 5 + seed), "flex", tol=2e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_segments_matches_padded_on_gpu(family):
+    """The CUDA default without flash-attn: fp32 against padded forwards, then a bf16 forward+backward."""
+    model = tiny_model(family).to("cuda")
+    check_against_padded(model, random_pairs(random.Random(21), 6), "segments", tol=2e-3)
+    model = model.to(torch.bfloat16)
+    batch = pack_dual(*random_pairs(random.Random(22), 6), device="cuda")
+    hidden = dual_forward(model, batch, backend="segments")
+    reference = dual_forward(model, batch, backend="sdpa")
+    torch.testing.assert_close(hidden.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    hidden.float().sum().backward()
+
+
 # ---- dispatch, restore, errors ---------------------------------------------------------------------
 
 def test_auto_backend_resolution(monkeypatch):
@@ -314,10 +357,11 @@ def test_auto_backend_resolution(monkeypatch):
     assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "_flash_available", lambda: True)
     assert resolve_backend("auto", cuda, torch.bfloat16) == "flash"
-    assert resolve_backend("auto", cuda, torch.float32) == "flex"
+    assert resolve_backend("auto", cuda, torch.float32) == "segments"
     assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "_flash_available", lambda: False)
-    assert resolve_backend("auto", cuda, torch.bfloat16) == "flex"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "segments"
+    assert resolve_backend("flex", cuda, torch.bfloat16) == "flex"          # by name only
     assert resolve_backend("flash", cpu, torch.float32) == "flash"
     with pytest.raises(ValueError, match="attention backend 'dense'"):
         resolve_backend("dense", cpu, torch.float32)

@@ -79,7 +79,8 @@ def test_greedy_dual_equals_hf_generate_run_separately(family):
                                         eos_token_id=eos)
 
 
-@pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"), (32768, "flex")])
+@pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"), (32768, "flex"),
+                                                      (32768, "segments"), (7, "segments")])
 def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens, attention):
     """Mixed prefixed / plain prompts in any order; small budgets split the packed prefill in chunks."""
     model = tiny_model("qwen2", seed=3)
@@ -101,26 +102,6 @@ def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens
         assert prefill_fed == len(principle) + sum(map(len, prompts))
     else:                                                 # once per chunk that has followers
         assert len(principle) + sum(map(len, prompts)) < prefill_fed <= 3 * len(principle) + sum(map(len, prompts))
-
-
-def test_packed_prefill_falls_back_to_sdpa_when_flex_fails(monkeypatch):
-    from ple_fast import attention
-
-    model = tiny_model("llama")
-    prompts = random_tokens([3, 5], seed=23)
-    expected = generate(model, [[9, 8] + prompts[0], prompts[1]], max_new_tokens=4, eos_token_id=NO_EOS)
-    monkeypatch.setattr(attention, "resolve_backend", lambda backend, device, dtype: "flex" if backend == "auto" else backend)
-
-    def broken_flex(*args, **kwargs):
-        raise RuntimeError("flex cannot compile here")
-
-    monkeypatch.setitem(attention._BACKEND_FUNCTIONS, "flex", broken_flex)
-    engine = RolloutEngine(model)
-    with pytest.warns(UserWarning, match="FlexAttention failed"):
-        got = engine.generate(prompts, max_new_tokens=4, eos_token_ids=[NO_EOS], prefix=[9, 8], prefixed=[True, False])
-    assert got == expected and engine.prefill_attention == "sdpa"
-    with pytest.raises(RuntimeError, match="cannot compile"):      # asked for by name: no silent fallback
-        RolloutEngine(model, prefill_attention="flex").generate(prompts, max_new_tokens=2, prefix=[9], prefixed=[True, True])
 
 
 def test_sliding_window_matches_hf_per_prompt():
