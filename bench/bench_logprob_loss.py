@@ -14,8 +14,11 @@ For each (N, H, V), bf16 hidden [N, H] and weight [V, H], forward + backward (dX
 ple_* compute the gated PLE loss; ce_* a summed token cross-entropy: the same 6NHV of useful
 work (logits, their softmax, dX, dW) and the same memory problem, a different scalar on top.
 The ple_* rows are the candidates for ple_loss(impl="auto") on CUDA (today: triton).
+  ple_torch_pairs_2048  the same with 2048-row chunks: fewer passes over the fp32 dW accumulator,
+                        more memory
 ple_torch_pairs never computes unscored rows (here the 128-row queries, 1/4 of N) while the
-others do, so its 6NHV / time figure credits it with work it skips: compare by ms.
+others do, so its 6NHV / time figure credits it with work it skips: compare by ms (the trainer
+hands every implementation scored rows only, where that advantage is gone).
 
 Reported per method: ms (median fwd+bwd), useful TFLOP/s = 6NHV / time and its fraction of
 the bf16 matmul rate measured in this run, peak extra memory (above inputs and the returned
@@ -80,6 +83,18 @@ def _ple_impl(impl):
     return factory
 
 
+def _ple_pairs_rows(chunk_rows):
+    """impl="pairs" with a fixed chunk size. Its default chunk (loss.CHUNK_BYTES: ~520 rows at
+    V = 128k) makes every chunk read and write the whole fp32 dW accumulator (2 GiB at
+    V x H = 128k x 4k), so the dW GEMM is memory-bound; bigger chunks trade memory for that."""
+    def factory(b):
+        from ple_fast.loss_pairs import pairs_ple_loss
+
+        return lambda h, w: pairs_ple_loss(h, w, b["labels"], b["seq_index"], b["rewards"], 0.2,
+                                           chunk_rows=chunk_rows).loss
+    return factory
+
+
 def _ple_from_token_logps(b, token_logps):
     from ple_fast.loss import gated_loss, sequence_token_counts
 
@@ -124,10 +139,15 @@ def _ce_torch_linear_ce(b):
     return lambda h, w: fn(h, w, b["labels"], reduction="sum", ignore_index=-100)
 
 
+# why a method's factory returned None (its import error), shown in the row's status
+UNAVAILABLE: dict[str, str] = {}
+
+
 def _ce_liger(b):
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    except ImportError as err:
+        UNAVAILABLE["ce_liger_flce"] = f"{type(err).__name__}: {err}"[:200]
         return None
     module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
     return lambda h, w: module(w, h, b["labels"])
@@ -137,7 +157,8 @@ def _ce_cce(filter_eps):
     def factory(b):
         try:
             from cut_cross_entropy import linear_cross_entropy
-        except ImportError:
+        except ImportError as err:
+            UNAVAILABLE["ce_cce" if filter_eps == "auto" else "ce_cce_exact"] = f"{type(err).__name__}: {err}"[:200]
             return None
         return lambda h, w: linear_cross_entropy(h, w, b["labels"], ignore_index=-100, reduction="sum",
                                                  filter_eps=filter_eps)
@@ -151,6 +172,7 @@ METHODS = {  # in run order: the comparisons the issue's targets name first, slo
     "ce_cce_exact": ("ce", _ce_cce(None)),
     "ple_torch_chunked": ("ple", _ple_impl("torch")),
     "ple_torch_pairs": ("ple", _ple_impl("pairs")),
+    "ple_torch_pairs_2048": ("ple", _ple_pairs_rows(2048)),
     "ple_naive": ("ple", _ple_naive),
     "ce_torch_linear_ce": ("ce", _ce_torch_linear_ce),
     "ple_compiled_chunked": ("ple", _ple_compiled_chunked),
@@ -191,7 +213,8 @@ def measure(name: str, objective: str, factory, b: dict, oracle: dict, useful_fl
     row = dict(method=name, objective=objective)
     loss_fn = factory(b)
     if loss_fn is None:
-        return dict(row, status="unavailable")
+        reason = UNAVAILABLE.get(name)
+        return dict(row, status="unavailable" + (f" ({reason})" if reason else ""))
     hidden = b["hidden"].detach().requires_grad_(True)
     weight = b["weight"].detach().requires_grad_(True)
     grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
