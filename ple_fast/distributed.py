@@ -194,12 +194,43 @@ class _FullOptimizerState:
 
 
 def whole_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
-    """An unsharded copy of `model` holding `state` (rank 0), for save_pretrained."""
+    """An unsharded copy of `model` holding `state` (rank 0), for save_pretrained; a PEFT model
+    is rebuilt around a copy of its base with the same adapter config."""
+    import copy
+
+    from ple_fast.checkpoint import _is_peft
+
     with torch.device("meta"):
-        whole = type(model)(model.config)
+        if _is_peft(model):
+            from peft import get_peft_model
+
+            (name, adapter), = model.peft_config.items()
+            base = model.get_base_model()
+            whole = get_peft_model(type(base)(base.config), copy.deepcopy(adapter), adapter_name=name)
+        else:
+            whole = type(model)(model.config)
     whole.load_state_dict(state, strict=False, assign=True)
     whole.tie_weights()
     return whole
+
+
+def _adapter_state(model: torch.nn.Module, adapter_file_state: dict, folder) -> dict:
+    """A saved adapter's weights under the model's own parameter names. PEFT saves them without
+    the adapter name (lora_A.weight for the model's lora_A.default.weight); the frozen base
+    weights are not in the checkpoint and stay those the run loaded."""
+    from ple_fast.checkpoint import CheckpointError
+
+    (name,) = model.peft_config
+    state = {}
+    # in parameter order, identical on every rank: loading distributes key by key (collectives)
+    expected = {n.replace(f".{name}.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = set(expected) - set(adapter_file_state), set(adapter_file_state) - set(expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: adapter does not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    for saved, own in expected.items():
+        state[own] = adapter_file_state[saved]
+    return state
 
 
 def save_distributed_checkpoint(dist_info: Dist, run_dir, step: int, *, model, tokenizer, optimizer, scheduler,
@@ -224,6 +255,22 @@ def save_distributed_checkpoint(dist_info: Dist, run_dir, step: int, *, model, t
     return path
 
 
+def _check_full_state(model: torch.nn.Module, state: dict, folder) -> None:
+    """The checkpoint's weights are exactly the model's (a tied lm_head may be absent)."""
+    from ple_fast.checkpoint import CheckpointError
+
+    own = set(model.state_dict())
+    if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings",
+                                                                             False):
+        embed = [k for k in state if k.endswith("embed_tokens.weight")]
+        if embed:
+            state["lm_head.weight"] = state[embed[0]]
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match the model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+
+
 def load_distributed_checkpoint(path, *, model, optimizer=None, scheduler=None) -> dict:
     """Every rank reads the checkpoint and keeps its own shards of the model and optimizer."""
     import json
@@ -245,18 +292,15 @@ def load_distributed_checkpoint(path, *, model, optimizer=None, scheduler=None) 
     state: dict = {}
     for file in files:
         state.update(load_file(str(file)))
-    own = set(model.state_dict())
-    if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings",
-                                                                             False):
-        embed = [k for k in state if k.endswith("embed_tokens.weight")]
-        if embed:
-            state["lm_head.weight"] = state[embed[0]]
-    missing, unexpected = own - set(state), set(state) - own
-    if missing or unexpected:
-        raise CheckpointError(f"{path / 'model'}: weights do not match the model: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
+    from ple_fast.checkpoint import _is_peft
+
+    if _is_peft(model):             # adapter only: load it into the sharded model, leave the base
+        state = _adapter_state(model, state, path / "model")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        _check_full_state(model, state, path / "model")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state, options=options)
     if optimizer is not None:
         optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=options)

@@ -204,8 +204,6 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("ple.batch_size", cfg.ple.batch_size)):
         if value % world_size:
             raise ConfigError(f"{key}={value} must be a multiple of the {world_size} processes")
-    if cfg.lora.enabled:
-        raise ConfigError("lora.enabled with torchrun is not supported yet")
 
 
 def prepare_model(model, cfg: Config):
@@ -240,7 +238,7 @@ def save_final_model(model, tokenizer, out_dir: Path, dist=None) -> Path:
         from ple_fast.distributed import full_state_dict, whole_model
         state = full_state_dict(model)
         if dist.is_main:
-            save_policy(whole_model(model, state), tokenizer, out_dir / "model")
+            save_final_model(whole_model(model, state), tokenizer, out_dir)
         dist.barrier()
         return out_dir / "model"
 
