@@ -72,7 +72,7 @@ class PLEConfig:
     length_normalize: bool = True
     beta: float = 1.0
     raft_samples: int = 2            # responses per query for RAFT (same sample budget as PLE)
-    loss_impl: str = "auto"          # auto | torch | reference | triton
+    loss_impl: str = "auto"          # auto | torch | reference | triton | pairs
     packed: bool = True              # score responses in the packed prefix-tree layout (each query once)
     attention: str = "auto"          # packed attention backend: auto | sdpa | segments | flex | flash
     grad_clip: float = 1.0
@@ -150,7 +150,7 @@ CHOICES = {
     "ple.decay": ("iteration", "step"),
     "ple.rank_loss": ("hinge", "logistic"),
     "ple.weighting": ("softmax", "tanh"),
-    "ple.loss_impl": ("auto", "torch", "reference", "triton"),
+    "ple.loss_impl": ("auto", "torch", "reference", "triton", "pairs"),
     "ple.attention": ("auto", "sdpa", "segments", "flex", "flash"),
     "rollout.backend": ("hf", "fast"),
     "sft.schedule": ("constant", "cosine", "linear"),

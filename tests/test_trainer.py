@@ -138,6 +138,27 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
         torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
 
 
+def test_pairs_loss_gives_the_same_alignment_update_as_torch(tmp_path):
+    """ple.loss_impl=pairs (gradient formed in the forward) hands the optimizer the same gradient."""
+    grads = {}
+    for impl in ("torch", "pairs"):
+        trainer = small_trainer(tmp_path / impl, f"ple.loss_impl={impl}")
+        trainer.cfg.sft.steps = 0
+        real_update = trainer.apply_update
+        seen = []
+
+        def capture(loss_value):
+            seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
+            return real_update(loss_value)
+
+        trainer.apply_update = capture
+        trainer.run_alignment()
+        grads[impl] = seen[0]
+    assert grads["torch"][1] == pytest.approx(grads["pairs"][1], rel=1e-5)
+    for a, b in zip(grads["torch"][0], grads["pairs"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     from ple_fast.train import prepare_model
 
