@@ -64,8 +64,12 @@ if (( ${#wheels[@]} )); then
 fi
 
 # 2. GPU-marked tests (compiled Triton, CUDA ops)
+# per-test limit where pytest-timeout is installed (it is on the GPU image): one hung test must not
+# take the whole step's time
+per_test=()
+if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then per_test=(--timeout=90); fi
 run_step pytest_gpu "$(( $(left) < 150 ? ($(left) > 30 ? $(left) : 30) : 150 ))" \
-  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider
+  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider "${per_test[@]}"
 
 # 3. every bench, each with a fair share of the time left
 benches=(bench/bench_*.py)
