@@ -132,13 +132,10 @@ class StaticKVCache:
         if keys.shape[1:2] != (self.kv_heads,) or keys.shape[-1] != self.head_dim:
             raise ValueError(f"StaticKVCache: layer {layer} produced keys of shape {tuple(keys.shape)}, "
                              f"expected [rows, {self.kv_heads}, q, {self.head_dim}] from the model config")
-        flat = (self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1)).reshape(-1)
-        dim = self.head_dim
-        self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
-        self.values[layer].view(-1, dim).index_copy_(0, flat, values.reshape(-1, dim).to(self.values.dtype))
+        self.scatter(layer, self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1), keys, values)
 
     def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [W, kv_heads, D] go to the flat slots [W, kv_heads] (see `flat_slots`)."""
+        """keys/values [..., D] go to the flat slots [...] of the same leading shape (see `flat_slots`)."""
         dim = self.head_dim
         flat = slots.reshape(-1)
         self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
