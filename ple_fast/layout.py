@@ -129,17 +129,23 @@ def pack_dual(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
     Token lists can be Python int lists or 1-D integer tensors. On a CUDA device the layout is built
     by the CUDA kernel when ple_fast._C has it, else on the CPU and copied over.
     """
-    load_extension()
     _check_pairs(queries, originals, principled)
     query_ids, query_lens = _flatten(queries, "queries")
     orig_ids, orig_lens = _flatten(originals, "originals")
     prin_ids, prin_lens = _flatten(principled, "principled")
     inputs = (query_ids, query_lens, orig_ids, orig_lens, prin_ids, prin_lens)
-    target = torch.device(device) if device is not None else query_ids.device
-    on_gpu = target.type == "cuda" and has_kernel("dual_layout", "CUDA")
+    return _run_layout_op("dual_layout", inputs, device, num_pairs=len(queries))
+
+
+def _run_layout_op(op: str, inputs: tuple, device, num_pairs: int) -> PackedBatch:
+    """torch.ops.ple_fast.<op> on `device` (default: the first input's) when _C has its CUDA
+    kernel there, else on the CPU with the result copied over."""
+    load_extension()
+    target = torch.device(device) if device is not None else inputs[0].device
+    on_gpu = target.type == "cuda" and has_kernel(op, "CUDA")
     run_on = target if on_gpu else torch.device("cpu")
-    out = torch.ops.ple_fast.dual_layout(*(t.to(run_on) for t in inputs))
-    batch = PackedBatch(*out, num_pairs=len(queries))
+    out = getattr(torch.ops.ple_fast, op)(*(t.to(run_on) for t in inputs))
+    batch = PackedBatch(*out, num_pairs=num_pairs)
     return batch if run_on == target else batch.to(target)
 
 
@@ -283,14 +289,7 @@ def pack_prefill(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequen
     with b: the row whose logits give prompt b's first new token. labels are the next token along
     the row's path (-100 at a segment's end), for callers that score prompts.
     """
-    load_extension()
-    inputs = _prefill_inputs(prefix, prompts, prefixed)
-    target = torch.device(device) if device is not None else inputs[1].device
-    on_gpu = target.type == "cuda" and has_kernel("prefill_layout", "CUDA")
-    run_on = target if on_gpu else torch.device("cpu")
-    out = torch.ops.ple_fast.prefill_layout(*(t.to(run_on) for t in inputs))
-    batch = PackedBatch(*out, num_pairs=0)
-    return batch if run_on == target else batch.to(target)
+    return _run_layout_op("prefill_layout", _prefill_inputs(prefix, prompts, prefixed), device, num_pairs=0)
 
 
 def pack_prefill_reference(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequence[bool],
