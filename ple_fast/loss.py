@@ -264,6 +264,27 @@ class _ChunkedSequenceLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None
 
 
+# Whether torch.addmm(..., out_dtype=fp32, out=acc) (half inputs, fp32 accumulator in place)
+# works on this build; None until first tried. Otherwise dW accumulates through a temporary.
+_ADDMM_OUT_DTYPE: dict = {}
+
+
+def accumulate_dw(d_weight: Tensor, dz: Tensor, x: Tensor) -> None:
+    """d_weight += dz^T @ x, in d_weight's (accumulation) dtype."""
+    if dz.dtype == d_weight.dtype:
+        d_weight.addmm_(dz.T, x)
+        return
+    key = d_weight.device.type
+    if _ADDMM_OUT_DTYPE.get(key, True):
+        try:
+            torch.addmm(d_weight, dz.T, x, out_dtype=d_weight.dtype, out=d_weight)
+            _ADDMM_OUT_DTYPE[key] = True
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            _ADDMM_OUT_DTYPE[key] = False
+    d_weight.add_(torch.mm(dz.T, x, out_dtype=d_weight.dtype))
+
+
 def _chunked_logprob_grads(hidden, weight, safe_labels, slots, lse, grad_seq, need_dx, need_dw, softcap,
                            temperature, chunk_rows):
     """(dX, dW) of sum(grad_seq * seq_logps) with the logits recomputed chunk by chunk from the

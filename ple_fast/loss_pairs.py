@@ -51,27 +51,6 @@ from torch.autograd.function import once_differentiable
 from ple_fast import loss as _loss
 from ple_fast.loss import PLELossOutput, gated_loss, sequence_token_counts
 
-# Whether torch.addmm(..., out_dtype=fp32, out=acc) (half inputs, fp32 accumulator in place)
-# works on this build; None until first tried. Otherwise dW accumulates through a temporary.
-_ADDMM_OUT_DTYPE: dict = {}
-
-
-def _accumulate_dw(d_weight: Tensor, dz: Tensor, x: Tensor) -> None:
-    """d_weight += dz^T @ x, in d_weight's (accumulation) dtype."""
-    if dz.dtype == d_weight.dtype:
-        d_weight.addmm_(dz.T, x)
-        return
-    key = d_weight.device.type
-    if _ADDMM_OUT_DTYPE.get(key, True):
-        try:
-            torch.addmm(d_weight, dz.T, x, out_dtype=d_weight.dtype, out=d_weight)
-            _ADDMM_OUT_DTYPE[key] = True
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            _ADDMM_OUT_DTYPE[key] = False
-    d_weight.add_(torch.mm(dz.T, x, out_dtype=d_weight.dtype))
-
-
 # ----------------------------------------------------------------------------------------
 # planning: pair order and chunk boundaries (the one host sync)
 
@@ -237,7 +216,7 @@ class _PairsPLELoss(torch.autograd.Function):
                     else:
                         d_hidden.index_copy_(0, idx, dx.to(hidden.dtype))
                 if need_dw:
-                    _accumulate_dw(d_weight, dz, x)
+                    _loss.accumulate_dw(d_weight, dz, x)
                 dz = None
 
             loss, ranked, valid, num_dropped = gated_loss(seq_logps, seq_tokens, rewards, tau, **gate)
