@@ -23,6 +23,12 @@ def join_text(query: str, response: str) -> str:
     return query + response
 
 
+def _check_pairs(queries: Sequence, first: Sequence, second: Sequence) -> None:
+    if not len(queries) == len(first) == len(second):
+        raise ValueError(f"score_pairs: got {len(queries)} queries, {len(first)} first and "
+                         f"{len(second)} second responses; need one of each per pair")
+
+
 class RewardFunction:
     name = "reward"
 
@@ -35,9 +41,7 @@ class RewardFunction:
         The trainer scores PLE pairs through this, so a reward that can share work between a pair's
         two responses (HFReward: one forward of the query) overrides it; the default is two calls.
         """
-        if not len(queries) == len(first) == len(second):
-            raise ValueError(f"score_pairs: got {len(queries)} queries, {len(first)} first and "
-                             f"{len(second)} second responses; need one of each per pair")
+        _check_pairs(queries, first, second)
         return torch.stack([self(queries, first).float(), self(queries, second).float()], dim=1)
 
 
@@ -182,15 +186,13 @@ class HFReward(RewardFunction):
         it, not the literal last token; a model class with a different pooling rule than HF's
         sequence classifiers would differ from its padded scores here.
         """
-        if not len(queries) == len(first) == len(second):
-            raise ValueError(f"score_pairs: got {len(queries)} queries, {len(first)} first and "
-                             f"{len(second)} second responses; need one of each per pair")
+        _check_pairs(queries, first, second)
         if not self.packed:
             return super().score_pairs(queries, first, second)
         ids_a = self._encode([join_text(q, r) for q, r in zip(queries, first)])
         ids_b = self._encode([join_text(q, r) for q, r in zip(queries, second)])
         scores = torch.empty(len(queries), 2, dtype=torch.float32)
-        shared, separate, padded = [], [], []
+        shared, separate, padded = {}, [], []           # shared: pair -> its common token prefix
         for k, (a, b) in enumerate(zip(ids_a, ids_b)):
             lcp = _common_prefix(a, b)
             if not a or not b:
@@ -198,7 +200,7 @@ class HFReward(RewardFunction):
             elif lcp == 0:
                 separate.append(k)
             else:
-                shared.append(k)
+                shared[k] = lcp
         try:
             self._score_shared(shared, ids_a, ids_b, scores)
             self._score_separate(separate, ids_a, ids_b, scores)
@@ -251,13 +253,13 @@ class HFReward(RewardFunction):
         picked = hidden[torch.as_tensor(rows, device=hidden.device)]
         return self._head(picked)[:, 0].float().cpu()
 
-    def _score_shared(self, pairs, ids_a, ids_b, scores) -> None:
-        """pack_dual: root = q[:-1], branch 3j+1 / 3j+2 = [q[-1]] + rest of a / b (layout.py)."""
+    def _score_shared(self, lcps: dict[int, int], ids_a, ids_b, scores) -> None:
+        """pack_dual: root = q[:-1], branch 3j+1 / 3j+2 = [q[-1]] + rest of a / b (layout.py).
+        `lcps` maps each pair to the length of its texts' common token prefix (>= 1)."""
         from ple_fast.layout import SEGMENTS_PER_PAIR, pack_dual
 
-        lcps = {k: _common_prefix(ids_a[k], ids_b[k]) for k in pairs}
         cost = lambda k: len(ids_a[k]) + len(ids_b[k]) - lcps[k] + 1  # noqa: E731  (rows of the pair)
-        for chunk in self._chunks(pairs, cost):
+        for chunk in self._chunks(list(lcps), cost):
             batch = pack_dual([ids_a[k][:lcps[k]] for k in chunk], [ids_a[k][lcps[k]:] for k in chunk],
                               [ids_b[k][lcps[k]:] for k in chunk], device=self.device)
             seg_start = batch.seg_start.tolist()
