@@ -112,6 +112,24 @@ def small_trainer(tmp_path, *overrides):
     return Trainer(cfg, model, tokenizer, work, BuiltinReward(), log, run_dir=tmp_path)
 
 
+def first_update(trainer, phase: str) -> tuple[list[torch.Tensor], float]:
+    """(gradients, loss) handed to the optimizer at the first update of the phase ("sft" or "ple")."""
+    real_update = trainer.apply_update
+    seen = []
+
+    def capture(loss_value):
+        seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
+        return real_update(loss_value)
+
+    trainer.apply_update = capture
+    if phase == "sft":
+        trainer.run_sft()
+    else:
+        trainer.cfg.sft.steps = 0
+        trainer.run_alignment()
+    return seen[0]
+
+
 @pytest.mark.parametrize("phase", ["sft", "ple"])
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
     """The gradient handed to the optimizer is the same with 1 or 3 micro-batches."""
@@ -119,20 +137,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
     for accum in (1, 3):
         trainer = small_trainer(tmp_path / f"a{accum}", f"sft.grad_accum={accum}", f"ple.grad_accum={accum}",
                                 "sft.steps=1")
-        real_update = trainer.apply_update
-        seen = []
-
-        def capture(loss_value):
-            seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
-            return real_update(loss_value)
-
-        trainer.apply_update = capture
-        if phase == "sft":
-            trainer.run_sft()
-        else:
-            trainer.cfg.sft.steps = 0
-            trainer.run_alignment()
-        grads[accum] = seen[0]
+        grads[accum] = first_update(trainer, phase)
     assert grads[1][1] == pytest.approx(grads[3][1], rel=1e-5)
     for g1, g3 in zip(grads[1][0], grads[3][0]):
         torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
@@ -142,18 +147,7 @@ def test_pairs_loss_gives_the_same_alignment_update_as_torch(tmp_path):
     """ple.loss_impl=pairs (gradient formed in the forward) hands the optimizer the same gradient."""
     grads = {}
     for impl in ("torch", "pairs"):
-        trainer = small_trainer(tmp_path / impl, f"ple.loss_impl={impl}")
-        trainer.cfg.sft.steps = 0
-        real_update = trainer.apply_update
-        seen = []
-
-        def capture(loss_value):
-            seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
-            return real_update(loss_value)
-
-        trainer.apply_update = capture
-        trainer.run_alignment()
-        grads[impl] = seen[0]
+        grads[impl] = first_update(small_trainer(tmp_path / impl, f"ple.loss_impl={impl}"), "ple")
     assert grads["torch"][1] == pytest.approx(grads["pairs"][1], rel=1e-5)
     for a, b in zip(grads["torch"][0], grads["pairs"][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
