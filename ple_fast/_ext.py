@@ -5,7 +5,9 @@ that `import torch` loaded are the ones it must use. `python -m ple_fast._ext` p
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -22,6 +24,18 @@ def load_extension() -> ModuleType:
         return importlib.import_module("ple_fast._C")
     except ImportError as err:
         raise ImportError(f"{_INSTALL_HINT}\n(original error: {err})") from err
+
+
+@functools.cache
+def extension_available(caller: str) -> bool:
+    """Whether _C loads; the first failure per caller warns (the build hint and the import error),
+    so a Python fallback never runs unannounced. Tests assert the load itself (tests/test_layout.py)."""
+    try:
+        load_extension()
+        return True
+    except ImportError as err:
+        warnings.warn(f"{caller}: using the plain-Python fallback (slower). {err}", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:

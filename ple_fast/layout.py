@@ -21,7 +21,7 @@ from typing import Sequence, Union
 
 import torch
 
-from ple_fast._ext import has_kernel, load_extension
+from ple_fast._ext import extension_available, has_kernel
 
 IGNORE_LABEL = -100
 SEGMENTS_PER_PAIR = 3
@@ -127,9 +127,12 @@ def pack_dual(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
     """Pack P pairs with the C++/CUDA op; runs on `device` (default: where the token tensors are).
 
     Token lists can be Python int lists or 1-D integer tensors. On a CUDA device the layout is built
-    by the CUDA kernel when ple_fast._C has it, else on the CPU and copied over.
+    by the CUDA kernel when ple_fast._C has it, else on the CPU and copied over. Without a loadable
+    _C (a failed build) it warns once and runs `pack_dual_reference`.
     """
     _check_pairs(queries, originals, principled)
+    if not extension_available("pack_dual"):
+        return pack_dual_reference(queries, originals, principled, device=device)
     query_ids, query_lens = _flatten(queries, "queries")
     orig_ids, orig_lens = _flatten(originals, "originals")
     prin_ids, prin_lens = _flatten(principled, "principled")
@@ -140,7 +143,6 @@ def pack_dual(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
 def _run_layout_op(op: str, inputs: tuple, device, num_pairs: int) -> PackedBatch:
     """torch.ops.ple_fast.<op> on `device` (default: the first input's) when _C has its CUDA
     kernel there, else on the CPU with the result copied over."""
-    load_extension()
     target = torch.device(device) if device is not None else inputs[0].device
     on_gpu = target.type == "cuda" and has_kernel(op, "CUDA")
     run_on = target if on_gpu else torch.device("cpu")
@@ -287,8 +289,11 @@ def pack_prefill(prefix: TokenIds, prompts: Sequence[TokenIds], prefixed: Sequen
     Segment 0 is the prefix (absent when it is empty); prompt b is segment b (+1 with a prefix),
     a child of the prefix where prefixed[b], else a root. seq_index marks each prompt's last row
     with b: the row whose logits give prompt b's first new token. labels are the next token along
-    the row's path (-100 at a segment's end), for callers that score prompts.
+    the row's path (-100 at a segment's end), for callers that score prompts. Without a loadable
+    _C it warns once and runs `pack_prefill_reference`.
     """
+    if not extension_available("pack_prefill"):
+        return pack_prefill_reference(prefix, prompts, prefixed, device=device)
     return _run_layout_op("prefill_layout", _prefill_inputs(prefix, prompts, prefixed), device, num_pairs=0)
 
 

@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from ple_fast._ext import built_with_cuda, has_kernel, load_extension
+import ple_fast._ext as ext_module
+from ple_fast._ext import built_with_cuda, extension_available, has_kernel, load_extension
 from ple_fast.layout import (IGNORE_LABEL, PackedBatch, pack_dual, pack_dual_reference, pack_prefill,
                              pack_prefill_reference)
 
@@ -53,6 +54,28 @@ def test_extension_loads_and_registers_the_op():
     assert built_with_cuda() == has_kernel("dual_layout", "CUDA")
     if torch.version.cuda is None:
         assert not built_with_cuda()
+    assert extension_available("test")
+
+
+def test_without_the_extension_the_packers_warn_and_fall_back_to_the_reference(monkeypatch):
+    """A failed _C build must not stop training or rollouts: both packers announce the slower
+    Python path once and return exactly what the reference builds."""
+    def broken_load():
+        raise ImportError("ple_fast._C is not built (simulated)")
+
+    rng = random.Random(7)
+    queries, originals, principled = random_pairs(rng, 5)
+    monkeypatch.setattr(ext_module, "load_extension", broken_load)
+    extension_available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="pack_dual: using the plain-Python fallback.*simulated"):
+            batch = pack_dual(queries, originals, principled)
+        assert_same_batch(batch, pack_dual_reference(queries, originals, principled))
+        with pytest.warns(RuntimeWarning, match="pack_prefill: using the plain-Python fallback"):
+            prefill = pack_prefill([1, 2], queries, [True, False, True, True, False])
+        assert_same_batch(prefill, pack_prefill_reference([1, 2], queries, [True, False, True, True, False]))
+    finally:
+        extension_available.cache_clear()
 
 
 # ---- op == reference -----------------------------------------------------------------------------
