@@ -75,7 +75,11 @@ def tile_config(device: torch.device, dtype: torch.dtype) -> dict:
     interpreter (CPU tensors) gets the smallest tl.dot shape so tests stay fast."""
     if device.type != "cuda":
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_K=16, GROUP_N=4, num_warps=1, num_stages=1)
-    major, _ = torch.cuda.get_device_capability(device)
+    return gpu_tile_config(torch.cuda.get_device_capability(device)[0], dtype)
+
+
+def gpu_tile_config(major: int, dtype: torch.dtype) -> dict:
+    """The compiled kernels' tile for a GPU of compute capability `major` (tests compile it without a GPU)."""
     block_k = 32 if dtype == torch.float32 else 64
     if major >= 9:
         return dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=block_k, GROUP_N=8, num_warps=8, num_stages=3)

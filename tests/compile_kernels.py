@@ -1,0 +1,87 @@
+"""Compile every Triton kernel of ple_fast.kernels for a CUDA architecture, without a GPU.
+
+    python tests/compile_kernels.py 90      # sm_90; exits non-zero naming the kernel that failed
+
+The interpreter (how CPU tests run the kernels) accepts programs that the compiler rejects and
+never sees the GPU tile shapes, so this compiles each kernel exactly as it launches on a GPU:
+the launch's tile constexprs, argument dtypes and warps, down to a cubin with Triton's bundled
+ptxas. Run without TRITON_INTERPRET (tests/test_kernels_compile.py does that in a subprocess).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ple_fast.kernels import logprob, sampling
+
+TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Argument types by name: the given pointer dtypes, constexprs, fp32 for the float scalars, i32 else."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers[name]
+        elif name in ("softcap", "inv_temp"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int):
+    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs),
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{kernel.__name__}: no cubin produced")
+
+
+def launches(arch: int):
+    """(label, kernel, pointer dtypes, constexprs, num_warps, num_stages) as the host code launches them."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        cfg = logprob.gpu_tile_config(arch // 10, dtype)
+        mm = "*" + TRITON_DTYPE[dtype]
+        for softcap in (False, True):
+            const = dict(HAS_SOFTCAP=softcap, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+                         BLOCK_K=cfg["BLOCK_K"], GROUP_N=cfg["GROUP_N"], EVEN_K=not softcap,
+                         PRECISION="tf32", DOT_UPCAST=False)
+            yield (f"logprob lse {dtype} softcap={softcap}", logprob._lse_partials_kernel,
+                   dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp32",
+                        target_ptr="*fp32"), const, cfg["num_warps"], cfg["num_stages"])
+            yield (f"logprob dlogits {dtype} softcap={softcap}", logprob._dlogits_kernel,
+                   dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", lse_ptr="*fp32", dz_ptr=mm), const,
+                   cfg["num_warps"], cfg["num_stages"])
+        for softcap in (False, True):
+            yield (f"sampling race {dtype} softcap={softcap}", sampling._race_kernel,
+                   dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",
+                        best_score_ptr="*fp32", best_col_ptr="*i32"),
+                   dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
+    yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
+           dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
+
+
+def main(arch: int) -> int:
+    if logprob.INTERPRETED:
+        raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    failed = 0
+    for label, kernel, pointers, constexprs, warps, stages in launches(arch):
+        try:
+            compile_one(kernel, pointers, constexprs, warps, stages, arch)
+            print(f"sm_{arch} {label}: ok")
+        except Exception as err:  # noqa: BLE001 - report every kernel, then fail
+            failed += 1
+            print(f"sm_{arch} {label}: FAILED {type(err).__name__}: {err}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
