@@ -4,7 +4,9 @@ A ~1B Llama shape (Llama-3.2-1B: 16 layers, hidden 2048, 32/8 heads, vocab 12825
 random bf16 weights; prompts of 256 random tokens, 256 new tokens (no EOS), sampling at
 temperature 1. Reports generated tokens/s per method and batch size, and for our engine the
 fraction of the bandwidth floor: per decode step, one read of the weights plus the K/V of every
-row's context, at the device-to-device copy bandwidth measured in the same run.
+row's context, at the device-to-device copy bandwidth measured in the same run. Our engine runs
+twice: `fast` samples with the fused race kernel (its default for plain temperature sampling),
+`fast_torch_sampling` with the torch softmax path, to show what the fused sampler saves.
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -120,12 +122,13 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    passes = [("hf", "fast")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+    passes = [("hf", "fast", "fast_torch_sampling")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
     weights = weight_bytes_read_per_step(model)
-    engine = RolloutEngine(model)
+    engines = {"fast": RolloutEngine(model),
+               "fast_torch_sampling": RolloutEngine(model, fused_sampling=False)}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)
@@ -155,7 +158,11 @@ def main(argv=None) -> int:
                     save()
                     continue
                 try:
-                    if method == "fast":
+                    if method in engines:
+                        engine = engines[method]
+                        for other in engines.values():   # one KV cache at a time
+                            if other is not engine:
+                                other.release()
                         call = lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens,
                                                        temperature=1.0, seed=0)
                         call()                                 # warm-up: captures every cache-length graph
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
                 if batch in hf_rate and method != "hf":
                     row["speedup_vs_hf"] = rate / hf_rate[batch]
                 note = ""
-                if method == "fast":
+                if method in engines:
                     stats = engine.last_stats
                     steps = max(stats.decode_steps - 1, 1)
                     row.update(prefill_s=stats.prefill_s, decode_s=stats.decode_s, cuda_graphs=stats.graphs,
@@ -193,7 +200,8 @@ def main(argv=None) -> int:
                 print(f"batch {batch:4d}  {method:18s}  {rate:12,.0f} tok/s  {seconds:8.2f} s{note}")
                 save()
             del input_ids
-    engine.release()
+    for engine in engines.values():
+        engine.release()
     print(f"wrote {out_path}")
     return 0
 

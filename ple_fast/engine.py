@@ -17,8 +17,13 @@ and each plain prompt as a root, under tree attention (ple_fast.attention); each
 packed K/V into the cache rows, the prefix's into every row that follows it. Rows differ only in
 where they end; decode steps have fixed shapes
 [B, 1] and attend over the first L slots, L rounded up to `kv_block`, so one CUDA graph per L
-serves every step of that length. The per-step RNG draw happens outside the graph, from a
-seeded torch.Generator, into a static noise buffer the graph reads.
+serves every step of that length.
+
+Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
+(ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
+seed and the device-side step counter, so graphs need no noise input. With top-k / top-p the
+per-step exponential noise is drawn outside the graph, from a seeded torch.Generator, into a
+static buffer the graph reads.
 """
 from __future__ import annotations
 
@@ -246,6 +251,7 @@ class _DecodeState:
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)          # output column
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.seed = torch.zeros(1, dtype=torch.long, device=device)          # fused sampling's key
         self.out = torch.zeros(batch, max_new, dtype=torch.long, device=device)
         self.noise = torch.ones(batch, 1, device=device)     # swapped per sampling width, see _use_noise
         self.noise_by_width = {1: self.noise}               # kept: captured graphs point at them
@@ -281,7 +287,8 @@ class RolloutEngine:
     """
 
     def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
-                 check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto"):
+                 check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto",
+                 fused_sampling: bool | None = None):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -301,6 +308,9 @@ class RolloutEngine:
         self.check_every = check_every or (8 if on_cuda else 1)
         self.prefill_tokens = prefill_tokens
         self.prefill_attention = prefill_attention      # tree-attention backend of the packed prefill
+        # the Triton race kernel for plain temperature sampling: default on CUDA; on CPU tensors it
+        # needs TRITON_INTERPRET=1 (tests), so eager CPU runs keep the torch path
+        self.fused_sampling = on_cuda if fused_sampling is None else fused_sampling
         self.cache: StaticKVCache | None = None
         self.state: _DecodeState | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -376,26 +386,32 @@ class RolloutEngine:
                          ple_pass=_Pass(self.cache, rows, positions, kv_length))
         return out[0]
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> torch.Tensor:
+        """[B] tokens from the last hidden states [B, H]; the fused kernel applies the softcap itself."""
+        temperature, top_k, top_p, fused = sampling
         logits = self.head(hidden)
+        if fused:
+            from ple_fast.kernels.sampling import race_sample
+
+            return race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return sample_tokens(logits, self.state.noise, temperature, top_k, top_p)
 
     def _prefill(self, prompts: list[list[int]], prefixed: list[bool], prefix: list[int]) -> torch.Tensor:
-        """Packed prefill of every prompt (after the prefix where prefixed); logits [B, V] at each
-        prompt's last token. Chunks of about `prefill_tokens` tokens; a chunk with followers carries
+        """Packed prefill of every prompt (after the prefix where prefixed); hidden states [B, H] at
+        each prompt's last token. Chunks of about `prefill_tokens` tokens; a chunk with followers carries
         the prefix once (so a long batch recomputes the prefix once per chunk, not once per prompt)."""
-        logits, lo = [], 0
+        hidden, lo = [], 0
         while lo < len(prompts):
             hi, tokens = lo + 1, len(prompts[lo])
             while hi < len(prompts) and tokens + len(prompts[hi]) <= self.prefill_tokens:
                 tokens += len(prompts[hi])
                 hi += 1
             chunk_prefix = prefix if any(prefixed[lo:hi]) else []
-            logits.append(self._prefill_chunk(lo, prompts[lo:hi], prefixed[lo:hi], chunk_prefix))
+            hidden.append(self._prefill_chunk(lo, prompts[lo:hi], prefixed[lo:hi], chunk_prefix))
             lo = hi
-        return torch.cat(logits)
+        return torch.cat(hidden)
 
     def _prefill_chunk(self, first_row: int, prompts: list[list[int]], prefixed: list[bool],
                        prefix: list[int]) -> torch.Tensor:
@@ -418,24 +434,21 @@ class RolloutEngine:
         hidden = self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                             use_cache=False, ple_pass=packed)[0][0]
         last_rows = batch.cu_seqlens_q[has_prefix + 1:].long() - 1
-        return self._logits(hidden.index_select(0, last_rows))
+        return hidden.index_select(0, last_rows)
 
-    def _decode_step(self, kv_length: int, sampling: tuple[float, int, float], pad: torch.Tensor,
+    def _decode_step(self, kv_length: int, sampling: tuple[float, int, float, bool], pad: torch.Tensor,
                      eos: torch.Tensor) -> None:
         """One token for every row, entirely on device and in place (the graph body)."""
         st = self.state
         batch = st.tokens.shape[0]
         hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch), kv_length)
-        logits = self._logits(hidden[:, -1])
-        self._emit(logits, sampling, pad, eos)
+        self._emit(hidden[:, -1], sampling, pad, eos)
         st.positions.add_(1)
 
-    def _emit(self, logits: torch.Tensor, sampling: tuple[float, int, float], pad: torch.Tensor,
+    def _emit(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool], pad: torch.Tensor,
               eos: torch.Tensor) -> None:
         st = self.state
-        temperature, top_k, top_p = sampling
-        token = sample_tokens(logits, st.noise, temperature, top_k, top_p)
-        token = torch.where(st.done, pad, token)
+        token = torch.where(st.done, pad, self._next_tokens(hidden, sampling))
         st.out.index_copy_(1, st.step, token.unsqueeze(1))
         st.done.logical_or_((token.unsqueeze(1) == eos.unsqueeze(0)).any(dim=1))
         st.tokens.copy_(token)
@@ -495,10 +508,16 @@ class RolloutEngine:
         ends = [o + len(p) for o, p in zip(offsets, prompts)]
         capacity = _round_up(max(ends) + max_new_tokens, self.kv_block)
         vocab = self.head.weight.shape[0]
-        sampling = (float(temperature), int(top_k), float(top_p)) if temperature > 0 else (0.0, 0, 1.0)
+        if temperature > 0:
+            plain = not 0 < top_k < vocab and top_p >= 1.0      # no candidate filtering
+            sampling = (float(temperature), int(top_k), float(top_p), plain and self.fused_sampling)
+        else:
+            sampling = (0.0, 0, 1.0, False)
+        draws_noise = sampling[0] > 0 and not sampling[3]
         self._ensure_buffers(batch, capacity, max_new_tokens)
         st = self.state
-        st.use_noise(noise_width(vocab, top_k, top_p) if sampling[0] > 0 else 1)
+        st.use_noise(noise_width(vocab, top_k, top_p) if draws_noise else 1)
+        st.seed.fill_(int(seed))
         eos_ids = tuple(sorted({int(e) for e in eos_token_ids}))
         pad, eos = self._constants(int(pad_token_id), eos_ids)
         generator = torch.Generator(device=self.device)
@@ -507,20 +526,20 @@ class RolloutEngine:
 
         with self._engine_mode():
             timer.mark()
-            logits = self._prefill([[int(t) for t in p] for p in prompts], [bool(o) for o in offsets], prefix)
+            hidden = self._prefill([[int(t) for t in p] for p in prompts], [bool(o) for o in offsets], prefix)
             st.done.zero_()
             st.step.zero_()
             st.positions.copy_(torch.tensor(ends, device=self.device))
-            if sampling[0] > 0:
+            if draws_noise:
                 st.noise.exponential_(generator=generator)
-            self._emit(logits, sampling, pad, eos)
+            self._emit(hidden, sampling, pad, eos)
             timer.mark()
             steps = 1
             for step in range(1, max_new_tokens):
                 if step % self.check_every == 0 and bool(st.done.all()):
                     break
                 kv_length = min(capacity, _round_up(max(ends) + step, self.kv_block))
-                if sampling[0] > 0:
+                if draws_noise:
                     st.noise.exponential_(generator=generator)
                 key = (kv_length, sampling, int(pad_token_id), eos_ids, st.out.shape[1])
                 graph = self._graph(kv_length, sampling, pad, eos, key) if self.cuda_graphs else None

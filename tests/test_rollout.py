@@ -166,8 +166,10 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return stat, int(kept.sum()) - 1
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 5, 1.0), (1.3, 0, 0.7)])
-def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,fused", [
+    (1.0, 0, 1.0, False), (0.8, 5, 1.0, False), (1.3, 0, 0.7, False), (0.7, 0, 1.0, True)])
+def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, top_p, fused):
+    """fused: the Triton race kernel (the CUDA default for plain temperature sampling)."""
     vocab, draws = 12, 6000
     model = tiny_model("llama", vocab=vocab, init=0.15, seed=2).eval()
     prompt = [5, 7, 3]
@@ -176,7 +178,7 @@ def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, 
     probs = reference_candidate_probs(logits, temperature, top_k, top_p)[0]
     assert (probs[probs > 0] * draws).min() >= 5, "expected counts too small for a chi-square test"
     assert (probs > 0).sum() >= 3
-    engine = RolloutEngine(model)
+    engine = RolloutEngine(model, fused_sampling=fused)
     first = engine.generate([prompt] * draws, max_new_tokens=1, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=123)
     counts = torch.bincount(torch.tensor([r[0] for r in first]), minlength=vocab).double()
@@ -186,6 +188,32 @@ def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, 
     wrong = reference_candidate_probs(logits, temperature * 1.5, 0, 1.0)[0]
     wrong_stat = float((((counts - wrong * draws) ** 2) / (wrong * draws)).sum())
     assert wrong_stat > _chi2_bound(vocab - 1)
+
+
+@pytest.mark.gpu          # on CPU under the Triton interpreter; on a GPU compiled, decode in CUDA graphs
+def test_fused_sampling_follows_the_race_oracle_at_every_step():
+    """Every decode step draws with its own step counter: token t of row b is the fp64 race of the
+    model's logits over the uniforms of (seed, row b, step t), which the kernel exports."""
+    from ple_fast.kernels.sampling import race_sample_reference, race_uniforms
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model("llama", init=0.05).eval().to(device)
+    prompts = random_tokens([3, 5, 2, 6], seed=41)
+    engine = RolloutEngine(model, fused_sampling=True)
+    out = engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
+    assert out == engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
+    assert out != engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=18)
+    assert engine.last_stats.graphs == (device == "cuda")
+    seed = torch.tensor([17], device=device)
+    uniforms = [race_uniforms(len(prompts), VOCAB, seed, torch.tensor([t], device=device)) for t in range(6)]
+    for b, (prompt, new) in enumerate(zip(prompts, out)):
+        assert len(new) == 6
+        seq = list(prompt)
+        for t, token in enumerate(new):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq], device=device)).logits[0, -1:]
+            assert token == int(race_sample_reference(logits, uniforms[t][b:b + 1], 0.9)), (b, t)
+            seq.append(token)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
@@ -278,7 +306,8 @@ def test_principle_and_query_share_one_bos(backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_cuda_graph_engine_equals_hf_generate_on_gpu(family):
-    """The GPU path end to end: packed prefill (flex), CUDA-graph decode, mid-batch EOS, fp32."""
+    """The GPU path end to end: packed prefill (auto backend), CUDA-graph decode, mid-batch EOS, fp32,
+    seeded sampling through the torch path (top-p) and the fused race kernel (plain temperature)."""
     model = tiny_model(family).to("cuda")
     queries = random_tokens([3, 9, 1, 6, 4, 7, 2, 5], seed=31)
     principle = random_tokens([6], seed=32)[0]
@@ -289,7 +318,9 @@ def test_cuda_graph_engine_equals_hf_generate_on_gpu(family):
     assert engine_for(model).last_stats.graphs, "decode steps ran as CUDA graphs"
     assert fast.originals == generate(model, queries, max_new_tokens=new, eos_token_id=eos)
     assert fast.principled == generate(model, [principle + q for q in queries], max_new_tokens=new, eos_token_id=eos)
-    sample = dict(max_new_tokens=24, temperature=1.0, top_p=0.9, eos_token_id=NO_EOS, backend="fast")
-    first = generate_dual(model, queries, principle, seed=5, **sample)
-    assert first == generate_dual(model, queries, principle, seed=5, **sample)
-    assert first != generate_dual(model, queries, principle, seed=6, **sample)
+    for top_p in (0.9, 1.0):
+        sample = dict(max_new_tokens=24, temperature=1.0, top_p=top_p, eos_token_id=NO_EOS, backend="fast")
+        first = generate_dual(model, queries, principle, seed=5, **sample)
+        assert engine_for(model).last_stats.graphs
+        assert first == generate_dual(model, queries, principle, seed=5, **sample)
+        assert first != generate_dual(model, queries, principle, seed=6, **sample)
