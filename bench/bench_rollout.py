@@ -5,8 +5,9 @@ random bf16 weights; prompts of 256 random tokens, 256 new tokens (no EOS), samp
 temperature 1. Reports generated tokens/s per method and batch size, and for our engine the
 fraction of the bandwidth floor: per decode step, one read of the weights plus the K/V of every
 row's context, at the device-to-device copy bandwidth measured in the same run. Our engine runs
-twice: `fast` samples with the fused race kernel (its default for plain temperature sampling),
-`fast_torch_sampling` with the torch softmax path, to show what the fused sampler saves.
+three times: `fast` with its GPU defaults (fused race sampler, Triton decode attention), and with
+one of them swapped for the torch path, to show what each saves: `fast_torch_sampling` (softmax
+sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache).
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -122,13 +123,14 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    passes = [("hf", "fast", "fast_torch_sampling")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+    passes = [("hf", "fast", "fast_torch_sampling", "fast_sdpa_decode")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
-               "fast_torch_sampling": RolloutEngine(model, fused_sampling=False)}
+               "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
+               "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa")}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)

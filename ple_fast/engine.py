@@ -17,7 +17,9 @@ and each plain prompt as a root, under tree attention (ple_fast.attention); each
 packed K/V into the cache rows, the prefix's into every row that follows it. Rows differ only in
 where they end; decode steps have fixed shapes
 [B, 1] and attend over the first L slots, L rounded up to `kv_block`, so one CUDA graph per L
-serves every step of that length.
+serves every step of that length. On CUDA that attention is the Triton decode kernel
+(ple_fast.kernels.decode_attention: grouped query heads read each K/V block once, no mask
+tensor); elsewhere masked SDPA over the cache.
 
 Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
 (ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
@@ -163,6 +165,7 @@ class _Pass:
     rows: slice                 # cache rows of the batch rows
     positions: torch.Tensor     # [R, Q] position (= slot) of each query token
     kv_length: int              # attend over slots 0..kv_length-1
+    decode_kernel: bool = False  # one-token steps through kernels/decode_attention.py, not masked SDPA
 
 
 @dataclass
@@ -200,6 +203,13 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window)[None], None
     cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
     cache.write(module.layer_idx, rows, ple_pass.positions, key, value)
+    if ple_pass.decode_kernel and query.shape[2] == 1:
+        from ple_fast.kernels.decode_attention import decode_attention
+
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = decode_attention(query, cache.keys[module.layer_idx, rows], cache.values[module.layer_idx, rows],
+                               ple_pass.positions[:, 0], length, scale, sliding_window)
+        return out.transpose(1, 2), None
     keys, values = cache.read(module.layer_idx, rows, length)
     mask = attention_mask                                  # [R, 1, Q, L] bool, slot <= position
     if sliding_window is not None and sliding_window < length:
@@ -288,7 +298,7 @@ class RolloutEngine:
 
     def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
                  check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto",
-                 fused_sampling: bool | None = None):
+                 fused_sampling: bool | None = None, decode_attention: str = "auto"):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -311,6 +321,11 @@ class RolloutEngine:
         # the Triton race kernel for plain temperature sampling: default on CUDA; on CPU tensors it
         # needs TRITON_INTERPRET=1 (tests), so eager CPU runs keep the torch path
         self.fused_sampling = on_cuda if fused_sampling is None else fused_sampling
+        # decode steps' attention: "triton" (kernels/decode_attention.py; the CUDA default) or "sdpa"
+        # (masked SDPA over the cache; the CPU default: the kernel needs TRITON_INTERPRET=1 there)
+        if decode_attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"rollout engine: decode_attention={decode_attention!r}; choose auto, triton or sdpa")
+        self.decode_kernel = on_cuda if decode_attention == "auto" else decode_attention == "triton"
         self.cache: StaticKVCache | None = None
         self.state: _DecodeState | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -383,7 +398,7 @@ class RolloutEngine:
         slots = torch.arange(kv_length, device=self.device)
         mask = (slots.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
         out = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                         ple_pass=_Pass(self.cache, rows, positions, kv_length))
+                         ple_pass=_Pass(self.cache, rows, positions, kv_length, self.decode_kernel))
         return out[0]
 
     def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import logprob, sampling
+from ple_fast.kernels import decode_attention, logprob, sampling
 
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -29,7 +29,7 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers[name]
-        elif name in ("softcap", "inv_temp"):
+        elif name in ("softcap", "inv_temp", "scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -65,6 +65,14 @@ def launches(arch: int):
                    dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",
                         best_score_ptr="*fp32", best_col_ptr="*i32"),
                    dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kv = "*" + TRITON_DTYPE[dtype]
+        for head_dim, window in ((64, False), (128, True)):
+            yield (f"decode attention {dtype} head_dim={head_dim} window={window}",
+                   decode_attention._decode_attention_kernel,
+                   dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+                   dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=decode_attention.BLOCK_L,
+                        PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=False), 4, 3)
     yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
            dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
 

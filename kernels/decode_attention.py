@@ -1,0 +1,161 @@
+"""Decode attention over the static KV cache: one query token per row, grouped heads read K/V once.
+
+Row b's query at position pos[b] attends to cache slots 0..pos[b] (slot == position; with a
+sliding window only slots > pos[b] - window), of the first kv_length slots of its cache row. The
+G query heads of one KV head form a [G, D] tile (padded to 16 rows for tl.dot), so each K/V
+block is read once per KV head, not once per query head, and no mask tensor exists.
+
+Why not SDPA with a boolean mask (the eager path): the masked SDPA kernel tiles queries in
+blocks of 64, so a decode step's 1-4 query rows per head waste most of its tensor-core work, and
+the mask is another [B, L] read per layer; decode is meant to be bound by reading the cache.
+
+Work is split over (row, KV head, key split); each program runs an online softmax over its
+keys and writes (max, sum, unnormalised output); `combine` merges the splits in fp32. Splits
+keep the GPU busy when B * kv_heads is small (batch 32 with 8 KV heads is 256 programs).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_L = 64
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+                             stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
+                             stride_vb, stride_vh, stride_vl, kv_heads, groups, head_dim, kv_length,
+                             keys_per_split, window, scale,
+                             HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    pos = tl.load(pos_ptr + b)
+    gs = tl.arange(0, BLOCK_G)
+    ds = tl.arange(0, BLOCK_D)
+    ls = tl.arange(0, BLOCK)
+    q_mask = (gs < groups)[:, None] & (ds < head_dim)[None, :]
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg + ds[None, :],
+                mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    lo = split * keys_per_split
+    hi = tl.minimum(tl.minimum(lo + keys_per_split, kv_length), pos + 1)
+    if HAS_WINDOW:
+        first = tl.maximum(pos - window + 1, 0)
+        lo = tl.maximum(lo, first // BLOCK * BLOCK)                # skip blocks wholly outside the window
+    else:
+        first = 0
+    m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for start in range(lo, hi, BLOCK):
+        slots = start + ls
+        valid = (slots < hi) & (slots >= first)
+        kv_mask = valid[:, None] & (ds < head_dim)[None, :]
+        k = tl.load(k_base + slots.to(tl.int64)[:, None] * stride_kl + ds[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + slots.to(tl.int64)[:, None] * stride_vl + ds[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale    # [BLOCK_G, BLOCK]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a block with no valid key
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+        m = m_new
+    out = (bh * num_splits + split).to(tl.int64)
+    tl.store(m_ptr + out * BLOCK_G + gs, m)
+    tl.store(l_ptr + out * BLOCK_G + gs, l)
+    tl.store(acc_ptr + (out * BLOCK_G + gs[:, None]) * BLOCK_D + ds[None, :], acc)
+
+
+INTERPRETED = type(_decode_attention_kernel).__name__ == "InterpretedFunction"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 caches attend in exact fp32 unless torch allows tf32 matmuls (as SDPA would)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> int:
+    """Key splits: enough programs for about two waves of the SMs, at least BLOCK_L keys each."""
+    if device.type != "cuda":
+        return min(2, triton.cdiv(kv_length, BLOCK_L))      # the interpreter: exercise the merge
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, rows * kv_heads))
+    return max(1, min(want, triton.cdiv(kv_length, BLOCK_L)))
+
+
+def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
+                     scale: float, sliding_window: int | None = None) -> Tensor:
+    """query [B, Hq, 1, D]; keys/values [B, Hkv, C, D] cache views (D contiguous, C >= kv_length);
+    positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads = keys.shape[1]
+    if query.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("decode_attention got CPU tensors but Triton is not in interpreter mode: set "
+                           "TRITON_INTERPRET=1 before importing triton, or use the SDPA path")
+    if q_len != 1 or q_heads % kv_heads or keys.shape[-1] != dim or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError(f"decode_attention: query {tuple(query.shape)} and cache {tuple(keys.shape)} do not "
+                         "form a one-token decode step with unit-stride head dims")
+    groups = q_heads // kv_heads
+    q = query.reshape(batch, kv_heads, groups, dim)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    block_g = max(16, triton.next_power_of_2(groups))
+    block_d = max(16, triton.next_power_of_2(dim))
+    splits = _splits(batch, kv_heads, kv_length, query.device)
+    keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), BLOCK_L) * BLOCK_L
+    m = torch.empty(batch * kv_heads, splits, block_g, dtype=torch.float32, device=query.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(batch * kv_heads, splits, block_g, block_d, dtype=torch.float32, device=query.device)
+    if batch:
+        _decode_attention_kernel[(batch * kv_heads, splits)](
+            q, keys, values, positions, m, l, acc, q.stride(0), q.stride(1), q.stride(2),
+            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
+            HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=BLOCK_L,
+            PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
+            num_warps=4,
+        )
+    out = combine(m, l, acc)[:, :groups, :dim]
+    return out.reshape(batch, q_heads, 1, dim).to(query.dtype)
+
+
+def combine(m: Tensor, l: Tensor, acc: Tensor) -> Tensor:
+    """Merge per-split online-softmax states [R, S, G], [R, S, G], [R, S, G, D] -> [R, G, D]."""
+    top = m.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)      # rows of padding (g >= groups)
+    weight = torch.exp(m - top)                                         # 0 for a split with no key
+    total = (l * weight).sum(dim=1)
+    out = (acc * weight.unsqueeze(-1)).sum(dim=1)
+    return out / total.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(-1)
+
+
+def decode_attention_reference(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
+                               scale: float, sliding_window: int | None = None) -> Tensor:
+    """The same attention in fp64 with an explicit mask and repeated KV heads: the test oracle."""
+    batch, q_heads, _, dim = query.shape
+    groups = q_heads // keys.shape[1]
+    k = keys[:, :, :kv_length].double().repeat_interleave(groups, dim=1)
+    v = values[:, :, :kv_length].double().repeat_interleave(groups, dim=1)
+    scores = (query.double() @ k.transpose(-1, -2)) * scale                # [B, Hq, 1, L]
+    slots = torch.arange(kv_length, device=query.device)
+    allowed = slots[None, :] <= positions[:, None]
+    if sliding_window is not None:
+        allowed = allowed & (slots[None, :] > positions[:, None] - sliding_window)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(query.dtype)

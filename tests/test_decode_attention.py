@@ -1,0 +1,85 @@
+"""Decode attention over the static cache (kernels/decode_attention.py) against its fp64 oracle.
+CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` runs the compiled kernel."""
+import pytest
+import torch
+
+from ple_fast.kernels.decode_attention import combine, decode_attention, decode_attention_reference
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not torch.isnan(actual).any()
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+# (batch, query heads, kv heads, head dim, cache capacity, kv_length, window, dtype):
+# MHA, GQA 2/4/8 and an odd group of 3, head dims 16/64/80/128 (80: not a power of two),
+# kv_length not a multiple of the 64-key block, one key, capacity beyond kv_length (a view)
+CASES = [
+    (3, 4, 2, 16, 128, 100, None, torch.float32),
+    (2, 8, 8, 128, 64, 64, None, torch.bfloat16),
+    (4, 12, 4, 80, 256, 200, 37, torch.float16),
+    (2, 24, 8, 64, 192, 130, None, torch.bfloat16),
+    (5, 16, 2, 64, 128, 65, 8, torch.float32),
+    (1, 2, 1, 16, 64, 1, None, torch.float32),
+    (3, 32, 4, 64, 320, 320, 1, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,dim,capacity,kv_length,window,dtype", CASES)
+def test_matches_the_fp64_oracle(batch, q_heads, kv_heads, dim, capacity, kv_length, window, dtype):
+    g = torch.Generator().manual_seed(batch * 1000 + dim + kv_length)
+    q = torch.randn(batch, q_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
+    keys = (torch.randn(batch, kv_heads, capacity, dim, generator=g) * 2).to(dtype).to(DEVICE)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, kv_length, (batch,), generator=g)
+    positions[0] = kv_length - 1                       # one row at the last slot, others earlier
+    positions = positions.to(DEVICE)
+    # slots past each row's position hold garbage that must not leak in (NaN would show through 0 * NaN)
+    keys[:, :, kv_length:] = float("nan")
+    values[:, :, kv_length:] = float("nan")
+    got = decode_attention(q, keys, values, positions, kv_length, dim ** -0.5, window)
+    want = decode_attention_reference(q, keys, values, positions, kv_length, dim ** -0.5, window)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+def test_slots_after_the_position_do_not_leak():
+    """Future slots of a row (written by other rows' longer prompts) change nothing."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 1, 32, generator=g).to(DEVICE)
+    keys = torch.randn(2, 2, 128, 32, generator=g).to(DEVICE)
+    values = torch.randn(2, 2, 128, 32, generator=g).to(DEVICE)
+    positions = torch.tensor([10, 70], device=DEVICE)
+    before = decode_attention(q, keys, values, positions, 128, 0.2)
+    keys[0, :, 11:] = 1e4
+    values[0, :, 11:] = float("nan")
+    after = decode_attention(q, keys, values, positions, 128, 0.2)
+    assert torch.equal(before[0], after[0])
+
+
+def test_combine_merges_splits_exactly():
+    """Online-softmax states of disjoint key ranges merge to the softmax over all keys; an empty
+    split (max -inf, sum 0) contributes nothing."""
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(3, 2, 40, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 40, 8, generator=g, dtype=torch.float64)
+    states = []
+    for lo, hi in ((0, 13), (13, 13), (13, 40)):
+        part = scores[:, :, lo:hi]
+        m = part.amax(dim=-1) if hi > lo else torch.full(part.shape[:2], float("-inf"), dtype=torch.float64)
+        p = torch.exp(part - m.unsqueeze(-1)) if hi > lo else part
+        states.append((m, p.sum(-1), p @ values[:, lo:hi]))
+    m, l, acc = (torch.stack([s[i] for s in states], dim=1).float() for i in range(3))
+    want = scores.softmax(-1) @ values
+    assert rel_err(combine(m, l, acc), want) < 1e-6
+
+
+def test_rejects_what_is_not_a_decode_step():
+    q = torch.zeros(1, 4, 2, 16, device=DEVICE)
+    kv = torch.zeros(1, 2, 64, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one-token decode step"):
+        decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE), 64, 0.25)
