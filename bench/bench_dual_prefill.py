@@ -5,8 +5,9 @@ shape (random weights, bf16), forward + log-probs of both responses + backward:
   packed_shared[B]      pack_dual: one query per pair, shared by both responses (tree attention B)
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
-B is each tree-attention backend this GPU runs: flash (flash-attn installed), segments (varlen on
-stock SDPA, the CUDA default without flash-attn) and flex (a compile failure is recorded per row).
+B is each tree-attention backend this GPU runs: flash (flash-attn installed), triton (our varlen
+Triton kernel, the CUDA default without flash-attn), segments (varlen on stock SDPA) and flex (a
+compile failure is recorded per row).
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
 log-probs use sequence_logprobs(impl="auto"), the same for every variant.
 
@@ -106,7 +107,7 @@ def available_backends(dtype: torch.dtype) -> list[str]:
     backends = []
     if dtype in (torch.float16, torch.bfloat16) and _flash_available():
         backends.append("flash")
-    backends += ["segments", "flex"]
+    backends += ["triton", "segments", "flex"]
     return backends
 
 

@@ -19,10 +19,17 @@ Backends, all computing the same function of (q, k, v):
             shared memory), so it is used only when asked for by name.
   flash     flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
             ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
+  triton    the same call on our own Triton kernel (ple_fast.kernels.varlen_attention, forward and
+            backward): no padding, no repeated KV heads. The CUDA default when flash-attn is not
+            installed, chosen over `segments` by its work, not yet by a GPU measurement: at the
+            (512/128/128) bench shape segments pads 24 segments to 512 query rows (2x the real
+            rows) and repeats the 4 KV heads 8x; bench_dual_prefill times both. Should the kernel
+            fail to launch on some GPU, it warns once and runs `segments` from then on.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -31,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_NAME = "ple_fast_tree"
-BACKENDS = ("auto", "sdpa", "segments", "flex", "flash")
+BACKENDS = ("auto", "sdpa", "segments", "flex", "flash", "triton")
 METADATA_KWARG = "ple_tree"
 
 
@@ -159,7 +166,7 @@ def _flash_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else segments on CUDA, else sdpa."""
+    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else triton on CUDA, else sdpa."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: choose one of {BACKENDS}")
     if backend != "auto":
@@ -167,7 +174,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     if device.type == "cuda":
         if dtype in (torch.float16, torch.bfloat16) and _flash_available():
             return "flash"
-        return "segments"
+        return "triton"
     return "sdpa"
 
 
@@ -257,7 +264,33 @@ def _flash(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | Non
         softmax_scale=scale, causal=True, **extra)
 
 
-_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flex": _flex, "flash": _flash}
+_triton_failed: list[str] = []     # the launch error, once the Triton kernel failed on this GPU
+
+
+def _gpu_launch_failure(err: Exception, device: torch.device) -> bool:
+    """A Triton compile/launch error on a GPU (worth a fallback); on CPU (the interpreter) it is a bug."""
+    return device.type == "cuda" and type(err).__module__.startswith("triton")
+
+
+def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
+    if _triton_failed:
+        return _segments(tree, q, k, v, scale, sliding_window)
+    from ple_fast.kernels.varlen_attention import varlen_attention
+
+    kv_k, kv_v = k.index_select(0, tree.kv_index), v.index_select(0, tree.kv_index)
+    try:
+        return varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
+                                tree.max_seqlen_k, scale, sliding_window)
+    except Exception as err:  # noqa: BLE001 - e.g. triton's OutOfResources on a smaller GPU
+        if not _gpu_launch_failure(err, q.device):
+            raise
+        _triton_failed.append(repr(err))
+        warnings.warn(f"tree attention: the Triton kernel failed on this GPU ({err!r}); using the "
+                      "'segments' backend from now on", RuntimeWarning)
+        return _segments(tree, q, k, v, scale, sliding_window)
+
+
+_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flex": _flex, "flash": _flash, "triton": _triton}
 
 
 def tree_attention(tree: TreeAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -151,7 +151,7 @@ CHOICES = {
     "ple.rank_loss": ("hinge", "logistic"),
     "ple.weighting": ("softmax", "tanh"),
     "ple.loss_impl": ("auto", "torch", "reference", "triton", "pairs"),
-    "ple.attention": ("auto", "sdpa", "segments", "flex", "flash"),
+    "ple.attention": ("auto", "sdpa", "segments", "flex", "flash", "triton"),
     "rollout.backend": ("hf", "fast"),
     "sft.schedule": ("constant", "cosine", "linear"),
     "ple.schedule": ("constant", "cosine", "linear"),

@@ -62,7 +62,7 @@ def dual_forward(model, batch: PackedBatch, backend: str = "auto") -> torch.Tens
 
     The model's own modeling code runs the N tokens as one sequence (batch dim 1) with the layout's
     position ids; only attention is replaced, by the tree attention of `backend`
-    ("sdpa" | "segments" | "flex" | "flash" | "auto", see ple_fast.attention).
+    ("sdpa" | "segments" | "flex" | "flash" | "triton" | "auto", see ple_fast.attention).
     """
     if batch.num_tokens == 0:
         raise ValueError("dual_forward: the packed batch has no tokens")

@@ -16,8 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import decode_attention, logprob, sampling
+from ple_fast.kernels import decode_attention, logprob, sampling, varlen_attention
 
+# per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
+SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -27,8 +29,10 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
     for name in kernel.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name in pointers:
             sig[name] = pointers[name]
+        elif name.endswith("_ptr"):
+            raise KeyError(f"{kernel.__name__}: no dtype given for pointer {name}")
         elif name in ("softcap", "inv_temp", "scale"):
             sig[name] = "fp32"
         else:
@@ -43,38 +47,57 @@ def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: i
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{kernel.__name__}: no cubin produced")
+    shared = compiled.metadata.shared
+    if shared > SHARED_MEMORY_BYTES[arch]:
+        raise RuntimeError(f"{kernel.__name__}: {shared} bytes of shared memory, sm_{arch} has "
+                           f"{SHARED_MEMORY_BYTES[arch]} (launch would fail with OutOfResources)")
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 def launches(arch: int):
-    """(label, kernel, pointer dtypes, constexprs, num_warps, num_stages) as the host code launches them."""
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    """(label, kernel, pointer dtypes, constexprs, num_warps, num_stages) as the host code launches them.
+
+    Each kernel family is compiled over a covering of its variants (every dtype once, every option
+    once, the widest tiles included), not their full product: CI time, at ~2-4 s per compile."""
+    for dtype, softcap in ((BF16, False), (FP16, True), (FP32, False)):
         cfg = logprob.gpu_tile_config(arch // 10, dtype)
         mm = "*" + TRITON_DTYPE[dtype]
-        for softcap in (False, True):
-            const = dict(HAS_SOFTCAP=softcap, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                         BLOCK_K=cfg["BLOCK_K"], GROUP_N=cfg["GROUP_N"], EVEN_K=not softcap,
-                         PRECISION="tf32", DOT_UPCAST=False)
-            yield (f"logprob lse {dtype} softcap={softcap}", logprob._lse_partials_kernel,
-                   dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp32",
-                        target_ptr="*fp32"), const, cfg["num_warps"], cfg["num_stages"])
-            yield (f"logprob dlogits {dtype} softcap={softcap}", logprob._dlogits_kernel,
-                   dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", lse_ptr="*fp32", dz_ptr=mm), const,
-                   cfg["num_warps"], cfg["num_stages"])
-        for softcap in (False, True):
-            yield (f"sampling race {dtype} softcap={softcap}", sampling._race_kernel,
-                   dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",
-                        best_score_ptr="*fp32", best_col_ptr="*i32"),
-                   dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        kv = "*" + TRITON_DTYPE[dtype]
-        for head_dim, window in ((64, False), (128, True)):
-            yield (f"decode attention {dtype} head_dim={head_dim} window={window}",
-                   decode_attention._decode_attention_kernel,
-                   dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
-                   dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=decode_attention.BLOCK_L,
-                        PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST=False), 4, 3)
+        const = dict(HAS_SOFTCAP=softcap, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
+                     GROUP_N=cfg["GROUP_N"], EVEN_K=not softcap, PRECISION="tf32", DOT_UPCAST=False)
+        yield (f"logprob lse {dtype} softcap={softcap}", logprob._lse_partials_kernel,
+               dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", part_max_ptr="*fp32", part_sum_ptr="*fp32",
+                    target_ptr="*fp32"), const, cfg["num_warps"], cfg["num_stages"])
+        yield (f"logprob dlogits {dtype} softcap={softcap}", logprob._dlogits_kernel,
+               dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", lse_ptr="*fp32", dz_ptr=mm), const,
+               cfg["num_warps"], cfg["num_stages"])
+    for dtype, softcap in ((BF16, False), (FP32, True)):
+        yield (f"sampling race {dtype} softcap={softcap}", sampling._race_kernel,
+               dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",
+                    best_score_ptr="*fp32", best_col_ptr="*i32"),
+               dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
     yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
            dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
+    for dtype, head_dim, window in ((BF16, 64, False), (FP16, 128, True), (FP32, 128, False)):
+        kv = "*" + TRITON_DTYPE[dtype]
+        yield (f"decode attention {dtype} head_dim={head_dim} window={window}",
+               decode_attention._decode_attention_kernel,
+               dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+               dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=decode_attention.BLOCK_L,
+                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False), 4, 3)
+    for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True)):
+        t = "*" + TRITON_DTYPE[dtype]
+        cfg = varlen_attention.gpu_tile_config(dtype, head_dim)
+        const = dict(HAS_WINDOW=window, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                     PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False)
+        rows = dict(Q=t, K=t, V=t, cu_q="*i32", cu_k="*i32")
+        for name, kernel, pointers in (
+                ("forward", varlen_attention._fwd_kernel, dict(rows, O=t, LSE="*fp32")),
+                ("dK dV", varlen_attention._bwd_dkdv_kernel, dict(rows, dO=t, LSE="*fp32", Delta="*fp32", dK=t, dV=t)),
+                ("dQ", varlen_attention._bwd_dq_kernel, dict(rows, dO=t, LSE="*fp32", Delta="*fp32", dQ=t))):
+            yield (f"varlen attention {name} {dtype} head_dim={head_dim} window={window}", kernel, pointers,
+                   const, cfg["num_warps"], cfg["num_stages"])
 
 
 def main(arch: int) -> int:

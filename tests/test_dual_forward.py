@@ -148,7 +148,7 @@ def test_pack_sequences_is_separate_causal_sequences():
 
 # ---- sdpa backend == separate padded HF forwards: log-probs and gradients ------------------------
 
-@pytest.mark.parametrize("backend", ["sdpa", "segments"])
+@pytest.mark.parametrize("backend", ["sdpa", "segments", "triton"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_sdpa_matches_padded_forwards(family, backend):
     model = tiny_model(family)
@@ -157,7 +157,7 @@ def test_sdpa_matches_padded_forwards(family, backend):
         check_against_padded(model, random_pairs(rng, rng.choice([1, 3, 5])), backend, seed=trial)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "segments"])
+@pytest.mark.parametrize("backend", ["sdpa", "segments", "triton"])
 def test_edge_case_pairs(backend):
     model = tiny_model("llama", layers=1)
     pairs = ([[5], [1, 2], [3]], [[], [4], [7, 8, 9]], [[6], [], []])  # 1-token queries, empty / 1-token
@@ -338,13 +338,15 @@ def test_flex_matches_padded_on_gpu(family):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_segments_matches_padded_on_gpu(family):
-    """The CUDA default without flash-attn: fp32 against padded forwards, then a bf16 forward+backward."""
+@pytest.mark.parametrize("backend", ["triton", "segments"])
+def test_varlen_backends_match_padded_on_gpu(family, backend):
+    """The CUDA backends without flash-attn (triton: the default): fp32 against padded forwards, then a
+    bf16 forward+backward against the dense mask."""
     model = tiny_model(family).to("cuda")
-    check_against_padded(model, random_pairs(random.Random(21), 6), "segments", tol=2e-3)
+    check_against_padded(model, random_pairs(random.Random(21), 6), backend, tol=2e-3)
     model = model.to(torch.bfloat16)
     batch = pack_dual(*random_pairs(random.Random(22), 6), device="cuda")
-    hidden = dual_forward(model, batch, backend="segments")
+    hidden = dual_forward(model, batch, backend=backend)
     reference = dual_forward(model, batch, backend="sdpa")
     torch.testing.assert_close(hidden.float(), reference.float(), rtol=2e-2, atol=2e-2)
     hidden.float().sum().backward()
@@ -357,11 +359,12 @@ def test_auto_backend_resolution(monkeypatch):
     assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "_flash_available", lambda: True)
     assert resolve_backend("auto", cuda, torch.bfloat16) == "flash"
-    assert resolve_backend("auto", cuda, torch.float32) == "segments"
+    assert resolve_backend("auto", cuda, torch.float32) == "triton"
     assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
     monkeypatch.setattr(attention, "_flash_available", lambda: False)
-    assert resolve_backend("auto", cuda, torch.bfloat16) == "segments"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == "triton"
     assert resolve_backend("flex", cuda, torch.bfloat16) == "flex"          # by name only
+    assert resolve_backend("segments", cuda, torch.bfloat16) == "segments"
     assert resolve_backend("flash", cpu, torch.float32) == "flash"
     with pytest.raises(ValueError, match="attention backend 'dense'"):
         resolve_backend("dense", cpu, torch.float32)

@@ -80,7 +80,8 @@ def test_greedy_dual_equals_hf_generate_run_separately(family):
 
 
 @pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"), (32768, "flex"),
-                                                      (32768, "segments"), (7, "segments")])
+                                                      (32768, "segments"), (7, "segments"),
+                                                      (32768, "triton"), (7, "triton")])
 def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens, attention):
     """Mixed prefixed / plain prompts in any order; small budgets split the packed prefill in chunks."""
     model = tiny_model("qwen2", seed=3)

@@ -1,0 +1,267 @@
+"""Varlen causal attention with bottom-right alignment, forward and backward, in Triton.
+
+The contract of flash-attn's `flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, ...,
+causal=True, window_size=(W-1, 0))`, which is what the tree layout needs (ple_fast.attention):
+segment s owns query rows cu_q[s]:cu_q[s+1] and key rows cu_k[s]:cu_k[s+1] (its ancestors' rows
+gathered in front of its own, so k_len >= q_len), and query i of the segment sees key j when
+j <= i + (k_len - q_len), and with a window W only when j > i + (k_len - q_len) - W. We ship it
+because flash-attn is an optional install (and absent on our GPU image) while Triton comes with
+torch; without it the tree layout falls back to `segments`, which pads every segment to the
+longest one.
+
+FlashAttention-2's algorithm: the forward streams key blocks through an online softmax and keeps
+the per-row logsumexp; the backward recomputes probabilities from it, with one kernel per KV head
+and key block accumulating dK, dV over every query head of its group (no atomics), and one per
+query block accumulating dQ. fp32 accumulation throughout; inputs fp16, bf16 or fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW: tl.constexpr):
+    ok = (rows < q_len)[:, None] & (cols < k_len)[None, :] & (cols[None, :] <= rows[:, None] + offset)
+    if HAS_WINDOW:
+        ok = ok & (cols[None, :] > rows[:, None] + offset - window)
+    return ok
+
+
+@triton.jit
+def _segment(cu_q, cu_k, seg):
+    q_start = tl.load(cu_q + seg)
+    q_len = tl.load(cu_q + seg + 1) - q_start
+    k_start = tl.load(cu_k + seg)
+    k_len = tl.load(cu_k + seg + 1) - k_start
+    return q_start, q_len, k_start, k_len, k_len - q_len
+
+
+@triton.jit
+def _key_range(first_row, last_row, offset, k_len, window, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks that rows first_row..last_row can see: [lo, hi), lo aligned to BLOCK_N."""
+    hi = tl.minimum(k_len, last_row + offset + 1)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(first_row + offset - window + 1, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _load_rows(ptr, start, rows, stride_n, head, stride_h, ds, row_limit, head_dim, UPCAST: tl.constexpr):
+    mask = (rows < row_limit)[:, None] & (ds < head_dim)[None, :]
+    t = tl.load(ptr + (start + rows).to(tl.int64)[:, None] * stride_n + head * stride_h + ds[None, :],
+                mask=mask, other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+                stride_on, stride_oh, num_q_rows, groups, head_dim, scale, window,
+                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    m_block = tl.program_id(0)
+    seg = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, q_len, k_start, k_len, offset = _segment(cu_q, cu_k, seg)
+    if m_block * BLOCK_M < q_len:
+        kh = h // groups
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        ds = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q, q_start, rows, stride_qn, h, stride_qh, ds, q_len, head_dim, UPCAST)
+        lo, hi = _key_range(m_block * BLOCK_M, m_block * BLOCK_M + BLOCK_M - 1, offset, k_len, window,
+                            HAS_WINDOW, BLOCK_N)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
+            v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(_visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        row_ok = rows < q_len
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptrs = O + (q_start + rows).to(tl.int64)[:, None] * stride_on + h * stride_oh + ds[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (ds < head_dim)[None, :])
+        tl.store(LSE + h.to(tl.int64) * num_q_rows + q_start + rows, m_i + tl.log(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh,
+                     stride_vn, stride_vh, stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+                     num_q_rows, groups, head_dim, scale, window,
+                     HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    n_block = tl.program_id(0)
+    seg = tl.program_id(1)
+    kh = tl.program_id(2)
+    q_start, q_len, k_start, k_len, offset = _segment(cu_q, cu_k, seg)
+    if n_block * BLOCK_N < k_len:
+        cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        ds = tl.arange(0, BLOCK_D)
+        k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
+        v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        # queries i that see key j: j <= i + offset (and i + offset - W < j)
+        q_lo = tl.maximum(n_block * BLOCK_N - offset, 0) // BLOCK_M * BLOCK_M
+        q_hi = q_len
+        if HAS_WINDOW:
+            q_hi = tl.minimum(q_len, n_block * BLOCK_N + BLOCK_N - 1 - offset + window)
+        for g in range(0, groups):
+            h = kh * groups + g
+            for start in range(q_lo, q_hi, BLOCK_M):
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < q_len
+                q = _load_rows(Q, q_start, rows, stride_qn, h, stride_qh, ds, q_len, head_dim, UPCAST)
+                do = _load_rows(dO, q_start, rows, stride_don, h, stride_doh, ds, q_len, head_dim, UPCAST)
+                lse = tl.load(LSE + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
+                delta = tl.load(Delta + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                visible = _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW)
+                p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                dsc = p * (dp - delta[:, None]) * scale
+                dk += tl.dot(tl.trans(dsc).to(q.dtype), q, input_precision=PRECISION)
+        mask = (cols < k_len)[:, None] & (ds < head_dim)[None, :]
+        rows64 = (k_start + cols).to(tl.int64)[:, None]
+        tl.store(dK + rows64 * stride_dkn + kh * stride_dkh + ds[None, :], dk.to(dK.dtype.element_ty), mask=mask)
+        tl.store(dV + rows64 * stride_dvn + kh * stride_dvh + ds[None, :], dv.to(dV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh,
+                   stride_vn, stride_vh, stride_don, stride_doh, stride_dqn, stride_dqh,
+                   num_q_rows, groups, head_dim, scale, window,
+                   HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    m_block = tl.program_id(0)
+    seg = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, q_len, k_start, k_len, offset = _segment(cu_q, cu_k, seg)
+    if m_block * BLOCK_M < q_len:
+        kh = h // groups
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        ds = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q, q_start, rows, stride_qn, h, stride_qh, ds, q_len, head_dim, UPCAST)
+        do = _load_rows(dO, q_start, rows, stride_don, h, stride_doh, ds, q_len, head_dim, UPCAST)
+        lse = tl.load(LSE + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Delta + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        lo, hi = _key_range(m_block * BLOCK_M, m_block * BLOCK_M + BLOCK_M - 1, offset, k_len, window,
+                            HAS_WINDOW, BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
+            v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            visible = _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW)
+            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dsc = p * (dp - delta[:, None]) * scale
+            dq += tl.dot(dsc.to(k.dtype), k, input_precision=PRECISION)
+        mask = row_ok[:, None] & (ds < head_dim)[None, :]
+        tl.store(dQ + (q_start + rows).to(tl.int64)[:, None] * stride_dqn + h * stride_dqh + ds[None, :],
+                 dq.to(dQ.dtype.element_ty), mask=mask)
+
+
+INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _config(q: Tensor) -> dict:
+    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    common = dict(PRECISION=precision, UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
+    if q.device.type != "cuda" or INTERPRETED:
+        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        return dict(common, BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    return dict(common, **gpu_tile_config(q.dtype, q.shape[-1]))
+
+
+def gpu_tile_config(dtype: torch.dtype, head_dim: int) -> dict:
+    """Compiled tiles: 64 x 64 for half inputs up to head_dim 128, half that for fp32 or wider heads
+    (shared memory); tests/compile_kernels.py checks they fit on sm_80 and sm_90."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32 or block_d > 128:
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def _window_arg(sliding_window: int | None) -> dict:
+    return dict(window=int(sliding_window or 0), HAS_WINDOW=sliding_window is not None)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window):
+        num_rows, heads, dim = q.shape
+        groups = heads // k.shape[1]
+        out = torch.empty_like(q)
+        lse = torch.empty(heads, num_rows, dtype=torch.float32, device=q.device)
+        segments = cu_q.numel() - 1
+        cfg = _config(q)
+        if num_rows and segments:
+            grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
+            _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                              v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_rows, groups, dim,
+                              float(scale), **_window_arg(sliding_window), **cfg)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale, ctx.sliding_window = max_q, max_k, scale, sliding_window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        num_rows, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        groups = heads // kv_heads
+        delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(0, 1).contiguous()   # [H, N]
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        segments = cu_q.numel() - 1
+        cfg = _config(q)
+        window = _window_arg(ctx.sliding_window)
+        if num_rows and segments:
+            common = (cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                      grad_out.stride(0), grad_out.stride(1))
+            grid = (triton.cdiv(max(ctx.max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
+            _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1),
+                                   dv.stride(0), dv.stride(1), num_rows, groups, dim, float(ctx.scale),
+                                   **window, **cfg)
+            grid = (triton.cdiv(max(ctx.max_q, 1), cfg["BLOCK_M"]), segments, heads)
+            _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
+                                 num_rows, groups, dim, float(ctx.scale), **window, **cfg)
+        else:
+            dq.zero_()
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                     sliding_window: int | None = None) -> Tensor:
+    """q [Nq, H, D], k / v [Nk, Hkv, D] (H a multiple of Hkv), int32 cu_seqlens with k_len >= q_len
+    per segment -> [Nq, H, D]; differentiable in q, k, v. flash_attn_varlen_func's causal,
+    bottom-right semantics; sliding_window W = its window_size (W - 1, 0)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
+                         "[Nq, H, D], [Nk, Hkv, D] with H a multiple of Hkv")
+    if q.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("varlen_attention got CPU tensors but Triton is not in interpreter mode: set "
+                           "TRITON_INTERPRET=1 before importing triton, or use another attention backend")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _VarlenAttention.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                                  int(max_seqlen_q), int(max_seqlen_k), scale, sliding_window)
