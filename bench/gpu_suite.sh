@@ -75,8 +75,10 @@ fi
 # take the whole step's time
 per_test=()
 if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then per_test=(--timeout=90); fi
-run_step pytest_gpu "$(( $(left) < 150 ? ($(left) > 30 ? $(left) : 30) : 150 ))" \
-  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider "${per_test[@]}"
+# 180 s: most of it is Triton JIT-compiling each kernel variant the tests launch (a few s each);
+# --durations shows where it went, so the next run can rebalance
+run_step pytest_gpu "$(( $(left) < 180 ? ($(left) > 30 ? $(left) : 30) : 180 ))" \
+  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider --durations=15 "${per_test[@]}"
 
 # 3. every bench, each with a fair share of the time left
 benches=(bench/bench_*.py)

@@ -11,7 +11,9 @@ the mask is another [B, L] read per layer; decode is meant to be bound by readin
 
 Work is split over (row, KV head, key split); each program runs an online softmax over its
 keys and writes (max, sum, unnormalised output); `combine` merges the splits in fp32. Splits
-keep the GPU busy when B * kv_heads is small (batch 32 with 8 KV heads is 256 programs).
+keep the GPU busy when B * kv_heads is small (batch 32 with 8 KV heads is 256 programs); when
+one split suffices (batch 256: 2048 programs) the kernel writes the normalised output itself, as
+a decode step of a small model is as much bound by its count of tiny kernels as by bandwidth.
 """
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ BLOCK_L = 64
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
                              stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
                              stride_vb, stride_vh, stride_vl, kv_heads, groups, head_dim, kv_length,
                              keys_per_split, window, scale,
                              HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                             BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                             FINAL: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -74,10 +77,15 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         m = m_new
-    out = (bh * num_splits + split).to(tl.int64)
-    tl.store(m_ptr + out * BLOCK_G + gs, m)
-    tl.store(l_ptr + out * BLOCK_G + gs, l)
-    tl.store(acc_ptr + (out * BLOCK_G + gs[:, None]) * BLOCK_D + ds[None, :], acc)
+    if FINAL:   # one split: normalise here, in the query's layout and dtype (no merge kernels)
+        l_safe = tl.where(l > 0, l, 1.0)
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg + ds[None, :]
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        out = (bh * num_splits + split).to(tl.int64)
+        tl.store(m_ptr + out * BLOCK_G + gs, m)
+        tl.store(l_ptr + out * BLOCK_G + gs, l)
+        tl.store(acc_ptr + (out * BLOCK_G + gs[:, None]) * BLOCK_D + ds[None, :], acc)
 
 
 INTERPRETED = type(_decode_attention_kernel).__name__ == "InterpretedFunction"
@@ -92,8 +100,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> int:
     """Key splits: enough programs for about two waves of the SMs, at least BLOCK_L keys each."""
-    if device.type != "cuda":
-        return min(2, triton.cdiv(kv_length, BLOCK_L))      # the interpreter: exercise the merge
+    if device.type != "cuda":     # the interpreter: one split for few keys, else exercise the merge
+        return min(2, triton.cdiv(kv_length, BLOCK_L))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, max(1, rows * kv_heads))
     return max(1, min(want, triton.cdiv(kv_length, BLOCK_L)))
@@ -113,26 +121,31 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
                          "form a one-token decode step with unit-stride head dims")
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, dim)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    q = q.contiguous()      # the FINAL store writes the output with q's strides
     block_g = max(16, triton.next_power_of_2(groups))
     block_d = max(16, triton.next_power_of_2(dim))
     splits = _splits(batch, kv_heads, kv_length, query.device)
     keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), BLOCK_L) * BLOCK_L
-    m = torch.empty(batch * kv_heads, splits, block_g, dtype=torch.float32, device=query.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(batch * kv_heads, splits, block_g, block_d, dtype=torch.float32, device=query.device)
+    final = splits == 1
+    out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
+    if final:     # out shares q's contiguous [B, Hkv, G, D] strides; the partial buffers go unused
+        m = l = acc = out
+    else:
+        m = torch.empty(batch * kv_heads, splits, block_g, dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(batch * kv_heads, splits, block_g, block_d, dtype=torch.float32, device=query.device)
     if batch:
         _decode_attention_kernel[(batch * kv_heads, splits)](
-            q, keys, values, positions, m, l, acc, q.stride(0), q.stride(1), q.stride(2),
+            q, keys, values, positions, m, l, acc, out, q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=BLOCK_L,
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            num_warps=4,
+            FINAL=final, num_warps=4,
         )
-    out = combine(m, l, acc)[:, :groups, :dim]
-    return out.reshape(batch, q_heads, 1, dim).to(query.dtype)
+    if not final:
+        out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)
+    return out.reshape(batch, q_heads, 1, dim)
 
 
 def combine(m: Tensor, l: Tensor, acc: Tensor) -> Tensor:

@@ -79,13 +79,15 @@ def launches(arch: int):
                dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
     yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
            dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
-    for dtype, head_dim, window in ((BF16, 64, False), (FP16, 128, True), (FP32, 128, False)):
+    for dtype, head_dim, window, final in ((BF16, 64, False, True), (FP16, 128, True, False),
+                                           (FP32, 128, False, True)):
         kv = "*" + TRITON_DTYPE[dtype]
-        yield (f"decode attention {dtype} head_dim={head_dim} window={window}",
+        part = kv if final else "*fp32"
+        yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final}",
                decode_attention._decode_attention_kernel,
-               dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32"),
+               dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr=part, l_ptr=part, acc_ptr=part, out_ptr=kv),
                dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=decode_attention.BLOCK_L,
-                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False), 4, 3)
+                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final), 4, 3)
     for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True)):
         t = "*" + TRITON_DTYPE[dtype]
         cfg = varlen_attention.gpu_tile_config(dtype, head_dim)
