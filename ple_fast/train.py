@@ -189,10 +189,14 @@ def main(argv=None) -> dict:
     try:
         yaml_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = build_config(yaml_path, overrides)
+        initialized = lambda: torch.distributed.is_available() and torch.distributed.is_initialized()  # noqa: E731
         try:
-            return run(cfg)
+            result = run(cfg)
+            if initialized():      # leave together: a rank tearing gloo down while its peer still
+                torch.distributed.barrier()     # talks can abort ("terminate called ...") under load
+            return result
         finally:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if initialized():
                 torch.distributed.destroy_process_group()
     except (ConfigError, FileNotFoundError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
