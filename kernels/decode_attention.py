@@ -25,6 +25,14 @@ from torch import Tensor
 BLOCK_L = 64
 
 
+def gpu_tile_config(dtype: torch.dtype) -> dict:
+    """Keys per block and pipeline depth: fp32 caches get 32-key blocks and no pipelining, or head
+    dim 256 would need 280 KB of shared memory (tests/compile_kernels.py checks the fit)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(BLOCK=BLOCK_L, num_stages=3)
+    return dict(BLOCK=32, num_stages=1)
+
+
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
                              stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
@@ -125,7 +133,8 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     block_g = max(16, triton.next_power_of_2(groups))
     block_d = max(16, triton.next_power_of_2(dim))
     splits = _splits(batch, kv_heads, kv_length, query.device)
-    keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), BLOCK_L) * BLOCK_L
+    tile = gpu_tile_config(query.dtype)
+    keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), tile["BLOCK"]) * tile["BLOCK"]
     final = splits == 1
     out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
     if final:     # out shares q's contiguous [B, Hkv, G, D] strides; the partial buffers go unused
@@ -139,9 +148,9 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             q, keys, values, positions, m, l, acc, out, q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
-            HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=BLOCK_L,
+            HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, num_warps=4,
+            FINAL=final, num_warps=4, num_stages=tile["num_stages"],
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)

@@ -193,9 +193,11 @@ def _config(q: Tensor) -> dict:
 
 
 def gpu_tile_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Compiled tiles: 64 x 64 for half inputs up to head_dim 128, half that for fp32 or wider heads
-    (shared memory); tests/compile_kernels.py checks they fit on sm_80 and sm_90."""
+    """Compiled tiles: 64 x 64 for half inputs up to head_dim 128, half that for fp32 or wider heads,
+    unpipelined for both (shared memory); tests/compile_kernels.py checks they fit on sm_80 and sm_90."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32 and block_d > 128:
+        return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or block_d > 128:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)

@@ -80,15 +80,17 @@ def launches(arch: int):
     yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
            dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
     for dtype, head_dim, window, final in ((BF16, 64, False, True), (FP16, 128, True, False),
-                                           (FP32, 128, False, True)):
+                                           (FP32, 128, False, True), (FP32, 256, False, True)):
         kv = "*" + TRITON_DTYPE[dtype]
         part = kv if final else "*fp32"
+        tile = decode_attention.gpu_tile_config(dtype)
         yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final}",
                decode_attention._decode_attention_kernel,
                dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr=part, l_ptr=part, acc_ptr=part, out_ptr=kv),
-               dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=decode_attention.BLOCK_L,
-                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final), 4, 3)
-    for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True)):
+               dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=tile["BLOCK"],
+                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final), 4, tile["num_stages"])
+    for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True),
+                                    (FP32, 256, False)):
         t = "*" + TRITON_DTYPE[dtype]
         cfg = varlen_attention.gpu_tile_config(dtype, head_dim)
         const = dict(HAS_WINDOW=window, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
