@@ -146,6 +146,10 @@ struct DualLayoutTensors {
 DualLayoutTensors allocate_dual_layout(int64_t rows, int64_t num_segments, int64_t keys,
                                        const at::TensorOptions& long_opts);
 
+// Every id of a contiguous int64 CPU tensor is >= 0; errors name the op and the tensor (CPU kernels
+// of both layout ops).
+void check_token_ids(const at::Tensor& ids, const char* op, const char* name);
+
 // Checks that do not read tensor data (dtype, rank, device, matching pair counts); shared by devices.
 void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query_lens,
                             const at::Tensor& orig_ids, const at::Tensor& orig_lens,

@@ -13,16 +13,16 @@
 
 namespace ple_fast {
 
-namespace {
-
-void check_token_ids(const at::Tensor& ids, const char* name) {
+void check_token_ids(const at::Tensor& ids, const char* op, const char* name) {
   const int64_t* data = ids.data_ptr<int64_t>();
   const int64_t n = ids.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(data[i] >= 0, "dual_layout: ", name, "[", i, "] = ", data[i],
+    TORCH_CHECK(data[i] >= 0, op, ": ", name, "[", i, "] = ", data[i],
                 "; token ids must be >= 0 (", kIgnoreLabel, " marks rows without a label)");
   }
 }
+
+namespace {
 
 void check_length(int64_t len, int64_t min_len, int64_t flat_size, const char* name, int64_t pair,
                   const char* ids_name) {
@@ -50,9 +50,9 @@ DualLayout dual_layout_cpu(const at::Tensor& query_ids_in, const at::Tensor& que
   const at::Tensor query_lens = query_lens_in.contiguous();
   const at::Tensor orig_lens = orig_lens_in.contiguous();
   const at::Tensor prin_lens = prin_lens_in.contiguous();
-  check_token_ids(query_ids, "query_ids");
-  check_token_ids(orig_ids, "orig_ids");
-  check_token_ids(prin_ids, "prin_ids");
+  check_token_ids(query_ids, "dual_layout", "query_ids");
+  check_token_ids(orig_ids, "dual_layout", "orig_ids");
+  check_token_ids(prin_ids, "dual_layout", "prin_ids");
 
   const int64_t num_pairs = query_lens.size(0);
   const int64_t* q_lens = query_lens.data_ptr<int64_t>();

@@ -14,14 +14,6 @@ namespace ple_fast {
 
 namespace {
 
-void check_ids(const at::Tensor& ids, const char* name) {
-  const int64_t* data = ids.data_ptr<int64_t>();
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    TORCH_CHECK(data[i] >= 0, "prefill_layout: ", name, "[", i, "] = ", data[i],
-                "; token ids must be >= 0");
-  }
-}
-
 DualLayout prefill_layout_cpu(const at::Tensor& prefix_ids_in, const at::Tensor& prompt_ids_in,
                               const at::Tensor& prompt_lens_in, const at::Tensor& prefixed_in) {
   check_prefill_layout_args(prefix_ids_in, prompt_ids_in, prompt_lens_in, prefixed_in);
@@ -29,8 +21,8 @@ DualLayout prefill_layout_cpu(const at::Tensor& prefix_ids_in, const at::Tensor&
   const at::Tensor prompt_ids = prompt_ids_in.contiguous();
   const at::Tensor prompt_lens = prompt_lens_in.contiguous();
   const at::Tensor prefixed = prefixed_in.contiguous();
-  check_ids(prefix_ids, "prefix_ids");
-  check_ids(prompt_ids, "prompt_ids");
+  check_token_ids(prefix_ids, "prefill_layout", "prefix_ids");
+  check_token_ids(prompt_ids, "prefill_layout", "prompt_ids");
 
   const int64_t prefix_len = prefix_ids.numel();
   const int64_t has_prefix = prefix_len > 0 ? 1 : 0;
