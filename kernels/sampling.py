@@ -23,15 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.logprob import _tanh
+
 INTERPRETED_TILE = dict(ROWS=64, BLOCK=32, SPLIT=256)    # the interpreter pays per program, not per lane
 GPU_TILE = dict(ROWS=1, BLOCK=1024, SPLIT=8192)          # B * cdiv(V, 8192) programs: 4096 at B=256, V=128256
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
