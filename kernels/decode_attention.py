@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.logprob import _dot_precision
+from ple_fast.kernels.varlen_attention import _online_softmax_step
+
 BLOCK_L = 64
 
 
@@ -78,13 +81,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale    # [BLOCK_G, BLOCK]
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a block with no valid key
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        m = m_new
+        m, l, acc = _online_softmax_step(s, m, l, acc, v, PRECISION)
     if FINAL:   # one split: normalise here, in the query's layout and dtype (no merge kernels)
         l_safe = tl.where(l > 0, l, 1.0)
         o_ptrs = out_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg + ds[None, :]
@@ -97,13 +94,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
 
 
 INTERPRETED = type(_decode_attention_kernel).__name__ == "InterpretedFunction"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 caches attend in exact fp32 unless torch allows tf32 matmuls (as SDPA would)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> int:

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.logprob import _dot_precision
+
 
 @triton.jit
 def _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW: tl.constexpr):
@@ -47,6 +49,39 @@ def _key_range(first_row, last_row, offset, k_len, window, HAS_WINDOW: tl.conste
     if HAS_WINDOW:
         lo = tl.maximum(first_row + offset - window + 1, 0) // BLOCK_N * BLOCK_N
     return lo, hi
+
+
+@triton.jit
+def _online_softmax_step(s, m, l, acc, v, PRECISION: tl.constexpr):
+    """Fold one block of masked scores s [M, N] and its values v [N, D] into the running row max m,
+    sum l and unnormalised output acc; a row that has seen no visible key keeps m = -inf and adds 0.
+    Shared with kernels/decode_attention.py."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _row_stats(LSE, Delta, h, num_q_rows, q_start, rows, q_len):
+    """The forward's logsumexp and rowsum(dO * O) of query rows q_start + rows of head h."""
+    at = h.to(tl.int64) * num_q_rows + q_start + rows
+    row_ok = rows < q_len
+    return tl.load(LSE + at, mask=row_ok, other=0.0), tl.load(Delta + at, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, q_len, k_len, offset, window, scale,
+                       HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """Recomputed probabilities P [M, N] and score gradients dS = P * (dO V^T - delta) * scale."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    visible = _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW)
+    p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return p, p * (dp - delta[:, None]) * scale
 
 
 @triton.jit
@@ -84,13 +119,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, st
             v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(_visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, PRECISION)
         row_ok = rows < q_len
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -125,17 +154,12 @@ def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, stride_qn, str
             h = kh * groups + g
             for start in range(q_lo, q_hi, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
-                row_ok = rows < q_len
                 q = _load_rows(Q, q_start, rows, stride_qn, h, stride_qh, ds, q_len, head_dim, UPCAST)
                 do = _load_rows(dO, q_start, rows, stride_don, h, stride_doh, ds, q_len, head_dim, UPCAST)
-                lse = tl.load(LSE + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
-                delta = tl.load(Delta + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                visible = _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW)
-                p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+                lse, delta = _row_stats(LSE, Delta, h, num_q_rows, q_start, rows, q_len)
+                p, dsc = _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, q_len, k_len, offset, window,
+                                            scale, HAS_WINDOW, PRECISION)
                 dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                dsc = p * (dp - delta[:, None]) * scale
                 dk += tl.dot(tl.trans(dsc).to(q.dtype), q, input_precision=PRECISION)
         mask = (cols < k_len)[:, None] & (ds < head_dim)[None, :]
         rows64 = (k_start + cols).to(tl.int64)[:, None]
@@ -160,8 +184,7 @@ def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh
         ds = tl.arange(0, BLOCK_D)
         q = _load_rows(Q, q_start, rows, stride_qn, h, stride_qh, ds, q_len, head_dim, UPCAST)
         do = _load_rows(dO, q_start, rows, stride_don, h, stride_doh, ds, q_len, head_dim, UPCAST)
-        lse = tl.load(LSE + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
-        delta = tl.load(Delta + h.to(tl.int64) * num_q_rows + q_start + rows, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(LSE, Delta, h, num_q_rows, q_start, rows, q_len)
         dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         lo, hi = _key_range(m_block * BLOCK_M, m_block * BLOCK_M + BLOCK_M - 1, offset, k_len, window,
                             HAS_WINDOW, BLOCK_N)
@@ -169,11 +192,8 @@ def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh
             cols = start + tl.arange(0, BLOCK_N)
             k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
             v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            visible = _visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW)
-            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            dsc = p * (dp - delta[:, None]) * scale
+            _, dsc = _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, q_len, k_len, offset, window,
+                                        scale, HAS_WINDOW, PRECISION)
             dq += tl.dot(dsc.to(k.dtype), k, input_precision=PRECISION)
         mask = row_ok[:, None] & (ds < head_dim)[None, :]
         tl.store(dQ + (q_start + rows).to(tl.int64)[:, None] * stride_dqn + h * stride_dqh + ds[None, :],
@@ -184,8 +204,7 @@ INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _config(q: Tensor) -> dict:
-    precision = "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-    common = dict(PRECISION=precision, UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
+    common = dict(PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     if q.device.type != "cuda" or INTERPRETED:
         block_d = max(16, triton.next_power_of_2(q.shape[-1]))
         return dict(common, BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
