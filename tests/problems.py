@@ -31,3 +31,23 @@ def run_loss(problem, impl, grad_hidden=True, grad_weight=True, **kwargs):
     if grad_hidden or grad_weight:
         out.loss.backward()
     return out, hidden.grad, weight.grad
+
+
+def tied_weight_grads(impls, seed, num_pairs, dtype, through="mlp"):
+    """d loss / d weight per impl when ONE weight leaf is both the input embedding (hidden comes from
+    it, through a tanh mix or directly) and the lm_head: the tied-embedding case."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, hidden_size, num_rows = 61, 8, 24
+    weight0 = torch.randn(vocab, hidden_size, generator=g, dtype=dtype)
+    mix = torch.randn(hidden_size, hidden_size, generator=g, dtype=dtype) / math.sqrt(hidden_size)
+    input_ids = torch.randint(0, vocab, (num_rows,), generator=g)
+    labels = torch.randint(0, vocab, (num_rows,), generator=g)
+    seq_index = torch.arange(num_rows) % (2 * num_pairs)
+    rewards = torch.randn(num_pairs, 2, generator=g)
+    grads = {}
+    for impl in impls:
+        weight = weight0.clone().requires_grad_(True)
+        hidden = torch.tanh(weight[input_ids] @ mix) if through == "mlp" else weight[input_ids]
+        ple_loss(hidden, weight, labels, seq_index, rewards, 0.2, impl=impl).loss.backward()
+        grads[impl] = weight.grad
+    return grads

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import ple_fast.loss as loss_mod
-from problems import make_problem, run_loss
+from problems import make_problem, run_loss, tied_weight_grads
 from ple_fast.loss import (
     PLELossOutput,
     chunked_sequence_logprobs,
@@ -139,20 +139,7 @@ def test_frozen_inputs(frozen):
 
 def test_tied_embedding_weight():
     """The same weight feeds the input embedding and the lm_head."""
-    g = torch.Generator().manual_seed(5)
-    vocab, hidden_size, num_rows, num_pairs = 61, 8, 24, 2
-    weight0 = torch.randn(vocab, hidden_size, generator=g)
-    mix = torch.randn(hidden_size, hidden_size, generator=g) / math.sqrt(hidden_size)
-    input_ids = torch.randint(0, vocab, (num_rows,), generator=g)
-    labels = torch.randint(0, vocab, (num_rows,), generator=g)
-    seq_index = torch.arange(num_rows) % (2 * num_pairs)
-    rewards = torch.randn(num_pairs, 2, generator=g)
-    grads = {}
-    for impl in ("reference", "torch"):
-        weight = weight0.clone().requires_grad_(True)
-        hidden = torch.tanh(weight[input_ids] @ mix)
-        ple_loss(hidden, weight, labels, seq_index, rewards, 0.2, impl=impl).loss.backward()
-        grads[impl] = weight.grad
+    grads = tied_weight_grads(("reference", "torch"), seed=5, num_pairs=2, dtype=torch.float32)
     assert_finite(grads["torch"])
     torch.testing.assert_close(grads["torch"], grads["reference"], rtol=1e-4, atol=1e-5)
 

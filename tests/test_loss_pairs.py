@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ple_fast.loss as loss_mod
 import ple_fast.loss_pairs as pairs_mod
-from problems import make_problem, run_loss
+from problems import make_problem, run_loss, tied_weight_grads
 from ple_fast.loss import IMPLS, ple_loss, sequence_logprobs
 from ple_fast.loss_pairs import pairs_ple_loss
 
@@ -298,20 +298,7 @@ def test_frozen_weight_does_no_dw_gemm():
 @pytest.mark.parametrize("through", ["mlp", "direct"])
 def test_tied_embedding_weight(through):
     """The same weight leaf makes hidden (input embedding) and is the lm_head."""
-    g = torch.Generator().manual_seed(17)
-    vocab, hidden_size, num_rows, num_pairs = 61, 8, 24, 3
-    weight0 = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
-    mix = torch.randn(hidden_size, hidden_size, generator=g, dtype=torch.float64) / math.sqrt(hidden_size)
-    input_ids = torch.randint(0, vocab, (num_rows,), generator=g)
-    labels = torch.randint(0, vocab, (num_rows,), generator=g)
-    seq_index = torch.arange(num_rows) % (2 * num_pairs)
-    rewards = torch.randn(num_pairs, 2, generator=g)
-    grads = {}
-    for impl in ("reference", "pairs"):
-        weight = weight0.clone().requires_grad_(True)
-        hidden = torch.tanh(weight[input_ids] @ mix) if through == "mlp" else weight[input_ids]
-        ple_loss(hidden, weight, labels, seq_index, rewards, 0.2, impl=impl).loss.backward()
-        grads[impl] = weight.grad
+    grads = tied_weight_grads(("reference", "pairs"), seed=17, num_pairs=3, dtype=torch.float64, through=through)
     assert torch.isfinite(grads["pairs"]).all()
     assert rel_err(grads["pairs"], grads["reference"]) < 1e-12
 
