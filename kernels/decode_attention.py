@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.logprob import _dot_precision
+from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
 BLOCK_L = 64
@@ -93,9 +93,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
         tl.store(acc_ptr + (out * BLOCK_G + gs[:, None]) * BLOCK_D + ds[None, :], acc)
 
 
-INTERPRETED = type(_decode_attention_kernel).__name__ == "InterpretedFunction"
-
-
 def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> int:
     """Key splits: enough programs for about two waves of the SMs, at least BLOCK_L keys each."""
     if device.type != "cuda":     # the interpreter: one split for few keys, else exercise the merge
@@ -111,9 +108,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
-    if query.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("decode_attention got CPU tensors but Triton is not in interpreter mode: set "
-                           "TRITON_INTERPRET=1 before importing triton, or use the SDPA path")
+    require_runnable(query.device, "decode_attention", "use the SDPA path")
     if q_len != 1 or q_heads % kv_heads or keys.shape[-1] != dim or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"decode_attention: query {tuple(query.shape)} and cache {tuple(keys.shape)} do not "
                          "form a one-token decode step with unit-stride head dims")

@@ -214,6 +214,13 @@ def _dlogits_kernel(x_ptr, w_ptr, labels_ptr, lse_ptr, dz_ptr,
 INTERPRETED = type(_lse_partials_kernel).__name__ == "InterpretedFunction"
 
 
+def require_runnable(device: torch.device, caller: str, otherwise: str) -> None:
+    """CPU tensors need the interpreter: say how to get it, or what to call instead (every kernel module)."""
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(f"{caller} got CPU tensors but Triton is not in interpreter mode: set "
+                           f"TRITON_INTERPRET=1 before importing triton, or {otherwise}")
+
+
 # ----------------------------------------------------------------------------------------
 # host side
 
@@ -352,11 +359,7 @@ def fused_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, seq_
     loss._check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
     if torch.float64 in (hidden.dtype, weight.dtype):
         return loss._torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
-    if hidden.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "fused_sequence_logprobs got CPU tensors but Triton is not in interpreter mode: set "
-            "TRITON_INTERPRET=1 before importing triton, or use impl='torch'"
-        )
+    require_runnable(hidden.device, "fused_sequence_logprobs", "use impl='torch'")
     safe_labels = torch.where(seq_index >= 0, labels, 0)
     slots = torch.where(seq_index >= 0, seq_index, num_seqs)
     with torch.autocast(hidden.device.type, enabled=False):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.logprob import _tanh
+from ple_fast.kernels.logprob import INTERPRETED, _tanh, require_runnable
 
 INTERPRETED_TILE = dict(ROWS=64, BLOCK=32, SPLIT=256)    # the interpreter pays per program, not per lane
 GPU_TILE = dict(ROWS=1, BLOCK=1024, SPLIT=8192)          # B * cdiv(V, 8192) programs: 4096 at B=256, V=128256
@@ -78,9 +78,6 @@ def _uniforms_kernel(out_ptr, seed_ptr, step_ptr, B, V, ROWS: tl.constexpr, BLOC
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], u, mask=ok)
 
 
-INTERPRETED = type(_race_kernel).__name__ == "InterpretedFunction"
-
-
 def _tile(device: torch.device) -> dict:
     return GPU_TILE if device.type == "cuda" and not INTERPRETED else INTERPRETED_TILE
 
@@ -92,9 +89,7 @@ def _check(logits: Tensor, seed: Tensor, step: Tensor) -> None:
         if t.dtype != torch.int64 or t.numel() != 1 or t.device != logits.device:
             raise ValueError(f"race_sample: {name} must be a one-element int64 tensor on {logits.device}, "
                              f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if logits.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("race_sample got CPU tensors but Triton is not in interpreter mode: set "
-                           "TRITON_INTERPRET=1 before importing triton, or sample with the torch path")
+    require_runnable(logits.device, "race_sample", "sample with the torch path")
 
 
 def race_sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,

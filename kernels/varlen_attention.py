@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.logprob import _dot_precision
+from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
 
 
 @triton.jit
@@ -200,9 +200,6 @@ def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh
                  dq.to(dQ.dtype.element_ty), mask=mask)
 
 
-INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
-
-
 def _config(q: Tensor) -> dict:
     common = dict(PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     if q.device.type != "cuda" or INTERPRETED:
@@ -280,9 +277,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
                          "[Nq, H, D], [Nk, Hkv, D] with H a multiple of Hkv")
-    if q.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError("varlen_attention got CPU tensors but Triton is not in interpreter mode: set "
-                           "TRITON_INTERPRET=1 before importing triton, or use another attention backend")
+    require_runnable(q.device, "varlen_attention", "use another attention backend")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _VarlenAttention.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
                                   int(max_seqlen_q), int(max_seqlen_k), scale, sliding_window)
