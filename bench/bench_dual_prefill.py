@@ -6,8 +6,9 @@ shape (random weights, bf16), forward + log-probs of both responses + backward:
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
 B is each tree-attention backend this GPU runs: flash (flash-attn installed), triton (our varlen
-Triton kernel, the CUDA default without flash-attn), segments (varlen on stock SDPA) and flex (a
-compile failure is recorded per row).
+Triton kernel, the CUDA default without flash-attn), segments (varlen on stock SDPA) and flex (timed
+in a last pass, its compile being slow; a compile failure is recorded per row). --allow-cpu runs
+a smoke test of the segments backend on CPU (fp32, tiny shapes; no figures).
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
 log-probs use sequence_logprobs(impl="auto"), the same for every variant.
 
@@ -101,9 +102,11 @@ def variants(model, queries, originals, principled, backends: list[str], device:
     return out
 
 
-def available_backends(dtype: torch.dtype) -> list[str]:
+def available_backends(dtype: torch.dtype, device: str) -> list[str]:
     from ple_fast.attention import _flash_available
 
+    if device == "cpu":   # smoke runs: flex has no CPU backward, interpreted triton takes minutes
+        return ["segments"]
     backends = []
     if dtype in (torch.float16, torch.bfloat16) and _flash_available():
         backends.append("flash")
@@ -112,59 +115,76 @@ def available_backends(dtype: torch.dtype) -> list[str]:
 
 
 def main() -> None:
-    args = parse_args("dual prefill: packed-shared vs packed-duplicated vs padded HF training steps")
-    require_cuda(BENCH)
+    args = parse_args("dual prefill: packed-shared vs packed-duplicated vs padded HF training steps",
+                      extra=lambda ap: ap.add_argument("--allow-cpu", action="store_true",
+                                                       help="run without CUDA (quick shapes, fp32: a smoke test)"))
+    if not args.allow_cpu:
+        require_cuda(BENCH)
     from ple_fast.layout import pack_dual
 
-    dtype = torch.bfloat16
-    model_shape = QUICK_MODEL if args.quick else MODEL
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    num_pairs = QUICK_PAIRS if args.quick else PAIRS
-    model = build_model(model_shape, "cuda", dtype)
-    backends = available_backends(dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quick = args.quick or device == "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model_shape = QUICK_MODEL if quick else MODEL
+    shapes = QUICK_SHAPES if quick else SHAPES
+    num_pairs = QUICK_PAIRS if quick else PAIRS
+    model = build_model(model_shape, device, dtype)
+    backends = available_backends(dtype, device)
     path = result_path(args.out, BENCH)
-    payload = dict(model=dict(model_shape, params=sum(p.numel() for p in model.parameters())),
+    payload = dict(quick=quick, model=dict(model_shape, params=sum(p.numel() for p in model.parameters())),
                    dtype=str(dtype), pairs=num_pairs, backends=backends, rows=[],
                    note="tokens/s = tokens of the 2P separate sequences / fwd+bwd time; "
                         "theory = (2Q+C+R)/(Q+C+R)")
     print(f"{BENCH}: {payload['model']['params'] / 1e9:.2f}B params, {num_pairs} pairs/step, backends {backends}")
-    for q_len, o_len, p_len in shapes:
-        if seconds_left() < MIN_SECONDS_PER_SHAPE:
-            print(f"skipping ({q_len}/{o_len}/{p_len}) and later shapes: {seconds_left():.0f}s left")
-            break
-        queries, originals, principled = make_pairs(num_pairs, (q_len, o_len, p_len), model_shape["vocab_size"])
-        logical_tokens = num_pairs * (2 * q_len + o_len + p_len)
-        theory = (2 * q_len + o_len + p_len) / (q_len + o_len + p_len)
-        pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device="cuda"))["ms"]
-        measured = {}
-        for name, (rows_fn, layout_tokens) in variants(model, queries, originals, principled,
-                                                       backends, "cuda").items():
-            row = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=name, layout_tokens=layout_tokens,
-                       theory_shared_over_dup=round(theory, 3))
-            try:
-                torch.cuda.reset_peak_memory_stats()
-                timing = time_cuda(lambda: training_step(model, rows_fn), warmup=3, iters=5)
-                measured[name] = timing["ms"]
-                row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
-                           peak_gib=torch.cuda.max_memory_allocated() / 2**30)
-            except Exception as err:  # noqa: BLE001 - record and go on to the next variant
-                row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
-                traceback.print_exc()
-                torch.cuda.empty_cache()
-            payload["rows"].append(row)
-        for backend in backends:
-            shared, dup = measured.get(f"packed_shared[{backend}]"), measured.get(f"packed_duplicated[{backend}]")
-            padded = measured.get("padded_hf")
-            summary = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=f"ratios[{backend}]", pack_ms=pack_ms,
-                           theory_shared_over_dup=round(theory, 3),
-                           shared_over_dup=dup / shared if shared and dup else None,
-                           shared_over_padded=padded / shared if shared and padded else None)
-            if summary["shared_over_dup"]:
-                summary["of_theory"] = summary["shared_over_dup"] / theory
-            payload["rows"].append(summary)
-            print(f"({q_len}/{o_len}/{p_len}) {backend}: shared/dup {summary['shared_over_dup'] or float('nan'):.3f} "
-                  f"(theory {theory:.3f}), shared/padded {summary['shared_over_padded'] or float('nan'):.3f}")
-        write_result(path, BENCH, payload)
+    # flex last, in a pass of its own: its compile is slow (and failed on the H200 once), so it must
+    # not eat the time of the other backends' shapes
+    passes = [[b for b in backends if b != "flex"], [b for b in backends if b == "flex"]]
+    measured: dict[tuple, dict[str, float]] = {}
+    for pass_backends in (p for p in passes if p):
+        for q_len, o_len, p_len in shapes:
+            if seconds_left() < MIN_SECONDS_PER_SHAPE:
+                print(f"skipping {pass_backends} at ({q_len}/{o_len}/{p_len}): {seconds_left():.0f}s left")
+                continue
+            lengths = (q_len, o_len, p_len)
+            queries, originals, principled = make_pairs(num_pairs, lengths, model_shape["vocab_size"])
+            logical_tokens = num_pairs * (2 * q_len + o_len + p_len)
+            theory = (2 * q_len + o_len + p_len) / (q_len + o_len + p_len)
+            times = measured.setdefault(lengths, {})
+            for name, (rows_fn, layout_tokens) in variants(model, queries, originals, principled,
+                                                           pass_backends, device).items():
+                if name in times:                    # padded_hf: once per shape
+                    continue
+                row = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=name, layout_tokens=layout_tokens,
+                           theory_shared_over_dup=round(theory, 3))
+                try:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    timing = time_cuda(lambda: training_step(model, rows_fn), warmup=3, iters=5)
+                    times[name] = timing["ms"]
+                    row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
+                               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+                except Exception as err:  # noqa: BLE001 - record and go on to the next variant
+                    row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
+                    traceback.print_exc()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                payload["rows"].append(row)
+                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms" if "ms" in row else "failed"),
+                      flush=True)
+            pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device=device))["ms"]
+            for backend in pass_backends:
+                shared, dup = times.get(f"packed_shared[{backend}]"), times.get(f"packed_duplicated[{backend}]")
+                padded = times.get("padded_hf")
+                summary = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=f"ratios[{backend}]", pack_ms=pack_ms,
+                               theory_shared_over_dup=round(theory, 3),
+                               shared_over_dup=dup / shared if shared and dup else None,
+                               shared_over_padded=padded / shared if shared and padded else None)
+                if summary["shared_over_dup"]:
+                    summary["of_theory"] = summary["shared_over_dup"] / theory
+                payload["rows"].append(summary)
+                print(f"({q_len}/{o_len}/{p_len}) {backend}: shared/dup {summary['shared_over_dup'] or float('nan'):.3f} "
+                      f"(theory {theory:.3f}), shared/padded {summary['shared_over_padded'] or float('nan'):.3f}")
+            write_result(path, BENCH, payload)
     print(f"wrote {path}")
 
 

@@ -63,9 +63,18 @@ def device_info() -> dict:
 
 
 def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> dict:
-    """Median / min milliseconds of fn() between CUDA events, each call timed on its own."""
+    """Median / min milliseconds of fn() between CUDA events, each call timed on its own.
+
+    Without CUDA it times wall-clock instead: only for --allow-cpu smoke runs, never a figure."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return dict(ms=statistics.median(times), ms_min=min(times), iters=iters)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):

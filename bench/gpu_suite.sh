@@ -5,8 +5,11 @@
 #   OUT=/some/dir bash bench/gpu_suite.sh          # from anywhere; default OUT=bench/results
 #
 # Env knobs: SUITE_BUDGET_S (default 480: the whole run must fit in 8 minutes on an H100),
-# BENCH_ARGS (extra args for every bench, e.g. "--quick"), BENCH_TIMEOUT_S (per bench; default:
-# a fair share of what is left). A failing or timed-out step is recorded and the suite goes on;
+# BENCH_ARGS (extra args for every bench, e.g. "--quick"), BENCH_ARGS_<name> (extra args for one,
+# e.g. BENCH_ARGS_bench_rollout="--batches 128"), SUITE_BENCHES (names to run, default every
+# bench/bench_*.py), SUITE_SKIP_TESTS=1 (no pytest step), PYTEST_WORKERS (default 8 where
+# pytest-xdist is installed: the GPU tests' time is mostly single-threaded Triton JIT compiles),
+# BENCH_TIMEOUT_S (per bench; default: a fair share of what is left). A failing or timed-out step is recorded and the suite goes on;
 # benches write their JSON after every row, so a timeout keeps what was measured.
 # Wheels carried in bench/wheels/*.whl (liger-kernel, cut-cross-entropy) are installed with
 # --no-deps; nothing is downloaded.
@@ -75,13 +78,24 @@ fi
 # take the whole step's time
 per_test=()
 if "$PY" -c "import pytest_timeout" > /dev/null 2>&1; then per_test=(--timeout=90); fi
-# 180 s: most of it is Triton JIT-compiling each kernel variant the tests launch (a few s each);
-# --durations shows where it went, so the next run can rebalance
-run_step pytest_gpu "$(( $(left) < 180 ? ($(left) > 30 ? $(left) : 30) : 180 ))" \
-  "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider --durations=15 "${per_test[@]}"
+workers=()
+if [[ "${PYTEST_WORKERS:-8}" != 0 ]] && "$PY" -c "import xdist" > /dev/null 2>&1; then
+  workers=(-n "${PYTEST_WORKERS:-8}")
+fi
+# 180 s at most: most of it is Triton JIT-compiling each kernel variant the tests launch (a few s
+# each, one core each, hence the workers); --durations shows where it went
+if [[ "${SUITE_SKIP_TESTS:-0}" != 1 ]]; then
+  run_step pytest_gpu "$(( $(left) < 180 ? ($(left) > 30 ? $(left) : 30) : 180 ))" \
+    "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider --durations=15 "${per_test[@]}" "${workers[@]}"
+fi
 
 # 3. every bench, each with a fair share of the time left
-benches=(bench/bench_*.py)
+if [[ -n "${SUITE_BENCHES:-}" ]]; then
+  benches=()
+  for name in $SUITE_BENCHES; do benches+=("bench/$name.py"); done
+else
+  benches=(bench/bench_*.py)
+fi
 for i in "${!benches[@]}"; do
   bench="${benches[$i]}"
   name="$(basename "$bench" .py)"
@@ -94,8 +108,9 @@ for i in "${!benches[@]}"; do
   fi
   # benches may read BENCH_DEADLINE (epoch seconds; common.seconds_left) to stop in time
   export BENCH_DEADLINE=$(( $(date +%s) + limit - 10 ))
-  # shellcheck disable=SC2086  # BENCH_ARGS is deliberately word-split
-  run_step "$name" "$limit" "$PY" "$bench" --out "$OUT" ${BENCH_ARGS:-}
+  own_args="BENCH_ARGS_$name"
+  # shellcheck disable=SC2086  # BENCH_ARGS* are deliberately word-split
+  run_step "$name" "$limit" "$PY" "$bench" --out "$OUT" ${BENCH_ARGS:-} ${!own_args:-}
 done
 
 # 4. markdown summary: step status + every JSON's rows

@@ -32,3 +32,15 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert {r["method"] for r in rows} == {"hf", "fast", "fast_torch_sampling", "fast_sdpa_decode"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+
+
+def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
+    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("bench_dual_prefill-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    timed = [r for r in rows if not r["variant"].startswith("ratios")]
+    assert {r["variant"] for r in timed} == {"padded_hf", "packed_shared[segments]", "packed_duplicated[segments]"}
+    assert len(timed) == 3 * 2 and all(r["ms"] > 0 and "error" not in r for r in timed)   # 2 quick shapes
+    ratios = [r for r in rows if r["variant"] == "ratios[segments]"]
+    assert len(ratios) == 2 and all(r["shared_over_dup"] > 0 and r["shared_over_padded"] > 0 for r in ratios)
