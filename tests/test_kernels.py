@@ -106,10 +106,11 @@ def test_arbitrary_upstream_gradient(seed):
     torch.testing.assert_close(dw, ref_dw, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("vocab", [97, 128])
-def test_backward_in_several_vocab_chunks(vocab, monkeypatch):
+@pytest.mark.parametrize("blocks, extra", [(3, 1), (2, 0)])  # V not / V a multiple of BLOCK_V
+def test_backward_in_several_vocab_chunks(blocks, extra, monkeypatch):
+    block_v = logprob.tile_config(DEVICE, torch.float32)["BLOCK_V"]  # 256 on a GPU, less interpreted
+    vocab = blocks * block_v + extra
     problem = make_problem(20, 30, 16, vocab, 2)
-    block_v = logprob.tile_config(DEVICE, torch.float32)["BLOCK_V"]
     monkeypatch.setattr(logprob, "DZ_CHUNK_BYTES", 30 * block_v * 4)  # one vocab block per chunk
     assert logprob._dz_chunk_cols(30, vocab, 4, block_v) == block_v < vocab
     ref, ref_dx, ref_dw = run_loss(problem, "reference", softcap=4.0)

@@ -434,7 +434,7 @@ def test_cuda_op_matches_reference():
         batch = pack_dual(*pairs, device="cuda")
         assert batch.input_ids.is_cuda and batch.kv_index.is_cuda
         assert_same_batch(batch, pack_dual_reference(*pairs, device="cuda"))
-    on_device = [[torch.tensor(s, device="cuda") for s in group] for group in pairs]
+    on_device = [[torch.tensor(s, dtype=torch.long, device="cuda") for s in group] for group in pairs]
     assert_same_batch(pack_dual(*on_device), pack_dual_reference(*pairs, device="cuda"))
 
 
