@@ -116,8 +116,10 @@ def available_backends(dtype: torch.dtype, device: str) -> list[str]:
 
 def main() -> None:
     args = parse_args("dual prefill: packed-shared vs packed-duplicated vs padded HF training steps",
-                      extra=lambda ap: ap.add_argument("--allow-cpu", action="store_true",
-                                                       help="run without CUDA (quick shapes, fp32: a smoke test)"))
+                      extra=lambda ap: (ap.add_argument("--allow-cpu", action="store_true",
+                                                        help="run without CUDA (quick shapes, fp32: a smoke test)"),
+                                        ap.add_argument("--shapes", help="Q/C/R,... (default: "
+                                                        + ",".join("/".join(map(str, s)) for s in SHAPES) + ")")))
     if not args.allow_cpu:
         require_cuda(BENCH)
     from ple_fast.layout import pack_dual
@@ -127,6 +129,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model_shape = QUICK_MODEL if quick else MODEL
     shapes = QUICK_SHAPES if quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split("/")) for shape in args.shapes.split(",")]
     num_pairs = QUICK_PAIRS if quick else PAIRS
     model = build_model(model_shape, device, dtype)
     backends = available_backends(dtype, device)
