@@ -67,6 +67,15 @@ if ! "$PY" -c "import torch, ple_fast._C" > /dev/null 2>&1; then
     -Ccmake.define.PLE_FAST_CUDA=OFF
 fi
 "$PY" -m ple_fast._ext >> "$LOGS/env.txt" 2>&1
+# the toolchain that built _C, and whether libstdc++ code got linked into it (a static libstdc++ beside
+# the process's shared one is one suspect of the 2026-11-28 crash that csrc/check.h works around)
+{ c++ --version | head -n 1; nvcc --version | tail -n 2; cmake --version | head -n 1
+  so="$("$PY" -c 'import torch, ple_fast._C as m; print(m.__file__)' 2>/dev/null)"
+  if [[ -n "$so" ]]; then
+    ls -la "$so"
+    echo "libstdc++ symbols defined in _C: $(nm -D --defined-only -C "$so" 2>/dev/null | grep -c ' std::')"
+  fi
+} >> "$LOGS/env.txt" 2>&1
 shopt -s nullglob
 wheels=(bench/wheels/*.whl)
 if (( ${#wheels[@]} )); then
@@ -86,7 +95,8 @@ fi
 # each, one core each, hence the workers); --durations shows where it went
 if [[ "${SUITE_SKIP_TESTS:-0}" != 1 ]]; then
   run_step pytest_gpu "$(( $(left) < 180 ? ($(left) > 30 ? $(left) : 30) : 180 ))" \
-    "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider --durations=15 "${per_test[@]}" "${workers[@]}"
+    "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -p no:logging --tb=short --durations=15 \
+    "${per_test[@]}" "${workers[@]}"
 fi
 
 # 3. every bench, each with a fair share of the time left
@@ -119,7 +129,7 @@ done
   echo
   echo '```'
   head -n 3 "$LOGS/env.txt"
-  echo "commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "commit ${SUITE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   echo '```'
   echo
   echo "| step | status | seconds | log |"
@@ -128,9 +138,12 @@ done
   echo
   "$PY" "$REPO/bench/common.py" summarize "$OUT" || echo "(summary failed; see the JSON files)"
 } > "$OUT/summary.md"
+# the test log whole (up to 3000 lines: its failures are what the next session must read), the rest's tails
 for log in "$LOGS"/env.txt "$LOGS"/*.log; do
-  echo "===== $(basename "$log") (last 200 lines)"
-  tail -n 200 "$log"
+  lines=200
+  [[ "$(basename "$log")" == pytest_gpu.log ]] && lines=3000
+  echo "===== $(basename "$log") (last $lines lines)"
+  tail -n "$lines" "$log"
 done > "$OUT/logs.txt"
 echo "== wrote $OUT/summary.md and $OUT/logs.txt in $(( $(date +%s) - START ))s"
 cat "$OUT/summary.md"

@@ -15,6 +15,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "check.h"
+
 #if defined(__CUDACC__)
 #define PLE_HOST_DEVICE __host__ __device__ __forceinline__
 #else

@@ -17,8 +17,8 @@ void check_token_ids(const at::Tensor& ids, const char* op, const char* name) {
   const int64_t* data = ids.data_ptr<int64_t>();
   const int64_t n = ids.numel();
   for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(data[i] >= 0, op, ": ", name, "[", i, "] = ", data[i],
-                "; token ids must be >= 0 (", kIgnoreLabel, " marks rows without a label)");
+    PLE_CHECK(data[i] >= 0, op, ": ", name, "[", i, "] = ", data[i],
+              "; token ids must be >= 0 (", kIgnoreLabel, " marks rows without a label)");
   }
 }
 
@@ -26,17 +26,17 @@ namespace {
 
 void check_length(int64_t len, int64_t min_len, int64_t flat_size, const char* name, int64_t pair,
                   const char* ids_name) {
-  TORCH_CHECK(len >= min_len, "dual_layout: ", name, "[", pair, "] = ", len,
-              min_len == 1 ? "; every query needs at least one token (its last token starts both "
-                             "responses)"
-                           : "; lengths must be >= 0");
-  TORCH_CHECK(len <= flat_size, "dual_layout: ", name, "[", pair, "] = ", len, " exceeds the ",
-              flat_size, " tokens of ", ids_name);
+  PLE_CHECK(len >= min_len, "dual_layout: ", name, "[", pair, "] = ", len,
+            min_len == 1 ? "; every query needs at least one token (its last token starts both "
+                           "responses)"
+                         : "; lengths must be >= 0");
+  PLE_CHECK(len <= flat_size, "dual_layout: ", name, "[", pair, "] = ", len, " exceeds the ",
+            flat_size, " tokens of ", ids_name);
 }
 
 void check_total(int64_t total, const at::Tensor& ids, const char* lens_name, const char* ids_name) {
-  TORCH_CHECK(total == ids.numel(), "dual_layout: ", lens_name, " sums to ", total, " but ",
-              ids_name, " has ", ids.numel(), " tokens");
+  PLE_CHECK(total == ids.numel(), "dual_layout: ", lens_name, " sums to ", total, " but ",
+            ids_name, " has ", ids.numel(), " tokens");
 }
 
 DualLayout dual_layout_cpu(const at::Tensor& query_ids_in, const at::Tensor& query_lens_in,
@@ -80,8 +80,8 @@ DualLayout dual_layout_cpu(const at::Tensor& query_ids_in, const at::Tensor& que
   check_total(o_total, orig_ids, "orig_lens", "orig_ids");
   check_total(p_total, prin_ids, "prin_lens", "prin_ids");
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(keys <= kInt32Max, "dual_layout: the batch needs ", keys,
-              " attention keys, more than int32 cu_seqlens_k can index; split the batch");
+  PLE_CHECK(keys <= kInt32Max, "dual_layout: the batch needs ", keys,
+            " attention keys, more than int32 cu_seqlens_k can index; split the batch");
 
   const int64_t num_segments = kSegmentsPerPair * num_pairs;
   const DualLayoutTensors out = allocate_dual_layout(rows, num_segments, keys, query_ids.options());

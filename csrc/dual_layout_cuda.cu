@@ -94,8 +94,8 @@ DualLayout dual_layout_cuda(const at::Tensor& query_ids_in, const at::Tensor& qu
   int64_t rows = 0, keys = 0, max_seqlen_q = 0, max_seqlen_k = 0;
   at::Tensor q_end, o_end, p_end, row_end, key_end;
   if (num_pairs == 0) {
-    TORCH_CHECK(query_ids.numel() == 0 && orig_ids.numel() == 0 && prin_ids.numel() == 0,
-                "dual_layout: no pairs (empty length tensors) but the id tensors are not empty");
+    PLE_CHECK(query_ids.numel() == 0 && orig_ids.numel() == 0 && prin_ids.numel() == 0,
+              "dual_layout: no pairs (empty length tensors) but the id tensors are not empty");
   } else {
     q_end = query_lens.cumsum(0);
     o_end = orig_lens.cumsum(0);
@@ -114,26 +114,26 @@ DualLayout dual_layout_cuda(const at::Tensor& query_ids_in, const at::Tensor& qu
         negative_ids});
     const at::Tensor stats_host = stats_dev.cpu();
     const int64_t* st = stats_host.data_ptr<int64_t>();
-    TORCH_CHECK(st[kMinQueryLen] >= 1, "dual_layout: query_lens has an entry of ",
-                st[kMinQueryLen],
-                "; every query needs at least one token (its last token starts both responses)");
-    TORCH_CHECK(st[kMinOrigLen] >= 0, "dual_layout: orig_lens has a negative entry (",
-                st[kMinOrigLen], ")");
-    TORCH_CHECK(st[kMinPrinLen] >= 0, "dual_layout: prin_lens has a negative entry (",
-                st[kMinPrinLen], ")");
-    TORCH_CHECK(st[kQueryTotal] == query_ids.numel(), "dual_layout: query_lens sums to ",
-                st[kQueryTotal], " but query_ids has ", query_ids.numel(), " tokens");
-    TORCH_CHECK(st[kOrigTotal] == orig_ids.numel(), "dual_layout: orig_lens sums to ",
-                st[kOrigTotal], " but orig_ids has ", orig_ids.numel(), " tokens");
-    TORCH_CHECK(st[kPrinTotal] == prin_ids.numel(), "dual_layout: prin_lens sums to ",
-                st[kPrinTotal], " but prin_ids has ", prin_ids.numel(), " tokens");
-    TORCH_CHECK(st[kNegativeIds] == 0, "dual_layout: ", st[kNegativeIds],
-                " token ids are negative; token ids must be >= 0 (", kIgnoreLabel,
-                " marks rows without a label)");
-    TORCH_CHECK(st[kKeys] <= std::numeric_limits<int32_t>::max(), "dual_layout: the batch needs ",
-                st[kKeys], " attention keys, more than int32 cu_seqlens_k can index; split the batch");
-    TORCH_CHECK(num_pairs <= std::numeric_limits<int32_t>::max(), "dual_layout: too many pairs (",
-                num_pairs, ") for one grid");
+    PLE_CHECK(st[kMinQueryLen] >= 1, "dual_layout: query_lens has an entry of ",
+              st[kMinQueryLen],
+              "; every query needs at least one token (its last token starts both responses)");
+    PLE_CHECK(st[kMinOrigLen] >= 0, "dual_layout: orig_lens has a negative entry (",
+              st[kMinOrigLen], ")");
+    PLE_CHECK(st[kMinPrinLen] >= 0, "dual_layout: prin_lens has a negative entry (",
+              st[kMinPrinLen], ")");
+    PLE_CHECK(st[kQueryTotal] == query_ids.numel(), "dual_layout: query_lens sums to ",
+              st[kQueryTotal], " but query_ids has ", query_ids.numel(), " tokens");
+    PLE_CHECK(st[kOrigTotal] == orig_ids.numel(), "dual_layout: orig_lens sums to ",
+              st[kOrigTotal], " but orig_ids has ", orig_ids.numel(), " tokens");
+    PLE_CHECK(st[kPrinTotal] == prin_ids.numel(), "dual_layout: prin_lens sums to ",
+              st[kPrinTotal], " but prin_ids has ", prin_ids.numel(), " tokens");
+    PLE_CHECK(st[kNegativeIds] == 0, "dual_layout: ", st[kNegativeIds],
+              " token ids are negative; token ids must be >= 0 (", kIgnoreLabel,
+              " marks rows without a label)");
+    PLE_CHECK(st[kKeys] <= std::numeric_limits<int32_t>::max(), "dual_layout: the batch needs ",
+              st[kKeys], " attention keys, more than int32 cu_seqlens_k can index; split the batch");
+    PLE_CHECK(num_pairs <= std::numeric_limits<int32_t>::max(), "dual_layout: too many pairs (",
+              num_pairs, ") for one grid");
     rows = st[kRows];
     keys = st[kKeys];
     max_seqlen_q = st[kMaxSeqlenQ];

@@ -16,9 +16,9 @@ namespace {
 
 void check_one(const at::Tensor& t, const char* name, const char* op = "dual_layout",
                at::ScalarType dtype = at::kLong) {
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "bool",
-              ", got ", t.scalar_type());
+  PLE_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  PLE_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "bool",
+            ", got ", t.scalar_type());
 }
 
 }  // namespace
@@ -64,15 +64,15 @@ void check_dual_layout_args(const at::Tensor& query_ids, const at::Tensor& query
       {&query_lens, "query_lens"}, {&orig_ids, "orig_ids"},   {&orig_lens, "orig_lens"},
       {&prin_ids, "prin_ids"},     {&prin_lens, "prin_lens"}};
   for (const auto& [t, name] : others) {
-    TORCH_CHECK(t->device() == device, "dual_layout: ", name, " is on ", t->device(),
-                " but query_ids is on ", device, "; all six inputs must be on one device");
+    PLE_CHECK(t->device() == device, "dual_layout: ", name, " is on ", t->device(),
+              " but query_ids is on ", device, "; all six inputs must be on one device");
   }
-  TORCH_CHECK(orig_lens.size(0) == query_lens.size(0),
-              "dual_layout: orig_lens has ", orig_lens.size(0), " entries but query_lens has ",
-              query_lens.size(0), " (one per pair)");
-  TORCH_CHECK(prin_lens.size(0) == query_lens.size(0),
-              "dual_layout: prin_lens has ", prin_lens.size(0), " entries but query_lens has ",
-              query_lens.size(0), " (one per pair)");
+  PLE_CHECK(orig_lens.size(0) == query_lens.size(0),
+            "dual_layout: orig_lens has ", orig_lens.size(0), " entries but query_lens has ",
+            query_lens.size(0), " (one per pair)");
+  PLE_CHECK(prin_lens.size(0) == query_lens.size(0),
+            "dual_layout: prin_lens has ", prin_lens.size(0), " entries but query_lens has ",
+            query_lens.size(0), " (one per pair)");
 }
 
 void check_prefill_layout_args(const at::Tensor& prefix_ids, const at::Tensor& prompt_ids,
@@ -86,11 +86,11 @@ void check_prefill_layout_args(const at::Tensor& prefix_ids, const at::Tensor& p
   const std::pair<const at::Tensor*, const char*> others[] = {
       {&prefix_ids, "prefix_ids"}, {&prompt_lens, "prompt_lens"}, {&prefixed, "prefixed"}};
   for (const auto& [t, name] : others) {
-    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
-                " but prompt_ids is on ", device, "; all four inputs must be on one device");
+    PLE_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(),
+              " but prompt_ids is on ", device, "; all four inputs must be on one device");
   }
-  TORCH_CHECK(prefixed.size(0) == prompt_lens.size(0), op, ": prefixed has ", prefixed.size(0),
-              " entries but prompt_lens has ", prompt_lens.size(0), " (one per prompt)");
+  PLE_CHECK(prefixed.size(0) == prompt_lens.size(0), op, ": prefixed has ", prefixed.size(0),
+            " entries but prompt_lens has ", prompt_lens.size(0), " (one per prompt)");
 }
 
 TORCH_LIBRARY(ple_fast, m) {

@@ -40,10 +40,10 @@ DualLayout prefill_layout_cpu(const at::Tensor& prefix_ids_in, const at::Tensor&
   }
   for (int64_t b = 0; b < num_prompts; ++b) {
     const int64_t n = lens[b];
-    TORCH_CHECK(n >= 1, "prefill_layout: prompt_lens[", b, "] = ", n,
-                "; every prompt needs at least one token");
-    TORCH_CHECK(id_off + n <= prompt_ids.numel(), "prefill_layout: prompt_lens sums past the ",
-                prompt_ids.numel(), " tokens of prompt_ids (at prompt ", b, ")");
+    PLE_CHECK(n >= 1, "prefill_layout: prompt_lens[", b, "] = ", n,
+              "; every prompt needs at least one token");
+    PLE_CHECK(id_off + n <= prompt_ids.numel(), "prefill_layout: prompt_lens sums past the ",
+              prompt_ids.numel(), " tokens of prompt_ids (at prompt ", b, ")");
     const int64_t parent_len = follows[b] ? prefix_len : 0;
     const PrefillSpan span{has_prefix + b, prompt + id_off, n, parent_len, parent_len, rows, keys, b};
     spans.push_back(span);
@@ -53,10 +53,10 @@ DualLayout prefill_layout_cpu(const at::Tensor& prefix_ids_in, const at::Tensor&
     max_seqlen_q = std::max(max_seqlen_q, n);
     max_seqlen_k = std::max(max_seqlen_k, prefill_span_keys(span));
   }
-  TORCH_CHECK(id_off == prompt_ids.numel(), "prefill_layout: prompt_lens sums to ", id_off, " but prompt_ids has ",
-              prompt_ids.numel(), " tokens");
-  TORCH_CHECK(keys <= std::numeric_limits<int32_t>::max(), "prefill_layout: the batch needs ", keys,
-              " attention keys, more than int32 cu_seqlens_k can index; split the batch");
+  PLE_CHECK(id_off == prompt_ids.numel(), "prefill_layout: prompt_lens sums to ", id_off, " but prompt_ids has ",
+            prompt_ids.numel(), " tokens");
+  PLE_CHECK(keys <= std::numeric_limits<int32_t>::max(), "prefill_layout: the batch needs ", keys,
+            " attention keys, more than int32 cu_seqlens_k can index; split the batch");
 
   const int64_t num_segments = static_cast<int64_t>(spans.size());
   const DualLayoutTensors out = allocate_dual_layout(rows, num_segments, keys, prompt_ids.options());

@@ -66,9 +66,9 @@ DualLayout prefill_layout_cuda(const at::Tensor& prefix_ids_in, const at::Tensor
   int64_t rows = prefix_len, keys = prefix_len, max_seqlen_q = prefix_len, max_seqlen_k = prefix_len;
   const at::Tensor prefix_negative = prefix_ids.lt(0).sum();
   if (num_prompts == 0) {
-    TORCH_CHECK(prompt_ids.numel() == 0, "prefill_layout: no prompts (empty prompt_lens) but prompt_ids holds ",
-                prompt_ids.numel(), " tokens");
-    TORCH_CHECK(prefix_negative.item<int64_t>() == 0, "prefill_layout: prefix_ids holds negative token ids");
+    PLE_CHECK(prompt_ids.numel() == 0, "prefill_layout: no prompts (empty prompt_lens) but prompt_ids holds ",
+              prompt_ids.numel(), " tokens");
+    PLE_CHECK(prefix_negative.item<int64_t>() == 0, "prefill_layout: prefix_ids holds negative token ids");
   } else {
     parent_lens = prefixed_in.contiguous().to(at::kLong).mul(prefix_len);
     id_end = lens.cumsum(0);
@@ -80,16 +80,16 @@ DualLayout prefill_layout_cuda(const at::Tensor& prefix_ids_in, const at::Tensor
         prompt_ids.lt(0).sum().add(prefix_negative)});
     const at::Tensor stats_host = stats_dev.cpu();
     const int64_t* st = stats_host.data_ptr<int64_t>();
-    TORCH_CHECK(st[kMinLen] >= 1, "prefill_layout: prompt_lens has an entry of ", st[kMinLen],
-                "; every prompt needs at least one token");
-    TORCH_CHECK(st[kIdTotal] == prompt_ids.numel(), "prefill_layout: prompt_lens sums to ", st[kIdTotal],
-                " but prompt_ids has ", prompt_ids.numel(), " tokens");
-    TORCH_CHECK(st[kNegativeIds] == 0, "prefill_layout: ", st[kNegativeIds],
-                " token ids are negative; token ids must be >= 0");
-    TORCH_CHECK(st[kKeys] <= std::numeric_limits<int32_t>::max(), "prefill_layout: the batch needs ", st[kKeys],
-                " attention keys, more than int32 cu_seqlens_k can index; split the batch");
-    TORCH_CHECK(num_segments <= std::numeric_limits<int32_t>::max(), "prefill_layout: too many prompts (",
-                num_prompts, ") for one grid");
+    PLE_CHECK(st[kMinLen] >= 1, "prefill_layout: prompt_lens has an entry of ", st[kMinLen],
+              "; every prompt needs at least one token");
+    PLE_CHECK(st[kIdTotal] == prompt_ids.numel(), "prefill_layout: prompt_lens sums to ", st[kIdTotal],
+              " but prompt_ids has ", prompt_ids.numel(), " tokens");
+    PLE_CHECK(st[kNegativeIds] == 0, "prefill_layout: ", st[kNegativeIds],
+              " token ids are negative; token ids must be >= 0");
+    PLE_CHECK(st[kKeys] <= std::numeric_limits<int32_t>::max(), "prefill_layout: the batch needs ", st[kKeys],
+              " attention keys, more than int32 cu_seqlens_k can index; split the batch");
+    PLE_CHECK(num_segments <= std::numeric_limits<int32_t>::max(), "prefill_layout: too many prompts (",
+              num_prompts, ") for one grid");
     rows = st[kRows];
     keys = st[kKeys];
     max_seqlen_q = std::max(max_seqlen_q, st[kMaxSeqlenQ]);

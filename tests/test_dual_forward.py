@@ -66,9 +66,9 @@ def logps_and_grads(model, rows, seq_weights):
     model.zero_grad(set_to_none=True)
     logps = sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                               impl="reference")
-    (logps * seq_weights).sum().backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return logps.detach(), grads
+    (logps * seq_weights.to(logps.device)).sum().backward()
+    grads = {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logps.detach().cpu(), grads
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = 1e-5,
