@@ -21,10 +21,11 @@ Backends, all computing the same function of (q, k, v):
             ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
   triton    the same call on our own Triton kernel (ple_fast.kernels.varlen_attention, forward and
             backward): no padding, no repeated KV heads. The CUDA default when flash-attn is not
-            installed, chosen over `segments` by its work, not yet by a GPU measurement: at the
-            (512/128/128) bench shape segments pads 24 segments to 512 query rows (2x the real
-            rows) and repeats the 4 KV heads 8x; bench_dual_prefill times both. Should the kernel
-            fail to launch on some GPU, it warns once and runs `segments` from then on.
+            installed, chosen over `segments` by measurement: a bf16 training step of a 1.1B Llama
+            at the (512/128/128) bench shape took 126-135 ms with `triton` and 342-347 ms with
+            `segments` (H200, bench/results/2026-11-28-h200-suite), which pads 24 segments to 512
+            query rows (2x the real rows) and repeats the 4 KV heads 8x. Should the kernel fail to
+            launch on some GPU, it warns once and runs `segments` from then on.
 """
 from __future__ import annotations
 
