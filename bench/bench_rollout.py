@@ -7,7 +7,9 @@ fraction of the bandwidth floor: per decode step, one read of the weights plus t
 row's context, at the device-to-device copy bandwidth measured in the same run. Our engine runs
 three times: `fast` with its GPU defaults (fused race sampler, Triton decode attention), and with
 one of them swapped for the torch path, to show what each saves: `fast_torch_sampling` (softmax
-sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache).
+sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache); and
+`fast_compiled`, the defaults with the decode step torch.compile'd (RolloutEngine(compile_decode=True):
+inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -123,14 +125,15 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    passes = [("hf", "fast", "fast_torch_sampling", "fast_sdpa_decode")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+    passes = [("hf", "fast", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
                "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
-               "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa")}
+               "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
+               "fast_compiled": RolloutEngine(model, compile_decode=True)}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)

@@ -30,7 +30,7 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_rollout-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"hf", "fast", "fast_torch_sampling", "fast_sdpa_decode"}
+    assert {r["method"] for r in rows} == {"hf", "fast", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
 
 

@@ -346,3 +346,22 @@ def test_cuda_graph_engine_equals_hf_generate_on_gpu(family):
         assert engine_for(model).last_stats.graphs
         assert first == generate_dual(model, queries, principle, seed=5, **sample)
         assert first != generate_dual(model, queries, principle, seed=6, **sample)
+
+
+def test_compiled_decode_step_equals_eager_and_hf():
+    """compile_decode=True: the torch.compile'd step (one compile, symbolic batch and length) gives the
+    eager engine's tokens, across calls of other batch sizes and lengths, with a shared principle."""
+    model = tiny_model("llama")
+    queries = random_tokens([3, 9, 1, 6, 4], seed=21)
+    principle = random_tokens([5], seed=22)[0]
+    compiled = RolloutEngine(model, compile_decode=True, kv_block=16)
+    eager = RolloutEngine(model, kv_block=16)
+    for batch, new in [(5, 40), (2, 23)]:
+        prompts = queries[:batch] + [principle + q for q in queries[:batch]]
+        want = generate(model, prompts, max_new_tokens=new, eos_token_id=NO_EOS)
+        kw = dict(max_new_tokens=new, eos_token_ids=[NO_EOS], prefix=principle,
+                  prefixed=[False] * batch + [True] * batch)
+        plain = queries[:batch] + queries[:batch]
+        assert eager.generate(plain, **kw) == want
+        assert compiled.generate(plain, **kw) == want
+    assert compiled.last_stats.decode_steps == 23
