@@ -83,3 +83,16 @@ def test_rejects_what_is_not_a_decode_step():
     kv = torch.zeros(1, 2, 64, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one-token decode step"):
         decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.long, device=DEVICE), 64, 0.25)
+
+
+def test_split_rule_fills_one_wave_of_sms(monkeypatch):
+    from types import SimpleNamespace
+
+    from ple_fast.kernels.decode_attention import BLOCK_L, _splits
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    assert _splits(32, 8, 384, cuda) == 1            # 256 programs: one wave already, no merge
+    assert _splits(16, 8, 384, cuda) == 2            # 128 programs: two splits make 256
+    assert _splits(2, 8, 384, cuda) == 384 // BLOCK_L  # few rows: as many splits as BLOCK_L blocks allow
+    assert _splits(2, 8, 4096, cuda) == 9            # ... or as one wave asks for (ceil(132 / 16))
