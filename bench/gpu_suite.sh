@@ -73,7 +73,10 @@ fi
   so="$("$PY" -c 'import torch, ple_fast._C as m; print(m.__file__)' 2>/dev/null)"
   if [[ -n "$so" ]]; then
     ls -la "$so"
-    echo "libstdc++ symbols defined in _C: $(nm -D --defined-only -C "$so" 2>/dev/null | grep -c ' std::')"
+    # libstdc++'s own stream/locale code defined inside _C (none in a local CUDA build) would mean a
+    # second copy beside the process's libstdc++ (the crash's backtrace ran through such names)
+    echo "stream/locale code defined in _C:"
+    nm -D --defined-only -C "$so" 2>/dev/null | grep -E 'codecvt|_M_insert|locale::|basic_ostream<' | head -n 10
   fi
 } >> "$LOGS/env.txt" 2>&1
 shopt -s nullglob
