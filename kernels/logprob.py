@@ -21,32 +21,24 @@ N=16k, H=4k) instead of a V*H*4 = 2 GiB dW accumulator. g is kept out of dz so t
 not underflow when g is small (1 / (pairs * tokens)); g is applied to hidden (normalised by
 max|g|) for dW and to the rows of dX32.
 
-Why this design, and not the two in the issue (expected figures, H100 SXM, bf16, shape
-N=16384, H=4096, V=128256, 6NHV = 51.6 TFLOP; ALL UNMEASURED: no GPU was available when this was
-written; bench/bench_logprob_loss.py measures them, including impl="torch", which is design (b)):
-  * Exact 6NHV (gradients computed during the forward, as Liger does for CE) needs the
-    per-row upstream gradient while the logits are on chip. Here it depends on the whole
-    sequence's (and pair's) log-prob through the gated loss, so it is known only after every
-    row of the pair has been reduced. Getting it in one pass needs chunks aligned to pair
-    boundaries, i.e. data-dependent chunk shapes or a host sync, both ruled out (CUDA graphs,
-    torch.compile). So both designs cost 8NHV here; the question is only who runs the GEMMs.
-  * (a) CCE-style, everything in Triton: forward as above; backward accumulates dX and dW
-    tiles with fp32 atomics from every (row, vocab) tile: (V/BLOCK_V) * N * H atomics for dX
-    alone (~67e9 at this shape, ~270 GB of atomic traffic): far slower than the GEMMs unless
-    gradients are filtered (CCE's "effective" 540 TFLOP/s), which is not exact.
-  * (b) row chunks through cuBLAS with materialised fp32 chunk logits (impl="torch"): 8NHV
-    at cuBLAS rate (~700 TFLOP/s real) plus ~5 memory passes over fp32 chunk logits
-    (N*V*4*5 = 42 GB, ~14 ms) and a V*H fp32 dW accumulator (2 GiB, plus its read-modify-write
-    per chunk): ~100 + 14 + 10 ms, about 120 ms -> ~430 useful TFLOP/s, 2.5-3 GiB extra.
-  * this hybrid: forward and recompute are Triton GEMMs whose epilogues consume the logits on
-    chip (4NHV at the Triton Hopper GEMM rate, ~600 TFLOP/s -> ~69 ms) and the two gradient
-    GEMMs are cuBLAS (4NHV at ~700 -> ~59 ms) plus one bf16 write+read of dz (N*V*2*3 = 12.6 GB,
-    ~4 ms): about 130 ms -> ~400 useful TFLOP/s (6NHV / time), ~1.1 GiB extra (dz chunk
-    256 MiB, dX32 and its addmm result 512 MiB, g*hidden 128 MiB, fp32 dW chunk 128 MiB,
-    lse partials 64 MiB). Similar speed to (b)
-    by this estimate, at a third of the memory; it is the default. The issue's 750 useful
-    TFLOP/s target is above what any exact 8NHV design can reach (it needs ~1000 real TFLOP/s).
-    Where bandwidth, not FLOPs, decides (small H), the hybrid's smaller memory traffic wins.
+Why this design (measured on an H200, bf16, N=16384, H=4096, V=128256, 6NHV = 51.6 TFLOP;
+bench/results/2026-11-28-h200-suite, in-run matmul rate 797 TFLOP/s):
+  * this hybrid (impl="triton"): 113 ms, 457 useful TFLOP/s, 0.88 GiB extra. It does 8NHV, the
+    recompute being the price of an exact fp32 dW without a V*H accumulator: 76% of the matmul
+    rate on the FLOPs it runs.
+  * exact 6NHV by chunks of whole pairs (impl="pairs", ple_fast/loss_pairs.py): the per-row
+    upstream gradient depends on the whole pair's log-probs through the gated loss, so the chunks
+    must follow pair boundaries (one host sync). 115 ms and 1.96 GiB: the fp32 V*H dW accumulator
+    is read and written once per ~520-row chunk.
+  * row chunks with materialised fp32 logits (impl="torch", 8NHV on cuBLAS): 191 ms, 3.3 GiB
+    (the earlier partial run, bench/results/2026-11-28-h200).
+  * the naive path, full logits -> log_softmax -> gather: 93 ms, but 22.4 GiB extra.
+  * CCE-style, gradients by atomics from every tile: (V/BLOCK_V) * N * H fp32 atomics for dX
+    alone; Cut Cross-Entropy itself took 237 ms (229 in its exact mode).
+  * Liger's fused linear cross-entropy: 84 ms at 0.12 GiB. It does 6NHV on cuBLAS and accumulates
+    dW in bf16 across row chunks, which this module refuses; at H <= 2048, or N = 4096, the hybrid
+    is 1.5x faster than it.
+  The hybrid is the default on CUDA: the fastest exact design here, at the least memory.
 
 fp64 inputs are not a tensor-core dtype; they are routed to the chunked torch path of
 ple_fast.loss (same contract, fp64 accumulation), which is what gradcheck-level tests use.
