@@ -94,6 +94,7 @@ class LoRAConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
+    compile_decode: bool = False     # fast: torch.compile the decode step (opt-in, not yet measured on a GPU)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0

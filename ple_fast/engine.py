@@ -342,6 +342,7 @@ class RolloutEngine:
         self._param_ptrs: tuple[int, ...] = ()
         self._constant_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_stats: RolloutStats | None = None
+        self.options: dict = {}               # what engine_for built it with
         _register_attention()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -617,10 +618,17 @@ _ENGINES: "weakref.WeakKeyDictionary[nn.Module, RolloutEngine]" = weakref.WeakKe
 
 
 def engine_for(model: nn.Module, **options) -> RolloutEngine:
-    """The engine cached for this model (its buffers and graphs are reused between calls)."""
+    """The engine cached for this model (its buffers and graphs are reused between calls).
+
+    `options` (RolloutEngine's keywords) replace a cached engine built with other ones; a call
+    without options takes the cached engine as it is, so the trainer sets them once up front."""
     base = unwrap_causal_lm(model)
     engine = _ENGINES.get(base)
-    if engine is None or engine.device != base.get_output_embeddings().weight.device:
+    if (engine is None or engine.device != base.get_output_embeddings().weight.device
+            or (options and engine.options != options)):
+        if engine is not None:
+            engine.release()
         engine = RolloutEngine(base, **options)
+        engine.options = dict(options)
         _ENGINES[base] = engine
     return engine

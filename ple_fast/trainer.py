@@ -217,6 +217,9 @@ class Trainer:
         self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
         if cfg.ple.packed and cfg.run.gradient_checkpointing:
             print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
+        if cfg.rollout.backend == "fast" and cfg.rollout.compile_decode:
+            from ple_fast.engine import engine_for
+            engine_for(model, compile_decode=True)   # cached: every later rollout and evaluation uses it
         precision = cfg.run.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"

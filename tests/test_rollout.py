@@ -383,3 +383,16 @@ def test_compiled_decode_on_gpu_equals_hf_generate():
     assert engine.last_stats.graphs
     sampled = engine.generate(queries, temperature=1.0, seed=5, **kw)
     assert sampled == engine.generate(queries, temperature=1.0, seed=5, **kw)
+
+
+def test_engine_for_rebuilds_only_for_other_options():
+    from ple_fast.config import build_config
+
+    model = tiny_model("llama")
+    plain = engine_for(model)
+    assert engine_for(model) is plain and not plain.compile_decode
+    compiled = engine_for(model, compile_decode=True)
+    assert compiled is not plain and compiled.compile_decode
+    assert engine_for(model) is compiled and engine_for(model, compile_decode=True) is compiled
+    assert build_config(None, ["rollout.compile_decode=true"]).rollout.compile_decode
+    assert not build_config(None, []).rollout.compile_decode

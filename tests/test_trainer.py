@@ -292,3 +292,11 @@ def test_wandb_logging_when_requested(tmp_path, monkeypatch):
     assert calls["init"] == [("ple", {"ple": {"tau0": 0.2}}, str(tmp_path))]
     assert calls["log"] == [(7, {"align/loss": 0.25, "align/ranked_share": 0.5})]
     assert calls["finish"] == 1
+
+
+def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
+    from ple_fast.engine import engine_for
+
+    trainer = small_trainer(tmp_path, "rollout.compile_decode=true")
+    assert engine_for(trainer.model).compile_decode
+    assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
