@@ -342,7 +342,6 @@ class RolloutEngine:
         self._param_ptrs: tuple[int, ...] = ()
         self._constant_tensors: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_stats: RolloutStats | None = None
-        self.options: dict = {}               # what engine_for built it with
         _register_attention()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -614,7 +613,8 @@ class _Timer:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, RolloutEngine]" = weakref.WeakKeyDictionary()
+# model -> (its engine, the options engine_for built it with)
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, tuple[RolloutEngine, dict]]" = weakref.WeakKeyDictionary()
 
 
 def engine_for(model: nn.Module, **options) -> RolloutEngine:
@@ -623,12 +623,11 @@ def engine_for(model: nn.Module, **options) -> RolloutEngine:
     `options` (RolloutEngine's keywords) replace a cached engine built with other ones; a call
     without options takes the cached engine as it is, so the trainer sets them once up front."""
     base = unwrap_causal_lm(model)
-    engine = _ENGINES.get(base)
+    engine, built_with = _ENGINES.get(base, (None, {}))
     if (engine is None or engine.device != base.get_output_embeddings().weight.device
-            or (options and engine.options != options)):
+            or (options and built_with != options)):
         if engine is not None:
             engine.release()
         engine = RolloutEngine(base, **options)
-        engine.options = dict(options)
-        _ENGINES[base] = engine
+        _ENGINES[base] = (engine, dict(options))
     return engine
