@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ple_fast import decode_ops
 from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
@@ -133,20 +134,21 @@ class StaticKVCache:
         heads = torch.arange(kv_heads, device=device).view(1, kv_heads)
         self.head_base = (rows * kv_heads + heads) * capacity   # flat slot 0 of (row, head)
 
-    def write(self, layer: int, rows: slice, positions: torch.Tensor, keys: torch.Tensor,
-              values: torch.Tensor) -> None:
-        """keys/values [R, kv_heads, Q, D] of rows[r] at positions [R, Q] go to those slots."""
+    def row_slots(self, rows: slice, positions: torch.Tensor) -> torch.Tensor:
+        """[R, kv_heads, Q] flat slots of rows[r] at positions [R, Q] (computed once per step, not per layer)."""
+        return self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1)
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [R, kv_heads, Q, D] go to the `row_slots` slots [R, kv_heads, Q]."""
         if keys.shape[1:2] != (self.kv_heads,) or keys.shape[-1] != self.head_dim:
             raise ValueError(f"StaticKVCache: layer {layer} produced keys of shape {tuple(keys.shape)}, "
                              f"expected [rows, {self.kv_heads}, q, {self.head_dim}] from the model config")
-        self.scatter(layer, self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1), keys, values)
+        self.scatter(layer, slots, keys, values)
 
     def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [..., D] go to the flat slots [...] of the same leading shape (see `flat_slots`)."""
-        dim = self.head_dim
-        flat = slots.reshape(-1)
-        self.keys[layer].view(-1, dim).index_copy_(0, flat, keys.reshape(-1, dim).to(self.keys.dtype))
-        self.values[layer].view(-1, dim).index_copy_(0, flat, values.reshape(-1, dim).to(self.values.dtype))
+        """keys/values [..., D] go to the flat slots [...] of the same leading shape (see `flat_slots`),
+        in place, through an op that torch.compile cannot turn into a copy of the cache."""
+        decode_ops.kv_cache_write(self.keys, self.values, layer, slots, keys, values)
 
     def flat_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[W, kv_heads] flat indices into one layer's K (or V) of (rows[w], head, positions[w])."""
@@ -164,6 +166,7 @@ class _Pass:
     cache: StaticKVCache
     rows: slice                 # cache rows of the batch rows
     positions: torch.Tensor     # [R, Q] position (= slot) of each query token
+    slots: torch.Tensor         # [R, kv_heads, Q] flat cache slots of those tokens (StaticKVCache.row_slots)
     kv_length: int              # attend over slots 0..kv_length-1
     decode_kernel: bool = False  # one-token steps through kernels/decode_attention.py, not masked SDPA
 
@@ -202,13 +205,12 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
         return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window)[None], None
     cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
-    cache.write(module.layer_idx, rows, ple_pass.positions, key, value)
+    cache.write(module.layer_idx, ple_pass.slots, key, value)
     if ple_pass.decode_kernel and query.shape[2] == 1:
-        from ple_fast.kernels.decode_attention import decode_attention
-
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = decode_attention(query, cache.keys[module.layer_idx, rows], cache.values[module.layer_idx, rows],
-                               ple_pass.positions[:, 0], length, scale, sliding_window)
+        out = decode_ops.decode_attention(query, cache.keys[module.layer_idx, rows],
+                                          cache.values[module.layer_idx, rows], ple_pass.positions[:, 0],
+                                          length, scale, sliding_window)
         return out.transpose(1, 2), None
     keys, values = cache.read(module.layer_idx, rows, length)
     mask = attention_mask                                  # [R, 1, Q, L] bool, slot <= position
@@ -407,7 +409,8 @@ class RolloutEngine:
         slots = torch.arange(kv_length, device=self.device)
         mask = (slots.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
         out = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                         ple_pass=_Pass(self.cache, rows, positions, kv_length, self.decode_kernel))
+                         ple_pass=_Pass(self.cache, rows, positions, self.cache.row_slots(rows, positions),
+                                        kv_length, self.decode_kernel))
         return out[0]
 
     def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> torch.Tensor:
@@ -415,9 +418,7 @@ class RolloutEngine:
         temperature, top_k, top_p, fused = sampling
         logits = self.head(hidden)
         if fused:
-            from ple_fast.kernels.sampling import race_sample
-
-            return race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
+            return decode_ops.race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return sample_tokens(logits, self.state.noise, temperature, top_k, top_p)

@@ -367,6 +367,41 @@ def test_compiled_decode_step_equals_eager_and_hf():
     assert compiled.last_stats.decode_steps == 23
 
 
+def _compiled_step_code(engine, prompts, **kw):
+    """(tokens, inductor's output code) of engine.generate, compiled afresh."""
+    from torch._inductor.utils import fresh_cache, run_and_get_code
+
+    torch._dynamo.reset()
+    with fresh_cache():
+        return run_and_get_code(lambda: engine.generate(prompts, **kw))
+
+
+@pytest.mark.parametrize("decode_attention", ["sdpa", "triton"])
+def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
+    """The compiled step writes K/V into the cache in place and attends over views of it: no copy of
+    the cache per layer. Traced as plain torch, the index_copy_ was functionalised into a write to a
+    fresh copy of each layer's cache and SDPA read a materialised slice of it (inductor's CPU code
+    showed both); the torch.library ops of ple_fast.decode_ops keep them out. With the Triton decode
+    kernel and the fused sampler (interpreted here) the compiled tokens equal the eager engine's."""
+    import re
+
+    model = tiny_model("llama")
+    queries = random_tokens([3, 9, 1, 6], seed=71)
+    kw = dict(max_new_tokens=10, eos_token_ids=[NO_EOS], temperature=1.0, seed=4)
+    triton = decode_attention == "triton"
+    options = dict(kv_block=16, decode_attention=decode_attention, fused_sampling=triton)
+    tokens, code = _compiled_step_code(RolloutEngine(model, compile_decode=True, **options), queries, **kw)
+    assert tokens == RolloutEngine(model, **options).generate(queries, **kw)
+    code = "\n".join(code)
+    layers = model.config.num_hidden_layers
+    assert code.count("torch.ops.ple_fast.kv_cache_write.default(") == layers
+    attention = r"ple_fast\.decode_attention\.default" if triton else r"aten\._scaled_dot_product_\w+\.default"
+    calls = re.findall(attention + r"\((\w+), (\w+)\((\w+)", code)
+    assert len(calls) == layers, calls
+    for _, keys_op, keys_of in calls:       # keys: a view of a graph input (the cache), not a buffer
+        assert keys_op == "reinterpret_tensor" and keys_of.startswith("arg"), calls
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_compiled_decode_on_gpu_equals_hf_generate():
