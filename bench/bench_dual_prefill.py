@@ -10,7 +10,9 @@ Triton kernel, the CUDA default without flash-attn), segments (varlen on stock S
 in a last pass, its compile being slow; a compile failure is recorded per row). --allow-cpu runs
 a smoke test of the segments backend on CPU (fp32, tiny shapes; no figures).
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
-log-probs use sequence_logprobs(impl="auto"), the same for every variant.
+log-probs use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
+gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU's busy time against
+the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time.
 
 tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
 has the same numerator and the ratios are ratios of step time. The theoretical ratio of shared
@@ -26,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (is_oom, parse_args, require_cuda, result_path, seconds_left, time_cuda,  # noqa: E402
-                    write_result)
+from common import (is_oom, kernel_profile, parse_args, require_cuda, result_path, seconds_left,  # noqa: E402
+                    time_cuda, write_result)
 
 BENCH = "bench_dual_prefill"
 # ~1.1B Llama (TinyLlama's shape): 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000
@@ -167,6 +169,11 @@ def main() -> None:
                     times[name] = timing["ms"]
                     row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+                    if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
+                        prof = kernel_profile(lambda: training_step(model, rows_fn))
+                        prof.update(timed_ms=timing["ms"],
+                                    idle_fraction=max(0.0, 1 - prof["busy_ms"] / timing["ms"]))
+                        row["profile"] = prof
                 except Exception as err:  # noqa: BLE001 - record and go on to the next variant
                     row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
                     traceback.print_exc()

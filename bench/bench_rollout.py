@@ -10,6 +10,9 @@ one of them swapped for the torch path, to show what each saves: `fast_torch_sam
 sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache); and
 `fast_compiled`, the defaults with the decode step torch.compile'd (RolloutEngine(compile_decode=True):
 inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
+For `fast` and `fast_compiled` a "profile" of 16 early decode steps records kernels per step, the GPU's
+busy time per step (sum of kernel durations) against those steps' CUDA-event time, and the top
+kernels: whether a step is launch-bound, and which kernels to fuse next.
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -27,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (copy_bandwidth_gbs, is_oom, parse_args, require_cuda, result_path,  # noqa: E402
-                    seconds_left, write_result)
+from common import (copy_bandwidth_gbs, is_oom, kernel_profile, parse_args, require_cuda,  # noqa: E402
+                    result_path, seconds_left, write_result)
 
 BENCH = "bench_rollout"
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -95,6 +98,23 @@ def run_hf(model, input_ids, new_tokens: int, static: bool):
     if static:
         kwargs["cache_implementation"] = "static"    # transformers compiles the decode step for it
     return model.generate(input_ids, **kwargs)
+
+
+PROFILED_STEPS = 16
+PROFILED_METHODS = ("fast", "fast_compiled")
+
+
+def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
+    """Kernels of one decode step: generate with PROFILED_STEPS more steps minus generate without
+    them (same prefill), per step; against the same steps' CUDA-event time (their idle fraction)."""
+    kw = dict(temperature=1.0, seed=0)
+    more = lambda: engine.generate(prompts, max_new_tokens=1 + PROFILED_STEPS, **kw)
+    profile = kernel_profile(more, baseline=lambda: engine.generate(prompts, max_new_tokens=1, **kw),
+                             units=PROFILED_STEPS)
+    more()                                  # unprofiled: the time of those same steps
+    timed_ms = 1e3 * engine.last_stats.decode_s / PROFILED_STEPS
+    profile.update(timed_ms=timed_ms, idle_fraction=max(0.0, 1 - profile["busy_ms"] / timed_ms))
+    return profile
 
 
 def time_call(fn, device) -> float:
@@ -200,6 +220,12 @@ def main(argv=None) -> int:
                                decode_step_ms=1e3 * stats.decode_s / steps,
                                floor_fraction=floor_s / stats.decode_s if stats.decode_s > 0 else None)
                     note = f"  step {row['decode_step_ms']:.2f} ms  floor {row['floor_fraction']:.0%}"
+                    if method in PROFILED_METHODS and seconds_left() > 60:
+                        try:
+                            row["profile"] = prof = decode_step_profile(engine, prompts.tolist())
+                            note += f"  {prof['count']:.0f} {prof['unit']}/step, idle {prof['idle_fraction']:.0%}"
+                        except Exception as err:  # noqa: BLE001 - a profiler failure must not lose the row
+                            row["profile_error"] = f"{type(err).__name__}: {err}"[:300]
                 if "speedup_vs_hf" in row:
                     note += f"  x{row['speedup_vs_hf']:.1f} vs hf"
                 print(f"batch {batch:4d}  {method:18s}  {rate:12,.0f} tok/s  {seconds:8.2f} s{note}")

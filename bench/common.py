@@ -87,6 +87,50 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> d
     return dict(ms=statistics.median(times), ms_min=min(times), iters=iters)
 
 
+def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] | None = None,
+                   units: int = 1, top: int = 8) -> dict:
+    """Where fn()'s device time goes, per unit of work: kernels launched, busy milliseconds (the sum
+    of kernel durations) and the `top` kernels by time, from torch.profiler.
+
+    fn() - baseline() is what is reported (e.g. a generate call with k more decode steps minus one
+    without them), divided by `units`. Busy time against the same work's CUDA-event time says how
+    much of it the GPU sat idle between kernels (launch-bound). Without CUDA it profiles CPU ops
+    instead ("cpu ops"; smoke runs only, no figure).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+    def kernels(call) -> dict[str, list[float]]:
+        if call is None:
+            return {}
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=[activity]) as prof:
+            call()
+            if cuda:
+                torch.cuda.synchronize()
+        by_name: dict[str, list[float]] = {}
+        for event in prof.events():
+            if event.device_type == device_type:
+                stats = by_name.setdefault(event.name, [0, 0.0])
+                stats[0] += 1
+                stats[1] += (event.time_range.elapsed_us() if cuda else event.self_cpu_time_total) / 1e3
+        return by_name
+
+    work, base = kernels(fn), kernels(baseline)
+    diff = {name: (count - base.get(name, (0, 0.0))[0], ms - base.get(name, (0, 0.0))[1])
+            for name, (count, ms) in work.items()}
+    diff = {name: (count / units, ms / units) for name, (count, ms) in diff.items() if count > 0}
+    busy = sum(ms for _, ms in diff.values())
+    ranked = sorted(diff.items(), key=lambda item: -item[1][1])[:top]
+    return dict(unit="cuda kernels" if cuda else "cpu ops", count=round(sum(c for c, _ in diff.values()), 1),
+                busy_ms=busy, top=[dict(name=name[:120], count=round(count, 2), ms=ms,
+                                        share=ms / busy if busy else None) for name, (count, ms) in ranked])
+
+
 def peak_extra_memory(fn: Callable[[], object]) -> int:
     """Bytes allocated by fn() above what was allocated before it, at its peak (including
     what fn returns while it is alive)."""
@@ -161,9 +205,19 @@ def summarize(out_dir: Path) -> str:
                 lines.append(f"- {key}: {_cell(record[key])}")
         rows = record.get("rows", [])
         if rows:
-            cols = list(dict.fromkeys(k for row in rows for k in row))
+            cols = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
             lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
+        profiled = [(row, row["profile"]) for row in rows if isinstance(row.get("profile"), dict)]
+        if profiled:
+            lines += ["", "Kernel profiles (per unit of work; `kernel_profile`):", ""]
+        for row, prof in profiled:
+            label = ", ".join(f"{k} {row[k]}" for k in ("shape", "batch", "variant", "method") if k in row)
+            lines.append(f"- {label}: {_cell(prof.get('count'))} {prof.get('unit')}, busy {_cell(prof.get('busy_ms'))} ms"
+                         + (f" of {_cell(prof['timed_ms'])} ms timed (idle {prof['idle_fraction']:.0%})"
+                            if prof.get("idle_fraction") is not None else ""))
+            lines += [f"  - {_cell(k['ms'])} ms ({k['share']:.0%}), x{_cell(k['count'])}: `{k['name'][:80]}`"
+                      for k in prof.get("top", []) if k.get("share") is not None]
         lines.append("")
     return "\n".join(lines)
 

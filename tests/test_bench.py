@@ -32,6 +32,25 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert {r["method"] for r in rows} == {"hf", "fast", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+    profiled = {r["method"]: r["profile"] for r in rows if "profile" in r}
+    assert set(profiled) == {"fast", "fast_compiled"}, [r.get("profile_error") for r in rows]
+    for prof in profiled.values():       # CPU ops stand in for kernels here: the plumbing, not a figure
+        assert prof["unit"] == "cpu ops" and prof["count"] > 0 and prof["timed_ms"] > 0
+        assert prof["top"] and abs(sum(k["ms"] for k in prof["top"]) - prof["busy_ms"]) <= prof["busy_ms"]
+    assert profiled["fast"]["count"] > profiled["fast_compiled"]["count"]   # the compiled step runs fewer ops
+    from_summary = subprocess.run([sys.executable, str(BENCH / "common.py"), "summarize", str(tmp_path)],
+                                  capture_output=True, text=True, check=True).stdout
+    assert "Kernel profiles" in from_summary and "method fast_compiled:" in from_summary
+
+
+def test_kernel_profile_reports_the_difference_per_unit():
+    sys.path.insert(0, str(BENCH))
+    from common import kernel_profile
+
+    a = torch.randn(64, 64)
+    prof = kernel_profile(lambda: [a @ a for _ in range(7)], baseline=lambda: [a @ a for _ in range(3)], units=4)
+    mm = {k["name"]: k for k in prof["top"]}["aten::mm"]
+    assert mm["count"] == 1 and mm["ms"] > 0       # 7 - 3 matmuls over 4 units
 
 
 def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
@@ -42,5 +61,6 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     timed = [r for r in rows if not r["variant"].startswith("ratios")]
     assert {r["variant"] for r in timed} == {"padded_hf", "packed_shared[segments]", "packed_duplicated[segments]"}
     assert len(timed) == 3 * 2 and all(r["ms"] > 0 and "error" not in r for r in timed)   # 2 quick shapes
+    assert all(r["profile"]["count"] > 0 and r["profile"]["busy_ms"] > 0 for r in timed)
     ratios = [r for r in rows if r["variant"] == "ratios[segments]"]
     assert len(ratios) == 2 and all(r["shared_over_dup"] > 0 and r["shared_over_padded"] > 0 for r in ratios)
