@@ -5,10 +5,12 @@ shape (random weights, bf16), forward + log-probs of both responses + backward:
   packed_shared[B]      pack_dual: one query per pair, shared by both responses (tree attention B)
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
-B is each tree-attention backend this GPU runs: flash (flash-attn installed), triton (our varlen
-Triton kernel, the CUDA default without flash-attn), segments (varlen on stock SDPA) and flex (timed
-in a last pass, its compile being slow; a compile failure is recorded per row). --allow-cpu runs
-a smoke test of the segments backend on CPU (fp32, tiny shapes; no figures).
+B is each tree-attention backend run: by default flash (flash-attn installed), triton (our varlen
+Triton kernel, the CUDA default without flash-attn) and triton+compile (the same with the decoder
+layers torch.compile'd, ple.compile=true; then padded_hf[compile], HF's padded forward with the same
+compiled layers, is the like-for-like baseline). --backends names others: segments (varlen on stock
+SDPA) and flex (timed in a last pass, its compile being slow; a compile failure is recorded per row).
+--allow-cpu runs a smoke test on CPU (fp32, tiny shapes, segments unless --backends; no figures).
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
 log-probs use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
 gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU's busy time against
@@ -74,11 +76,14 @@ def training_step(model, rows_fn):
     return logps.detach()
 
 
+COMPILED = "+compile"     # a backend name with this suffix: the same backend, decoder layers torch.compile'd
+
+
 def variants(model, queries, originals, principled, backends: list[str], device: str):
     """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model)."""
-    from ple_fast.forward import ResponseRows, dual_forward, padded_response_rows
+    from ple_fast.forward import ResponseRows, compiled_layers, dual_forward, padded_response_rows
     from ple_fast.layout import pack_dual, pack_sequences
-    from ple_fast.models import output_head
+    from ple_fast.models import decoder_of, output_head
 
     prompts = [q for q in queries for _ in (0, 1)]
     responses = [r for pair in zip(originals, principled) for r in pair]
@@ -88,23 +93,33 @@ def variants(model, queries, originals, principled, backends: list[str], device:
 
     def packed(batch, backend):
         keep = batch.seq_index >= 0
+        compile = backend.endswith(COMPILED)
+        backend = backend.removesuffix(COMPILED)
 
         def rows():
-            hidden = dual_forward(model, batch, backend)
+            hidden = dual_forward(model, batch, backend, compile=compile)
             return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap,
                                 len(prompts))
         return rows
 
+    def padded_compiled():
+        with compiled_layers(decoder_of(model)):
+            return padded_response_rows(model, prompts, responses, pad_token_id=0)
+
     # padded HF first, flex last: a flex compile that fails slowly must not eat the baselines' time
-    out = {"padded_hf": (lambda: padded_response_rows(model, prompts, responses, pad_token_id=0),
-                         len(prompts) * max(len(p) + len(r) for p, r in zip(prompts, responses)))}
+    padded_rows = len(prompts) * max(len(p) + len(r) for p, r in zip(prompts, responses))
+    out = {"padded_hf": (lambda: padded_response_rows(model, prompts, responses, pad_token_id=0), padded_rows)}
     for backend in backends:
         out[f"packed_shared[{backend}]"] = (packed(shared, backend), shared.num_tokens)
         out[f"packed_duplicated[{backend}]"] = (packed(duplicated, backend), duplicated.num_tokens)
+    if any(b.endswith(COMPILED) for b in backends):   # the fair baseline for compiled layers: HF compiled too
+        out[f"padded_hf[{COMPILED[1:]}]"] = (padded_compiled, padded_rows)
     return out
 
 
 def available_backends(dtype: torch.dtype, device: str) -> list[str]:
+    """The default backends: flash (if installed), triton eager and with compiled layers. `segments`
+    (0.52x of padded on an H200) and `flex` (failed to compile there) run when named by --backends."""
     from ple_fast.attention import _flash_available
 
     if device == "cpu":   # smoke runs: flex has no CPU backward, interpreted triton takes minutes
@@ -112,7 +127,7 @@ def available_backends(dtype: torch.dtype, device: str) -> list[str]:
     backends = []
     if dtype in (torch.float16, torch.bfloat16) and _flash_available():
         backends.append("flash")
-    backends += ["triton", "segments", "flex"]
+    backends += ["triton", "triton" + COMPILED]
     return backends
 
 
@@ -121,7 +136,10 @@ def main() -> None:
                       extra=lambda ap: (ap.add_argument("--allow-cpu", action="store_true",
                                                         help="run without CUDA (quick shapes, fp32: a smoke test)"),
                                         ap.add_argument("--shapes", help="Q/C/R,... (default: "
-                                                        + ",".join("/".join(map(str, s)) for s in SHAPES) + ")")))
+                                                        + ",".join("/".join(map(str, s)) for s in SHAPES) + ")"),
+                                        ap.add_argument("--backends", help="comma-separated tree-attention backends, "
+                                                        f"a {COMPILED!r} suffix for compiled layers (default: "
+                                                        f"flash if installed, triton, triton{COMPILED})")))
     if not args.allow_cpu:
         require_cuda(BENCH)
     from ple_fast.layout import pack_dual
@@ -135,7 +153,7 @@ def main() -> None:
         shapes = [tuple(int(n) for n in shape.split("/")) for shape in args.shapes.split(",")]
     num_pairs = QUICK_PAIRS if quick else PAIRS
     model = build_model(model_shape, device, dtype)
-    backends = available_backends(dtype, device)
+    backends = args.backends.split(",") if args.backends else available_backends(dtype, device)
     path = result_path(args.out, BENCH)
     payload = dict(quick=quick, model=dict(model_shape, params=sum(p.numel() for p in model.parameters())),
                    dtype=str(dtype), pairs=num_pairs, backends=backends, rows=[],
@@ -190,6 +208,9 @@ def main() -> None:
                                theory_shared_over_dup=round(theory, 3),
                                shared_over_dup=dup / shared if shared and dup else None,
                                shared_over_padded=padded / shared if shared and padded else None)
+                padded_compiled = times.get(f"padded_hf[{COMPILED[1:]}]")
+                if backend.endswith(COMPILED) and shared and padded_compiled:
+                    summary["shared_over_padded_compiled"] = padded_compiled / shared
                 if summary["shared_over_dup"]:
                     summary["of_theory"] = summary["shared_over_dup"] / theory
                 payload["rows"].append(summary)

@@ -96,6 +96,15 @@ class TreeAttention:
     max_seqlen_k: int
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: dense / block mask
 
+    def prepare(self, *sliding_windows: int | None) -> "TreeAttention":
+        """Build what the backend reads (dense mask, segment gather, block mask) for no window and for
+        each given one, ahead of a torch.compile'd forward, which then only looks them up."""
+        build = {"sdpa": self.dense_mask, "segments": self.segment_gather, "flex": self.block_mask}.get(self.backend)
+        if build is not None:
+            for window in {None, *sliding_windows}:
+                build(window)
+        return self
+
     def dense_mask(self, sliding_window: int | None = None) -> torch.Tensor:
         """[N, N] bool, True where row i may attend to row j."""
         key = ("dense", sliding_window)
@@ -276,9 +285,12 @@ def _gpu_launch_failure(err: Exception, device: torch.device) -> bool:
 def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
     if _triton_failed:
         return _segments(tree, q, k, v, scale, sliding_window)
-    from ple_fast.kernels.varlen_attention import varlen_attention
+    from ple_fast.ops import varlen_attention
 
     kv_k, kv_v = k.index_select(0, tree.kv_index), v.index_select(0, tree.kv_index)
+    if torch.compiler.is_compiling():     # a launch failure surfaces at the compiled graph's first run
+        return varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
+                                tree.max_seqlen_k, scale, sliding_window)
     try:
         return varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
                                 tree.max_seqlen_k, scale, sliding_window)
@@ -305,26 +317,28 @@ def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
                            dropout: float = 0.0, sliding_window: int | None = None, **kwargs):
     """AttentionInterface function: query [1, H, N, D], key / value [1, Hkv, N, D] -> ([1, N, H, D], None)."""
     tree = kwargs.get(METADATA_KWARG)
-    where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    # a function, not a string built up front: under torch.compile reading layer_idx would make every
+    # layer a graph of its own (dynamo specialises on module ints)
+    where = lambda: f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"  # noqa: E731
     if not isinstance(tree, TreeAttention):
         raise RuntimeError(
-            f"{where}: attention implementation {ATTENTION_NAME!r} was called without its "
+            f"{where()}: attention implementation {ATTENTION_NAME!r} was called without its "
             f"`{METADATA_KWARG}` metadata; run packed batches through ple_fast.forward.dual_forward")
     if query.shape[0] != 1 or query.shape[2] != tree.num_tokens or key.shape[2] != tree.num_tokens:
-        raise ValueError(f"{where}: tree attention expects one packed sequence of {tree.num_tokens} tokens, "
+        raise ValueError(f"{where()}: tree attention expects one packed sequence of {tree.num_tokens} tokens, "
                          f"got query {tuple(query.shape)} and key {tuple(key.shape)} (a KV cache is not supported)")
     if attention_mask is not None:
-        raise ValueError(f"{where}: got an attention mask; the packed layout defines its own mask, so "
+        raise ValueError(f"{where()}: got an attention mask; the packed layout defines its own mask, so "
                          "call the model without one")
     if dropout:
-        raise NotImplementedError(f"{where}: attention dropout {dropout} is not supported by tree attention; "
+        raise NotImplementedError(f"{where()}: attention dropout {dropout} is not supported by tree attention; "
                                   "set config.attention_dropout = 0.0")
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"{where}: `{unsupported}` (attention logit softcapping / sinks) is not "
+            raise NotImplementedError(f"{where()}: `{unsupported}` (attention logit softcapping / sinks) is not "
                                       "supported by tree attention")
     if query.shape[1] % key.shape[1]:
-        raise ValueError(f"{where}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
+        raise ValueError(f"{where()}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
     return tree_attention(tree, q, k, v, scale, sliding_window)[None], None

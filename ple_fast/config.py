@@ -75,6 +75,7 @@ class PLEConfig:
     loss_impl: str = "auto"          # auto | torch | reference | triton | pairs
     packed: bool = True              # score responses in the packed prefix-tree layout (each query once)
     attention: str = "auto"          # packed attention backend: auto | sdpa | segments | flex | flash
+    compile: bool = False            # packed forwards: torch.compile the decoder layers (opt-in, not yet measured on a GPU)
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
     warmup_steps: int = 0            # linear LR warm-up

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ple_fast import decode_ops
+from ple_fast import ops
 from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
@@ -148,7 +148,7 @@ class StaticKVCache:
     def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """keys/values [..., D] go to the flat slots [...] of the same leading shape (see `flat_slots`),
         in place, through an op that torch.compile cannot turn into a copy of the cache."""
-        decode_ops.kv_cache_write(self.keys, self.values, layer, slots, keys, values)
+        ops.kv_cache_write(self.keys, self.values, layer, slots, keys, values)
 
     def flat_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[W, kv_heads] flat indices into one layer's K (or V) of (rows[w], head, positions[w])."""
@@ -208,7 +208,7 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     cache.write(module.layer_idx, ple_pass.slots, key, value)
     if ple_pass.decode_kernel and query.shape[2] == 1:
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = decode_ops.decode_attention(query, cache.keys[module.layer_idx, rows],
+        out = ops.decode_attention(query, cache.keys[module.layer_idx, rows],
                                           cache.values[module.layer_idx, rows], ple_pass.positions[:, 0],
                                           length, scale, sliding_window)
         return out.transpose(1, 2), None
@@ -418,7 +418,7 @@ class RolloutEngine:
         temperature, top_k, top_p, fused = sampling
         logits = self.head(hidden)
         if fused:
-            return decode_ops.race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
+            return ops.race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return sample_tokens(logits, self.state.noise, temperature, top_k, top_p)

@@ -6,10 +6,13 @@ token are kept, so the op sees exactly the scored tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from ple_fast.attention import METADATA_KWARG, tree_attention_metadata, use_tree_attention
 from ple_fast.layout import PackedBatch, pack_dual, pack_sequences
@@ -57,12 +60,48 @@ def padded_response_rows(model, prompts: Sequence[Sequence[int]], responses: Seq
                         seq_index.flatten().to(device)[keep], weight, softcap, len(prompts))
 
 
-def dual_forward(model, batch: PackedBatch, backend: str = "auto") -> torch.Tensor:
+_COMPILED_FORWARDS: dict[type, Callable] = {}
+
+
+def _compiled_forward(layer_type: type) -> Callable:
+    """One torch.compile of a decoder-layer class's forward, shared by every layer and model of the
+    class: the module is an argument (its weights graph inputs), shapes are symbolic, so one graph
+    serves every layer and every packed length."""
+    if layer_type not in _COMPILED_FORWARDS:
+        _COMPILED_FORWARDS[layer_type] = torch.compile(layer_type.forward, dynamic=True)
+    return _COMPILED_FORWARDS[layer_type]
+
+
+@contextlib.contextmanager
+def compiled_layers(decoder: nn.Module) -> Iterator[None]:
+    """Run the decoder's layers through their compiled forward for the block.
+
+    Why: an eager layer launches ~40 small kernels forward and more backward (norms, rotary, SwiGLU,
+    residuals, dtype casts); inductor fuses them, which cuts both memory traffic and launches, and the
+    attention stays our Triton kernels as opaque ops (ple_fast.ops). Only the packed training forward
+    runs compiled: the layers get their eager forward back on exit, so generation, reference and
+    evaluation forwards are untouched (the backward of the compiled forward needs nothing of it).
+    """
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise TypeError(f"{type(decoder).__name__} has no `layers` list of decoder layers to compile; "
+                        "set ple.compile=false for this model")
+    for layer in layers:
+        layer.forward = functools.partial(_compiled_forward(type(layer)), layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward        # the instance attribute: the class's forward again
+
+
+def dual_forward(model, batch: PackedBatch, backend: str = "auto", *, compile: bool = False) -> torch.Tensor:
     """[N, H] final (normed) hidden states of a packed batch, one row per packed token.
 
     The model's own modeling code runs the N tokens as one sequence (batch dim 1) with the layout's
     position ids; only attention is replaced, by the tree attention of `backend`
     ("sdpa" | "segments" | "flex" | "flash" | "triton" | "auto", see ple_fast.attention).
+    compile=True runs the decoder layers torch.compile'd (`compiled_layers`).
     """
     if batch.num_tokens == 0:
         raise ValueError("dual_forward: the packed batch has no tokens")
@@ -71,34 +110,39 @@ def dual_forward(model, batch: PackedBatch, backend: str = "auto") -> torch.Tens
     if batch.input_ids.device != param.device:
         batch = batch.to(param.device)
     tree = tree_attention_metadata(batch, backend, dtype=param.dtype)
-    with use_tree_attention(decoder):
+    layers = contextlib.nullcontext()
+    if compile:
+        tree.prepare(getattr(model.config, "sliding_window", None))  # masks built eagerly, not traced per layer
+        layers = compiled_layers(decoder)
+    with use_tree_attention(decoder), layers:
         out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                       use_cache=False, **{METADATA_KWARG: tree})
     return out.last_hidden_state[0]
 
 
-def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str) -> ResponseRows:
+def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile: bool) -> ResponseRows:
     device = next(model.parameters()).device
     batch = batch.to(device)
-    hidden = dual_forward(model, batch, backend)
+    hidden = dual_forward(model, batch, backend, compile=compile)
     keep = batch.seq_index >= 0
     weight, softcap = output_head(model)
     return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap, num_seqs)
 
 
 def packed_dual_response_rows(model, queries: Sequence[Sequence[int]], originals: Sequence[Sequence[int]],
-                              principled: Sequence[Sequence[int]], *, backend: str = "auto") -> ResponseRows:
+                              principled: Sequence[Sequence[int]], *, backend: str = "auto",
+                              compile: bool = False) -> ResponseRows:
     """Each query once, shared by its two responses; sequence 2k scores originals[k], 2k+1 principled[k].
 
     Same sequences, row order, labels and seq_index as
     padded_response_rows(model, [q for q in queries for _ in (0, 1)], [o0, p0, o1, p1, ...]).
     """
     batch = pack_dual(queries, originals, principled, device=next(model.parameters()).device)
-    return _scored_rows(model, batch, 2 * len(queries), backend)
+    return _scored_rows(model, batch, 2 * len(queries), backend, compile)
 
 
 def packed_response_rows(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                         *, backend: str = "auto") -> ResponseRows:
+                         *, backend: str = "auto", compile: bool = False) -> ResponseRows:
     """Padding-free padded_response_rows: prompt_i + response_i back to back, nothing shared."""
     batch = pack_sequences(prompts, responses)
-    return _scored_rows(model, batch, len(prompts), backend)
+    return _scored_rows(model, batch, len(prompts), backend, compile)

@@ -160,13 +160,14 @@ def catch_stop_signals():
 
 
 def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int,
-                      attention: str | None = "auto") -> torch.Tensor:
+                      attention: str | None = "auto", compile: bool = False) -> torch.Tensor:
     """Summed log-probs of each response given its prompt: packed and padding-free when
-    `attention` names a backend, padded HF forwards when it is None."""
+    `attention` names a backend (decoder layers torch.compile'd with `compile`), padded HF forwards
+    when it is None."""
     if attention is None:
         rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
     else:
-        rows = packed_response_rows(model, prompts, responses, backend=attention)
+        rows = packed_response_rows(model, prompts, responses, backend=attention, compile=compile)
     return sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                              impl=impl, softcap=rows.softcap)
 
@@ -215,6 +216,7 @@ class Trainer:
         # The packed tree attention is swapped in per forward, so HF's re-run of attention under
         # gradient checkpointing would see the stock mask: checkpointed runs use padded forwards.
         self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
+        self.compile_layers = cfg.ple.compile and self.attention is not None   # packed forwards only
         if cfg.ple.packed and cfg.run.gradient_checkpointing:
             print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
         if cfg.rollout.backend == "fast" and cfg.rollout.compile_decode:
@@ -421,7 +423,7 @@ class Trainer:
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
                                               impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention)
+                                              attention=self.attention, compile=self.compile_layers)
                 loss = -logps.sum() / max(n_tokens, 1) * self.dist.world_size
                 loss.backward()
                 loss_value += loss.item()
@@ -591,7 +593,7 @@ class Trainer:
                     if self.attention is not None:     # each query computed once for both responses
                         rows = packed_dual_response_rows(self.model, [q_ids[k] for k in micro],
                                                          [first[k] for k in micro], [second[k] for k in micro],
-                                                         backend=self.attention)
+                                                         backend=self.attention, compile=self.compile_layers)
                     else:
                         prompts = [q_ids[k] for k in micro for _ in range(2)]
                         responses = [r for k in micro for r in (first[k], second[k])]
@@ -612,7 +614,7 @@ class Trainer:
                         targets = [second[k] for k in micro]
                     logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
                                               impl=pc.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention)
+                                              attention=self.attention, compile=self.compile_layers)
                     counts = torch.tensor([len(r) for r in targets], device=logps.device)
                     per_seq = logps / counts.clamp(min=1) if pc.length_normalize else logps
                     weights = valid[micro].to(per_seq.device, per_seq.dtype)

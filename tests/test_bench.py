@@ -64,3 +64,17 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     assert all(r["profile"]["count"] > 0 and r["profile"]["busy_ms"] > 0 for r in timed)
     ratios = [r for r in rows if r["variant"] == "ratios[segments]"]
     assert len(ratios) == 2 and all(r["shared_over_dup"] > 0 and r["shared_over_padded"] > 0 for r in ratios)
+
+
+def test_dual_prefill_bench_compiled_variants_on_cpu(tmp_path):
+    """A backend with the +compile suffix runs the compiled-layers path, and padded HF with the same
+    compiled layers joins as its baseline (smoke: one tiny shape, the CPU's sdpa backend)."""
+    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", "sdpa+compile",
+                     "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("bench_dual_prefill-*.json")
+    rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
+    assert set(rows) == {"padded_hf", "packed_shared[sdpa+compile]", "packed_duplicated[sdpa+compile]",
+                         "padded_hf[compile]", "ratios[sdpa+compile]"}
+    assert all("error" not in r for r in rows.values())
+    assert rows["ratios[sdpa+compile]"]["shared_over_padded_compiled"] > 0

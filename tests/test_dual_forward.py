@@ -82,11 +82,11 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str, to
     assert err <= tol * max(scale, 1e-30) or err == 0, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
 
 
-def check_against_padded(model, pairs, backend: str, seed: int = 0, tol: float = 1e-5):
+def check_against_padded(model, pairs, backend: str, seed: int = 0, tol: float = 1e-5, compile: bool = False):
     queries, originals, principled = pairs
     num_seqs = 2 * len(queries)
     weights = torch.randn(num_seqs, generator=torch.Generator().manual_seed(seed))
-    packed = packed_dual_response_rows(model, queries, originals, principled, backend=backend)
+    packed = packed_dual_response_rows(model, queries, originals, principled, backend=backend, compile=compile)
     got_logps, got_grads = logps_and_grads(model, packed, weights)
     padded = padded_response_rows(model, *as_separate(queries, originals, principled))
     want_logps, want_grads = logps_and_grads(model, padded, weights)
@@ -163,6 +163,25 @@ def test_edge_case_pairs(backend):
     pairs = ([[5], [1, 2], [3]], [[], [4], [7, 8, 9]], [[6], [], []])  # 1-token queries, empty / 1-token
     logps = check_against_padded(model, pairs, backend)
     assert logps[[0, 3, 5]].tolist() == [0.0, 0.0, 0.0]  # empty responses score 0
+
+
+@pytest.mark.parametrize("family, backend", [("llama", "sdpa"), ("qwen2", "sdpa"), ("mistral", "sdpa"),
+                                             ("llama", "triton")])
+def test_compiled_layers_match_padded_forwards(family, backend):
+    """compile=True: the decoder layers run torch.compile'd (the Triton attention as an opaque op with
+    its own backward), and give the padded HF forwards' log-probs and gradients. One graph serves
+    every layer and every packed length (two for Qwen2: its layers differ in sliding window), and the
+    layers have their eager forward back afterwards."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(family)
+    rng = random.Random(7)
+    for trial in range(3):
+        check_against_padded(model, random_pairs(rng, [1, 3, 5][trial]), backend, seed=trial, compile=True)
+    assert counters["stats"]["unique_graphs"] == (2 if family == "qwen2" else 1)
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -350,6 +369,22 @@ def test_varlen_backends_match_padded_on_gpu(family, backend):
     hidden = dual_forward(model, batch, backend=backend)
     reference = dual_forward(model, batch, backend="sdpa")
     torch.testing.assert_close(hidden.float(), reference.float(), rtol=2e-2, atol=2e-2)
+    hidden.float().sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_layers_with_triton_attention_on_gpu():
+    """ple.compile on CUDA: inductor's kernels around our Triton attention op, fp32 against padded
+    forwards, then bf16 against the eager packed forward."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", hidden=64).to("cuda")
+    check_against_padded(model, random_pairs(random.Random(23), 6), "triton", tol=2e-3, compile=True)
+    model = model.to(torch.bfloat16)
+    batch = pack_dual(*random_pairs(random.Random(24), 6), device="cuda")
+    hidden = dual_forward(model, batch, backend="triton", compile=True)
+    torch.testing.assert_close(hidden.float(), dual_forward(model, batch, backend="triton").float(),
+                               rtol=2e-2, atol=2e-2)
     hidden.float().sum().backward()
 
 

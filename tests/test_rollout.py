@@ -381,7 +381,7 @@ def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
     """The compiled step writes K/V into the cache in place and attends over views of it: no copy of
     the cache per layer. Traced as plain torch, the index_copy_ was functionalised into a write to a
     fresh copy of each layer's cache and SDPA read a materialised slice of it (inductor's CPU code
-    showed both); the torch.library ops of ple_fast.decode_ops keep them out. With the Triton decode
+    showed both); the torch.library ops of ple_fast.ops keep them out. With the Triton decode
     kernel and the fused sampler (interpreted here) the compiled tokens equal the eager engine's."""
     import re
 

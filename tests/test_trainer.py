@@ -300,3 +300,20 @@ def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
     trainer = small_trainer(tmp_path, "rollout.compile_decode=true")
     assert engine_for(trainer.model).compile_decode
     assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
+
+
+@pytest.mark.parametrize("phase", ["sft", "ple"])
+def test_compiled_layers_give_the_same_update(tmp_path, phase):
+    """ple.compile=true (torch.compile'd decoder layers in the packed forwards) hands the optimizer the
+    eager gradient, in SFT and in the alignment step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    grads = {}
+    for flag in ("false", "true"):
+        grads[flag] = first_update(small_trainer(tmp_path / flag, f"ple.compile={flag}", "sft.steps=1"), phase)
+        assert (counters["stats"]["unique_graphs"] > 0) == (flag == "true")    # the layers did run compiled
+    assert grads["false"][1] == pytest.approx(grads["true"][1], rel=1e-5)
+    for a, b in zip(grads["false"][0], grads["true"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
