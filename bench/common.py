@@ -205,7 +205,8 @@ def summarize(out_dir: Path) -> str:
                 lines.append(f"- {key}: {_cell(record[key])}")
         rows = record.get("rows", [])
         if rows:
-            cols = list(dict.fromkeys(k for row in rows for k, v in row.items() if not isinstance(v, (dict, list))))
+            flat = (k for row in rows for k, v in row.items() if not isinstance(v, (dict, list)))
+            cols = list(dict.fromkeys(flat))
             lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             lines += ["| " + " | ".join(_cell(row.get(c)) for c in cols) + " |" for row in rows]
         profiled = [(row, row["profile"]) for row in rows if isinstance(row.get("profile"), dict)]
@@ -213,7 +214,8 @@ def summarize(out_dir: Path) -> str:
             lines += ["", "Kernel profiles (per unit of work; `kernel_profile`):", ""]
         for row, prof in profiled:
             label = ", ".join(f"{k} {row[k]}" for k in ("shape", "batch", "variant", "method") if k in row)
-            lines.append(f"- {label}: {_cell(prof.get('count'))} {prof.get('unit')}, busy {_cell(prof.get('busy_ms'))} ms"
+            lines.append(f"- {label}: {_cell(prof.get('count'))} {prof.get('unit')}, "
+                         f"busy {_cell(prof.get('busy_ms'))} ms"
                          + (f" of {_cell(prof['timed_ms'])} ms timed (idle {prof['idle_fraction']:.0%})"
                             if prof.get("idle_fraction") is not None else ""))
             lines += [f"  - {_cell(k['ms'])} ms ({k['share']:.0%}), x{_cell(k['count'])}: `{k['name'][:80]}`"
