@@ -43,6 +43,7 @@ SHAPES = [(512, 128, 128), (256, 256, 256), (64, 512, 512)]  # the 1.5x-over-pad
 QUICK_SHAPES = [(64, 16, 16), (8, 64, 64)]
 PAIRS, QUICK_PAIRS = 8, 2
 MIN_SECONDS_PER_SHAPE = 40
+MIN_SECONDS_TO_COMPILE = 120   # a compiled variant's first step compiles the layer graph, forward and backward
 
 
 def build_model(shape: dict, device: str, dtype: torch.dtype):
@@ -180,6 +181,10 @@ def main() -> None:
                     continue
                 row = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=name, layout_tokens=layout_tokens,
                            theory_shared_over_dup=round(theory, 3))
+                if "compile" in name and seconds_left() < MIN_SECONDS_TO_COMPILE:
+                    row["error"] = f"skipped: BENCH_DEADLINE ({seconds_left():.0f} s left, a compile needs more)"
+                    payload["rows"].append(row)
+                    continue
                 try:
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
@@ -198,6 +203,7 @@ def main() -> None:
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 payload["rows"].append(row)
+                write_result(path, BENCH, payload)   # after every row: a bench timeout keeps what it measured
                 print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms" if "ms" in row else "failed"),
                       flush=True)
             pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device=device))["ms"]

@@ -223,20 +223,56 @@ def _window_arg(sliding_window: int | None) -> dict:
     return dict(window=int(sliding_window or 0), HAS_WINDOW=sliding_window is not None)
 
 
+def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                   scale: float, sliding_window: int | None) -> tuple[Tensor, Tensor]:
+    """(out [N, H, D], lse [H, N] fp32): the forward launch, shared by the autograd Function and the
+    torch.library op of compiled regions (ple_fast.ops)."""
+    num_rows, heads, dim = q.shape
+    groups = heads // k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(heads, num_rows, dtype=torch.float32, device=q.device)
+    segments = cu_q.numel() - 1
+    cfg = _config(q)
+    if num_rows and segments:
+        grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
+        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_rows, groups, dim,
+                          float(scale), **_window_arg(sliding_window), **cfg)
+    return out, lse
+
+
+def varlen_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                    cu_k: Tensor, max_q: int, max_k: int, scale: float,
+                    sliding_window: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv): the backward launches, given the forward's out and lse."""
+    grad_out = grad_out.contiguous()
+    num_rows, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(0, 1).contiguous()   # [H, N]
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    segments = cu_q.numel() - 1
+    cfg = _config(q)
+    window = _window_arg(sliding_window)
+    if num_rows and segments:
+        common = (cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                  grad_out.stride(0), grad_out.stride(1))
+        grid = (triton.cdiv(max(max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
+        _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1),
+                               dv.stride(0), dv.stride(1), num_rows, groups, dim, float(scale),
+                               **window, **cfg)
+        grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
+        _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
+                             num_rows, groups, dim, float(scale), **window, **cfg)
+    else:
+        dq.zero_()
+    return dq, dk, dv
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window):
-        num_rows, heads, dim = q.shape
-        groups = heads // k.shape[1]
-        out = torch.empty_like(q)
-        lse = torch.empty(heads, num_rows, dtype=torch.float32, device=q.device)
-        segments = cu_q.numel() - 1
-        cfg = _config(q)
-        if num_rows and segments:
-            grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
-            _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                              v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_rows, groups, dim,
-                              float(scale), **_window_arg(sliding_window), **cfg)
+        out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.max_q, ctx.max_k, ctx.scale, ctx.sliding_window = max_q, max_k, scale, sliding_window
         return out
@@ -244,27 +280,8 @@ class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        num_rows, heads, dim = q.shape
-        kv_heads = k.shape[1]
-        groups = heads // kv_heads
-        delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(0, 1).contiguous()   # [H, N]
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        segments = cu_q.numel() - 1
-        cfg = _config(q)
-        window = _window_arg(ctx.sliding_window)
-        if num_rows and segments:
-            common = (cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                      grad_out.stride(0), grad_out.stride(1))
-            grid = (triton.cdiv(max(ctx.max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
-            _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1),
-                                   dv.stride(0), dv.stride(1), num_rows, groups, dim, float(ctx.scale),
-                                   **window, **cfg)
-            grid = (triton.cdiv(max(ctx.max_q, 1), cfg["BLOCK_M"]), segments, heads)
-            _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
-                                 num_rows, groups, dim, float(ctx.scale), **window, **cfg)
-        else:
-            dq.zero_()
+        dq, dk, dv = varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
+                                     ctx.sliding_window)
         return dq, dk, dv, None, None, None, None, None, None
 
 
