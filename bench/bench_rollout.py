@@ -178,7 +178,7 @@ def main(argv=None) -> int:
             for method in methods:
                 row = {"batch": batch, "method": method}
                 rows.append(row)
-                if seconds_left() < (90 if method == "hf_static_compile" else 20):
+                if seconds_left() < (90 if method in ("hf_static_compile", "fast_compiled") else 20):   # compiles
                     row["error"] = "skipped: BENCH_DEADLINE"
                     save()
                     continue
