@@ -9,6 +9,9 @@ Why not SDPA with a boolean mask (the eager path): the masked SDPA kernel tiles 
 blocks of 64, so a decode step's 1-4 query rows per head waste most of its tensor-core work, and
 the mask is another [B, L] read per layer; decode is meant to be bound by reading the cache.
 
+Given the step's new K/V, the kernel first writes them into their slot (the split whose keys hold
+that slot writes it, then a block barrier), so the step needs no separate cache-write kernels.
+
 Work is split over (row, KV head, key split); each program runs an online softmax over its
 keys and writes (max, sum, unnormalised output); `combine` merges the splits in fp32. Splits
 keep the GPU busy when B * kv_heads is small (batch 32 with 8 KV heads is 256 programs); when
@@ -37,13 +40,13 @@ def gpu_tile_config(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, new_k_ptr, new_v_ptr,
                              stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
-                             stride_vb, stride_vh, stride_vl, kv_heads, groups, head_dim, kv_length,
-                             keys_per_split, window, scale,
+                             stride_vb, stride_vh, stride_vl, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                             kv_heads, groups, head_dim, kv_length, keys_per_split, window, scale,
                              HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             FINAL: tl.constexpr):
+                             FINAL: tl.constexpr, WRITE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -62,6 +65,14 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     lo = split * keys_per_split
     hi = tl.minimum(tl.minimum(lo + keys_per_split, kv_length), pos + 1)
+    if WRITE:   # this step's K/V go to slot pos, by the one split that reads it, before it reads it
+        if (pos >= lo) & (pos < lo + keys_per_split):
+            d_ok = ds < head_dim
+            new_k = tl.load(new_k_ptr + b.to(tl.int64) * stride_nkb + h * stride_nkh + ds, mask=d_ok)
+            new_v = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + h * stride_nvh + ds, mask=d_ok)
+            tl.store(k_base + pos.to(tl.int64) * stride_kl + ds, new_k.to(k_ptr.dtype.element_ty), mask=d_ok)
+            tl.store(v_base + pos.to(tl.int64) * stride_vl + ds, new_v.to(v_ptr.dtype.element_ty), mask=d_ok)
+        tl.debug_barrier()      # the block's threads see the stores before loading that slot
     if HAS_WINDOW:
         first = tl.maximum(pos - window + 1, 0)
         lo = tl.maximum(lo, first // BLOCK * BLOCK)                # skip blocks wholly outside the window
@@ -108,15 +119,26 @@ def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> i
 
 
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
-                     scale: float, sliding_window: int | None = None) -> Tensor:
+                     scale: float, sliding_window: int | None = None, new_keys: Tensor | None = None,
+                     new_values: Tensor | None = None) -> Tensor:
     """query [B, Hq, 1, D]; keys/values [B, Hkv, C, D] cache views (D contiguous, C >= kv_length);
-    positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype."""
+    positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype.
+
+    With new_keys / new_values ([B, Hkv, 1, D] or [B, Hkv, D]) the kernel first writes them into
+    slot positions[b] of the cache (in place), saving the step its separate cache-write kernels."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     require_runnable(query.device, "decode_attention", "use the SDPA path")
     if q_len != 1 or q_heads % kv_heads or keys.shape[-1] != dim or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"decode_attention: query {tuple(query.shape)} and cache {tuple(keys.shape)} do not "
                          "form a one-token decode step with unit-stride head dims")
+    write = new_keys is not None
+    if write:
+        new_keys, new_values = (t.reshape(batch, kv_heads, dim) for t in (new_keys, new_values))
+        if new_keys.stride(-1) != 1 or new_values.stride(-1) != 1:
+            new_keys, new_values = new_keys.contiguous(), new_values.contiguous()
+    else:
+        new_keys = new_values = keys        # unused (WRITE=False)
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, dim)
     q = q.contiguous()      # the FINAL store writes the output with q's strides
@@ -135,12 +157,13 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
         acc = torch.empty(batch * kv_heads, splits, block_g, block_d, dtype=torch.float32, device=query.device)
     if batch:
         _decode_attention_kernel[(batch * kv_heads, splits)](
-            q, keys, values, positions, m, l, acc, out, q.stride(0), q.stride(1), q.stride(2),
+            q, keys, values, positions, m, l, acc, out, new_keys, new_values, q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, num_warps=4, num_stages=tile["num_stages"],
+            FINAL=final, WRITE=write, num_warps=4, num_stages=tile["num_stages"],
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)

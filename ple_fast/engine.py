@@ -18,8 +18,9 @@ packed K/V into the cache rows, the prefix's into every row that follows it. Row
 where they end; decode steps have fixed shapes
 [B, 1] and attend over the first L slots, L rounded up to `kv_block`, so one CUDA graph per L
 serves every step of that length. On CUDA that attention is the Triton decode kernel
-(ple_fast.kernels.decode_attention: grouped query heads read each K/V block once, no mask
-tensor); elsewhere masked SDPA over the cache.
+(ple_fast.kernels.decode_attention: it writes the step's K/V into the cache itself, then grouped
+query heads read each K/V block once, no mask tensor); elsewhere an index_copy_ into the cache
+and masked SDPA over it.
 
 Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
 (ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
@@ -138,11 +139,15 @@ class StaticKVCache:
         """[R, kv_heads, Q] flat slots of rows[r] at positions [R, Q] (computed once per step, not per layer)."""
         return self.head_base[rows].unsqueeze(-1) + positions.unsqueeze(1)
 
-    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values [R, kv_heads, Q, D] go to the `row_slots` slots [R, kv_heads, Q]."""
+    def check(self, layer: int, keys: torch.Tensor) -> None:
+        """A layer's fresh keys [R, kv_heads, Q, D] fit this cache (the model config's head counts)."""
         if keys.shape[1:2] != (self.kv_heads,) or keys.shape[-1] != self.head_dim:
             raise ValueError(f"StaticKVCache: layer {layer} produced keys of shape {tuple(keys.shape)}, "
                              f"expected [rows, {self.kv_heads}, q, {self.head_dim}] from the model config")
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [R, kv_heads, Q, D] go to the `row_slots` slots [R, kv_heads, Q]."""
+        self.check(layer, keys)
         self.scatter(layer, slots, keys, values)
 
     def scatter(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -166,7 +171,7 @@ class _Pass:
     cache: StaticKVCache
     rows: slice                 # cache rows of the batch rows
     positions: torch.Tensor     # [R, Q] position (= slot) of each query token
-    slots: torch.Tensor         # [R, kv_heads, Q] flat cache slots of those tokens (StaticKVCache.row_slots)
+    slots: torch.Tensor | None  # [R, kv_heads, Q] flat cache slots of those tokens (StaticKVCache.row_slots)
     kv_length: int              # attend over slots 0..kv_length-1
     decode_kernel: bool = False  # one-token steps through kernels/decode_attention.py, not masked SDPA
 
@@ -205,13 +210,13 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
         return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window)[None], None
     cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
-    cache.write(module.layer_idx, ple_pass.slots, key, value)
-    if ple_pass.decode_kernel and query.shape[2] == 1:
+    if ple_pass.decode_kernel and query.shape[2] == 1:    # the kernel writes the new K/V itself
+        cache.check(module.layer_idx, key)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = ops.decode_attention(query, cache.keys[module.layer_idx, rows],
-                                          cache.values[module.layer_idx, rows], ple_pass.positions[:, 0],
-                                          length, scale, sliding_window)
+        out = ops.decode_attention(query, cache.keys, cache.values, module.layer_idx, rows.start,
+                                   ple_pass.positions[:, 0], length, scale, sliding_window, key, value)
         return out.transpose(1, 2), None
+    cache.write(module.layer_idx, ple_pass.slots, key, value)
     keys, values = cache.read(module.layer_idx, rows, length)
     mask = attention_mask                                  # [R, 1, Q, L] bool, slot <= position
     if sliding_window is not None and sliding_window < length:
@@ -408,9 +413,10 @@ class RolloutEngine:
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice, kv_length: int) -> torch.Tensor:
         slots = torch.arange(kv_length, device=self.device)
         mask = (slots.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
+        # cache slots of the new tokens, for the write of the SDPA path (the decode kernel writes its own)
+        slots = None if self.decode_kernel and input_ids.shape[1] == 1 else self.cache.row_slots(rows, positions)
         out = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                         ple_pass=_Pass(self.cache, rows, positions, self.cache.row_slots(rows, positions),
-                                        kv_length, self.decode_kernel))
+                         ple_pass=_Pass(self.cache, rows, positions, slots, kv_length, self.decode_kernel))
         return out[0]
 
     def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> torch.Tensor:

@@ -9,8 +9,9 @@ The decode step has a second reason: traced as plain torch, the KV-cache write (
 view of the cache) is functionalised into a write to a fresh copy of the layer's whole cache, every
 layer of every step, and the cache slice that masked SDPA reads is materialised too: each multiplies
 the step's memory traffic, the one thing a decode step should spend only on weights and K/V (the CPU
-output code showed both; tests/test_rollout.py checks they are gone). As an op the write stays one
-in-place scatter.
+output code showed both; tests/test_rollout.py checks they are gone). As ops that mutate the whole
+cache tensors in place, the write stays one scatter (SDPA path) or happens inside the decode
+attention kernel itself (Triton path), and inductor passes the cache through untouched.
 
 The public functions call the op only while torch.compile traces, and the plain function otherwise:
 a custom op's dispatch costs ~50-90 us per call on the CPU, per layer of an eager step.
@@ -30,11 +31,13 @@ def _write(keys: Tensor, values: Tensor, layer: int, slots: Tensor, new_keys: Te
     values[layer].view(-1, dim).index_copy_(0, flat, new_values.reshape(-1, dim).to(values.dtype))
 
 
-def _attend(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int, scale: float,
-            sliding_window: Optional[int] = None) -> Tensor:
+def _attend(query: Tensor, keys: Tensor, values: Tensor, layer: int, row_start: int, positions: Tensor,
+            kv_length: int, scale: float, sliding_window: Optional[int], new_keys: Tensor, new_values: Tensor) -> Tensor:
     from ple_fast.kernels.decode_attention import decode_attention as launch
 
-    return launch(query, keys, values, positions, kv_length, scale, sliding_window)
+    rows = slice(row_start, row_start + query.shape[0])
+    return launch(query, keys[layer, rows], values[layer, rows], positions, kv_length, scale, sliding_window,
+                  new_keys=new_keys, new_values=new_values)
 
 
 def _sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float, softcap: Optional[float] = None) -> Tensor:
@@ -44,7 +47,7 @@ def _sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float, soft
 
 
 _write_op = torch.library.custom_op("ple_fast::kv_cache_write", _write, mutates_args=("keys", "values"))
-_attend_op = torch.library.custom_op("ple_fast::decode_attention", _attend, mutates_args=())
+_attend_op = torch.library.custom_op("ple_fast::decode_attention", _attend, mutates_args=("keys", "values"))
 _sample_op = torch.library.custom_op("ple_fast::race_sample", _sample, mutates_args=())
 
 
@@ -54,7 +57,7 @@ def _(keys, values, layer, slots, new_keys, new_values) -> None:
 
 
 @_attend_op.register_fake
-def _(query, keys, values, positions, kv_length, scale, sliding_window=None):
+def _(query, keys, values, layer, row_start, positions, kv_length, scale, sliding_window, new_keys, new_values):
     return torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
 
@@ -70,11 +73,14 @@ def kv_cache_write(keys: Tensor, values: Tensor, layer: int, slots: Tensor, new_
     (_write_op if torch.compiler.is_compiling() else _write)(keys, values, layer, slots, new_keys, new_values)
 
 
-def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
-                     scale: float, sliding_window: int | None = None) -> Tensor:
-    """ple_fast.kernels.decode_attention.decode_attention: [B, Hq, 1, D] from cache views."""
+def decode_attention(query: Tensor, keys: Tensor, values: Tensor, layer: int, row_start: int, positions: Tensor,
+                     kv_length: int, scale: float, sliding_window: int | None, new_keys: Tensor,
+                     new_values: Tensor) -> Tensor:
+    """ple_fast.kernels.decode_attention.decode_attention over cache rows row_start.. of layer `layer`
+    (keys/values: the whole cache, as for kv_cache_write), writing this step's new_keys / new_values
+    into their slots first, in the same kernel: [B, Hq, 1, D]."""
     op = _attend_op if torch.compiler.is_compiling() else _attend
-    return op(query, keys, values, positions, kv_length, scale, sliding_window)
+    return op(query, keys, values, layer, row_start, positions, kv_length, scale, sliding_window, new_keys, new_values)
 
 
 def race_sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,

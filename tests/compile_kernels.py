@@ -84,11 +84,13 @@ def launches(arch: int):
         kv = "*" + TRITON_DTYPE[dtype]
         part = kv if final else "*fp32"
         tile = decode_attention.gpu_tile_config(dtype)
-        yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final}",
+        yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final} write={final}",
                decode_attention._decode_attention_kernel,
-               dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr=part, l_ptr=part, acc_ptr=part, out_ptr=kv),
+               dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr=part, l_ptr=part, acc_ptr=part, out_ptr=kv,
+                    new_k_ptr=kv, new_v_ptr=kv),
                dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=tile["BLOCK"],
-                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final), 4, tile["num_stages"])
+                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final, WRITE=final),
+               4, tile["num_stages"])
     for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True),
                                     (FP32, 256, False)):
         t = "*" + TRITON_DTYPE[dtype]

@@ -47,6 +47,34 @@ def test_matches_the_fp64_oracle(batch, q_heads, kv_heads, dim, capacity, kv_len
     assert rel_err(got, want) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("batch,q_heads,kv_heads,dim,capacity,kv_length,window,dtype", CASES)
+def test_fused_cache_write_then_attend(batch, q_heads, kv_heads, dim, capacity, kv_length, window, dtype):
+    """new_keys / new_values: the kernel writes this step's K/V into slot positions[b] of a view into
+    a multi-layer cache (that slot held NaN), touches nothing else, and attends as the oracle does
+    over the written cache; positions cover first, last and middle slots, so with two key splits
+    (CPU) the writing split is the first in some rows and the last in others."""
+    g = torch.Generator().manual_seed(7 * batch + dim + kv_length)
+    q = torch.randn(batch, q_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
+    cache = (torch.randn(2, 2, batch, kv_heads, capacity, dim, generator=g)).to(dtype).to(DEVICE)
+    new = torch.randn(2, batch, kv_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, kv_length, (batch,), generator=g)
+    positions[0] = kv_length - 1
+    positions[-1] = 0 if batch > 1 else positions[-1]
+    positions = positions.to(DEVICE)
+    rows = torch.arange(batch, device=DEVICE)
+    cache[:, 1, rows, :, positions] = float("nan")      # layer 1's slot to be written
+    keys, values = cache[0, 1], cache[1, 1]              # views, as the engine passes them
+    want_cache = cache.clone()
+    want_cache[0, 1, rows, :, positions] = new[0, :, :, 0]
+    want_cache[1, 1, rows, :, positions] = new[1, :, :, 0]
+    got = decode_attention(q, keys, values, positions, kv_length, dim ** -0.5, window,
+                           new_keys=new[0], new_values=new[1])
+    assert torch.equal(cache, want_cache)
+    want = decode_attention_reference(q, want_cache[0, 1], want_cache[1, 1], positions, kv_length, dim ** -0.5,
+                                      window)
+    assert rel_err(got, want) < TOLERANCE[dtype]
+
+
 def test_slots_after_the_position_do_not_leak():
     """Future slots of a row (written by other rows' longer prompts) change nothing."""
     g = torch.Generator().manual_seed(3)
