@@ -95,6 +95,21 @@ def _load_rows(ptr, start, rows, stride_n, head, stride_h, ds, row_limit, head_d
 
 
 @triton.jit
+def _bwd_delta_kernel(O, dO, Delta, stride_on, stride_oh, stride_dn, stride_dh, num_rows, head_dim,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Delta[h, i] = sum_d O[i, h, d] * dO[i, h, d] in fp32: the backward's preprocess, one pass over
+    both (torch's mul-sum-transpose made three fp32 [N, H, D] temporaries and five launches)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    ds = tl.arange(0, BLOCK_D)
+    mask = (rows < num_rows)[:, None] & (ds < head_dim)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    o = tl.load(O + r64 * stride_on + h * stride_oh + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(dO + r64 * stride_dn + h * stride_dh + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + h.to(tl.int64) * num_rows + rows, tl.sum(o * do, axis=1), mask=rows < num_rows)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
                 stride_on, stride_oh, num_q_rows, groups, head_dim, scale, window,
                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -200,6 +215,9 @@ def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh
                  dq.to(dQ.dtype.element_ty), mask=mask)
 
 
+DELTA_ROWS = 64      # rows per program of the backward's preprocess
+
+
 def _config(q: Tensor) -> dict:
     common = dict(PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     if q.device.type != "cuda" or INTERPRETED:
@@ -249,12 +267,15 @@ def varlen_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     num_rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    delta = (grad_out.float() * out.float()).sum(dim=-1).transpose(0, 1).contiguous()   # [H, N]
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     segments = cu_q.numel() - 1
     cfg = _config(q)
     window = _window_arg(sliding_window)
     if num_rows and segments:
+        delta = torch.empty(heads, num_rows, dtype=torch.float32, device=q.device)      # [H, N]
+        _bwd_delta_kernel[(triton.cdiv(num_rows, DELTA_ROWS), heads)](
+            out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), num_rows,
+            dim, BLOCK_M=DELTA_ROWS, BLOCK_D=cfg["BLOCK_D"])
         common = (cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                   grad_out.stride(0), grad_out.stride(1))
         grid = (triton.cdiv(max(max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)

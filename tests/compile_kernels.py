@@ -104,6 +104,9 @@ def launches(arch: int):
                 ("dQ", varlen_attention._bwd_dq_kernel, dict(rows, dO=t, LSE="*fp32", Delta="*fp32", dQ=t))):
             yield (f"varlen attention {name} {dtype} head_dim={head_dim} window={window}", kernel, pointers,
                    const, cfg["num_warps"], cfg["num_stages"])
+        yield (f"varlen attention delta {dtype} head_dim={head_dim}", varlen_attention._bwd_delta_kernel,
+               dict(O=t, dO=t, Delta="*fp32"), dict(BLOCK_M=varlen_attention.DELTA_ROWS, BLOCK_D=cfg["BLOCK_D"]),
+               4, 1)
 
 
 def main(arch: int) -> int:
