@@ -1,5 +1,6 @@
 """The fast rollout engine against Hugging Face generate and against the model's own softmax."""
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -383,8 +384,6 @@ def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
     fresh copy of each layer's cache and SDPA read a materialised slice of it (inductor's CPU code
     showed both); the torch.library ops of ple_fast.ops keep them out. With the Triton decode
     kernel and the fused sampler (interpreted here) the compiled tokens equal the eager engine's."""
-    import re
-
     model = tiny_model("llama")
     queries = random_tokens([3, 9, 1, 6], seed=71)
     kw = dict(max_new_tokens=10, eos_token_ids=[NO_EOS], temperature=1.0, seed=4)
@@ -416,7 +415,12 @@ def test_compiled_decode_on_gpu_equals_hf_generate():
     principle = random_tokens([4], seed=62)[0]
     engine = RolloutEngine(model, compile_decode=True, kv_block=16)
     kw = dict(max_new_tokens=20, eos_token_ids=[NO_EOS], prefix=principle, prefixed=[True, False, True, False])
-    got = engine.generate(queries, **kw)
+    got, code = _compiled_step_code(engine, queries, **kw)
+    code = "\n".join(code)            # CUDA codegen too: the kernel writes the cache inputs, nothing copies them
+    assert "kv_cache_write" not in code
+    calls = re.findall(r"ple_fast\.decode_attention\.default\((\w+), (\w+), (\w+)", code)
+    assert len(calls) == model.config.num_hidden_layers
+    assert all(k.startswith("arg") and v.startswith("arg") for _, k, v in calls), calls
     full = [principle + q if f else q for q, f in zip(queries, kw["prefixed"])]
     assert got == generate(model, full, max_new_tokens=20, eos_token_id=NO_EOS)
     assert engine.last_stats.graphs
