@@ -113,12 +113,13 @@ def small_trainer(tmp_path, *overrides):
 
 
 def first_update(trainer, phase: str) -> tuple[list[torch.Tensor], float]:
-    """(gradients, loss) handed to the optimizer at the first update of the phase ("sft" or "ple")."""
+    """(gradients of the trained parameters, loss) handed to the optimizer at the first update of the
+    phase ("sft" or "ple")."""
     real_update = trainer.apply_update
     seen = []
 
     def capture(loss_value):
-        seen.append(([p.grad.clone() for p in trainer.model.parameters()], loss_value))
+        seen.append(([p.grad.clone() for p in trainer.model.parameters() if p.requires_grad], loss_value))
         return real_update(loss_value)
 
     trainer.apply_update = capture
@@ -330,15 +331,7 @@ def test_compiled_layers_with_lora_give_the_same_update(tmp_path):
         trainer = small_trainer(tmp_path / flag, "lora.enabled=true", f"ple.compile={flag}", "sft.steps=0")
         torch.manual_seed(0)                     # the same LoRA initialisation for both
         trainer.model = prepare_model(trainer.model, trainer.cfg)
-        real_update, seen = trainer.apply_update, []
-
-        def capture(loss_value, trainer=trainer, real_update=real_update, seen=seen):
-            seen.append([p.grad.clone() for p in trainer.model.parameters() if p.requires_grad])
-            return real_update(loss_value)
-
-        trainer.apply_update = capture
-        trainer.run_alignment()
-        grads[flag] = seen[0]
+        grads[flag] = first_update(trainer, "ple")[0]
     assert grads["false"] and len(grads["false"]) == len(grads["true"])
     for a, b in zip(grads["false"], grads["true"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
