@@ -306,16 +306,23 @@ class _VarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+def varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                  cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(q, k, v, cu_q, cu_k) as the launches take them: shapes checked, unit-stride head dims, int32
+    offsets. Shared by `varlen_attention` and the torch.library op of compiled regions (ple_fast.ops)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
+                         "[Nq, H, D], [Nk, Hkv, D] with H a multiple of Hkv")
+    require_runnable(q.device, "varlen_attention", "use another attention backend")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+
+
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, scale: float,
                      sliding_window: int | None = None) -> Tensor:
     """q [Nq, H, D], k / v [Nk, Hkv, D] (H a multiple of Hkv), int32 cu_seqlens with k_len >= q_len
     per segment -> [Nq, H, D]; differentiable in q, k, v. flash_attn_varlen_func's causal,
     bottom-right semantics; sliding_window W = its window_size (W - 1, 0)."""
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
-        raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
-                         "[Nq, H, D], [Nk, Hkv, D] with H a multiple of Hkv")
-    require_runnable(q.device, "varlen_attention", "use another attention backend")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _VarlenAttention.apply(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                  int(max_seqlen_q), int(max_seqlen_k), scale, sliding_window)
+    return _VarlenAttention.apply(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), int(max_seqlen_q),
+                                  int(max_seqlen_k), scale, sliding_window)

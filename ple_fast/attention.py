@@ -288,12 +288,12 @@ def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | No
     from ple_fast.ops import varlen_attention
 
     kv_k, kv_v = k.index_select(0, tree.kv_index), v.index_select(0, tree.kv_index)
+    attend = lambda: varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k,  # noqa: E731
+                                      tree.max_seqlen_q, tree.max_seqlen_k, scale, sliding_window)
     if torch.compiler.is_compiling():     # a launch failure surfaces at the compiled graph's first run
-        return varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
-                                tree.max_seqlen_k, scale, sliding_window)
+        return attend()
     try:
-        return varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
-                                tree.max_seqlen_k, scale, sliding_window)
+        return attend()
     except Exception as err:  # noqa: BLE001 - e.g. triton's OutOfResources on a smaller GPU
         if not _gpu_launch_failure(err, q.device):
             raise

@@ -143,10 +143,10 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     """ple_fast.kernels.varlen_attention.varlen_attention; the op (same kernels, same backward) while
     torch.compile traces."""
     from ple_fast.kernels.varlen_attention import varlen_attention as eager
+    from ple_fast.kernels.varlen_attention import varlen_inputs
 
     if not torch.compiler.is_compiling():
         return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, sliding_window)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = _varlen_op(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), max_seqlen_q,
-                        max_seqlen_k, float(scale), sliding_window)
+    out, _ = _varlen_op(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), max_seqlen_q, max_seqlen_k,
+                        float(scale), sliding_window)
     return out
