@@ -181,7 +181,7 @@ def main() -> None:
                     continue
                 row = dict(shape=f"{q_len}/{o_len}/{p_len}", variant=name, layout_tokens=layout_tokens,
                            theory_shared_over_dup=round(theory, 3))
-                if "compile" in name and seconds_left() < MIN_SECONDS_TO_COMPILE:
+                if COMPILED[1:] in name and seconds_left() < MIN_SECONDS_TO_COMPILE:   # +compile, [compile]
                     row["error"] = f"skipped: BENCH_DEADLINE ({seconds_left():.0f} s left, a compile needs more)"
                     payload["rows"].append(row)
                     continue
@@ -193,10 +193,7 @@ def main() -> None:
                     row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
-                        prof = kernel_profile(lambda: training_step(model, rows_fn))
-                        prof.update(timed_ms=timing["ms"],
-                                    idle_fraction=max(0.0, 1 - prof["busy_ms"] / timing["ms"]))
-                        row["profile"] = prof
+                        row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"])
                 except Exception as err:  # noqa: BLE001 - record and go on to the next variant
                     row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
                     traceback.print_exc()

@@ -88,14 +88,14 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> d
 
 
 def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] | None = None,
-                   units: int = 1, top: int = 8) -> dict:
+                   units: int = 1, top: int = 8, timed_ms: float | None = None) -> dict:
     """Where fn()'s device time goes, per unit of work: kernels launched, busy milliseconds (the sum
     of kernel durations) and the `top` kernels by time, from torch.profiler.
 
     fn() - baseline() is what is reported (e.g. a generate call with k more decode steps minus one
-    without them), divided by `units`. Busy time against the same work's CUDA-event time says how
-    much of it the GPU sat idle between kernels (launch-bound). Without CUDA it profiles CPU ops
-    instead ("cpu ops"; smoke runs only, no figure).
+    without them), divided by `units`. Given `timed_ms`, the same work's CUDA-event time per unit,
+    it adds idle_fraction: how much of that time the GPU sat between kernels (launch-bound).
+    Without CUDA it profiles CPU ops instead ("cpu ops"; smoke runs only, no figure).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,9 +126,12 @@ def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] |
     diff = {name: (count / units, ms / units) for name, (count, ms) in diff.items() if count > 0}
     busy = sum(ms for _, ms in diff.values())
     ranked = sorted(diff.items(), key=lambda item: -item[1][1])[:top]
-    return dict(unit="cuda kernels" if cuda else "cpu ops", count=round(sum(c for c, _ in diff.values()), 1),
-                busy_ms=busy, top=[dict(name=name[:120], count=round(count, 2), ms=ms,
-                                        share=ms / busy if busy else None) for name, (count, ms) in ranked])
+    out = dict(unit="cuda kernels" if cuda else "cpu ops", count=round(sum(c for c, _ in diff.values()), 1),
+               busy_ms=busy, top=[dict(name=name[:120], count=round(count, 2), ms=ms,
+                                       share=ms / busy if busy else None) for name, (count, ms) in ranked])
+    if timed_ms is not None:
+        out.update(timed_ms=timed_ms, idle_fraction=max(0.0, 1 - busy / timed_ms))
+    return out
 
 
 def peak_extra_memory(fn: Callable[[], object]) -> int:
