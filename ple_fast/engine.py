@@ -411,8 +411,8 @@ class RolloutEngine:
 
     # -- forward pieces ---------------------------------------------------------------------
     def _hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: slice, kv_length: int) -> torch.Tensor:
-        slots = torch.arange(kv_length, device=self.device)
-        mask = (slots.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
+        attended = torch.arange(kv_length, device=self.device)
+        mask = (attended.view(1, 1, kv_length) <= positions.unsqueeze(-1)).unsqueeze(1)   # [R, 1, Q, L]
         # cache slots of the new tokens, for the write of the SDPA path (the decode kernel writes its own)
         slots = None if self.decode_kernel and input_ids.shape[1] == 1 else self.cache.row_slots(rows, positions)
         out = self.trunk(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
