@@ -377,6 +377,14 @@ def _compiled_step_code(engine, prompts, **kw):
         return run_and_get_code(lambda: engine.generate(prompts, **kw))
 
 
+def assert_decode_kernel_writes_cache_inputs(code: str, layers: int) -> None:
+    """Inductor's code of a compiled decode step on the Triton path: no separate cache write, and every
+    layer's decode-attention op takes the cache graph inputs themselves (K and V), so nothing copies them."""
+    assert "kv_cache_write" not in code
+    calls = re.findall(r"ple_fast\.decode_attention\.default\((\w+), (\w+), (\w+)", code)
+    assert len(calls) == layers and all(k.startswith("arg") and v.startswith("arg") for _, k, v in calls), calls
+
+
 @pytest.mark.parametrize("decode_attention", ["sdpa", "triton"])
 def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
     """The compiled step writes K/V into the cache in place and attends over views of it: no copy of
@@ -394,9 +402,7 @@ def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
     code = "\n".join(code)
     layers = model.config.num_hidden_layers
     if triton:     # the kernel writes the new K/V itself, into the cache graph inputs
-        assert "kv_cache_write" not in code
-        calls = re.findall(r"ple_fast\.decode_attention\.default\((\w+), (\w+), (\w+)", code)
-        assert len(calls) == layers and all(k.startswith("arg") and v.startswith("arg") for _, k, v in calls), calls
+        assert_decode_kernel_writes_cache_inputs(code, layers)
     else:          # one in-place write per layer; SDPA reads views of the cache input, not copies
         assert code.count("torch.ops.ple_fast.kv_cache_write.default(") == layers
         calls = re.findall(r"aten\._scaled_dot_product_\w+\.default\((\w+), (\w+)\((\w+)", code)
@@ -416,11 +422,7 @@ def test_compiled_decode_on_gpu_equals_hf_generate():
     engine = RolloutEngine(model, compile_decode=True, kv_block=16)
     kw = dict(max_new_tokens=20, eos_token_ids=[NO_EOS], prefix=principle, prefixed=[True, False, True, False])
     got, code = _compiled_step_code(engine, queries, **kw)
-    code = "\n".join(code)            # CUDA codegen too: the kernel writes the cache inputs, nothing copies them
-    assert "kv_cache_write" not in code
-    calls = re.findall(r"ple_fast\.decode_attention\.default\((\w+), (\w+), (\w+)", code)
-    assert len(calls) == model.config.num_hidden_layers
-    assert all(k.startswith("arg") and v.startswith("arg") for _, k, v in calls), calls
+    assert_decode_kernel_writes_cache_inputs("\n".join(code), model.config.num_hidden_layers)   # CUDA codegen too
     full = [principle + q if f else q for q, f in zip(queries, kw["prefixed"])]
     assert got == generate(model, full, max_new_tokens=20, eos_token_id=NO_EOS)
     assert engine.last_stats.graphs
