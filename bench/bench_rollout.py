@@ -5,12 +5,13 @@ random bf16 weights; prompts of 256 random tokens, 256 new tokens (no EOS), samp
 temperature 1. Reports generated tokens/s per method and batch size, and for our engine the
 fraction of the bandwidth floor: per decode step, one read of the weights plus the K/V of every
 row's context, at the device-to-device copy bandwidth measured in the same run. Our engine runs
-three times: `fast` with its GPU defaults (fused race sampler, Triton decode attention), and with
-one of them swapped for the torch path, to show what each saves: `fast_torch_sampling` (softmax
-sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache); and
+`fast` with its GPU defaults (fused decode layers, fused race sampler, Triton decode attention), and
+with one of them swapped for the torch path, to show what each saves: `fast_stock_layers` (the HF
+layers' own norms, rotary and SwiGLU around the same attention kernel), `fast_torch_sampling` (softmax
+sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache, stock layers); and
 `fast_compiled`, the defaults with the decode step torch.compile'd (RolloutEngine(compile_decode=True):
 inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
-For `fast` and `fast_compiled` a "profile" of 16 early decode steps records kernels per step, the GPU's
+For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records kernels per step, the GPU's
 busy time per step (sum of kernel durations) against those steps' CUDA-event time, and the top
 kernels: whether a step is launch-bound, and which kernels to fuse next.
 
@@ -101,7 +102,7 @@ def run_hf(model, input_ids, new_tokens: int, static: bool):
 
 
 PROFILED_STEPS = 16
-PROFILED_METHODS = ("fast", "fast_compiled")
+PROFILED_METHODS = ("fast", "fast_stock_layers", "fast_compiled")
 
 
 def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
@@ -143,12 +144,13 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    passes = [("hf", "fast", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+    passes = [("hf", "fast", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
+               "fast_stock_layers": RolloutEngine(model, fused_layers=False),
                "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
                "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
                "fast_compiled": RolloutEngine(model, compile_decode=True)}

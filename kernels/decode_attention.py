@@ -11,6 +11,9 @@ the mask is another [B, L] read per layer; decode is meant to be bound by readin
 
 Given the step's new K/V, the kernel first writes them into their slot (the split whose keys hold
 that slot writes it, then a block barrier), so the step needs no separate cache-write kernels.
+Given also the step's rotary cos/sin, it applies the rotary embedding to the query and the new key
+first (HF's rotate-half form, rounded as HF rounds it), which saves the ~10 kernels per layer that
+eager `apply_rotary_pos_emb` costs.
 
 Work is split over (row, KV head, key split); each program runs an online softmax over its
 keys and writes (max, sum, unnormalised output); `combine` merges the splits in fp32. Splits
@@ -25,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
+from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, _round_to, require_runnable
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
 BLOCK_L = 64
@@ -40,13 +43,25 @@ def gpu_tile_config(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _rotary(x, x_partner, first_half, cos, sin):
+    """HF's x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype as eager
+    bf16 / fp16 ops round them; x_partner holds x at d + D/2 (first half) or d - D/2 (second half)."""
+    rotated = tl.where(first_half, -x_partner.to(tl.float32), x_partner.to(tl.float32))
+    a = _round_to(x.to(tl.float32) * cos, x.dtype).to(tl.float32)
+    b = _round_to(rotated * sin, x.dtype).to(tl.float32)
+    return _round_to(a + b, x.dtype)
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, new_k_ptr, new_v_ptr,
+                             cos_ptr, sin_ptr,
                              stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
                              stride_vb, stride_vh, stride_vl, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+                             stride_cos, stride_sin,
                              kv_heads, groups, head_dim, kv_length, keys_per_split, window, scale,
                              HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             FINAL: tl.constexpr, WRITE: tl.constexpr):
+                             FINAL: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -57,8 +72,16 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
     ds = tl.arange(0, BLOCK_D)
     ls = tl.arange(0, BLOCK)
     q_mask = (gs < groups)[:, None] & (ds < head_dim)[None, :]
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg + ds[None, :],
-                mask=q_mask, other=0.0)
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg
+    q = tl.load(q_rows + ds[None, :], mask=q_mask, other=0.0)
+    if ROPE:
+        half = head_dim // 2
+        first_half = ds < half
+        partner = tl.where(first_half, ds + half, ds - half)
+        cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cos + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sin + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
+        q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
+        q = _rotary(q, q_partner, first_half[None, :], cos[None, :], sin[None, :])
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -68,7 +91,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
     if WRITE:   # this step's K/V go to slot pos, by the one split that reads it, before it reads it
         if (pos >= lo) & (pos < lo + keys_per_split):
             d_ok = ds < head_dim
-            new_k = tl.load(new_k_ptr + b.to(tl.int64) * stride_nkb + h * stride_nkh + ds, mask=d_ok)
+            new_k_row = new_k_ptr + b.to(tl.int64) * stride_nkb + h * stride_nkh
+            new_k = tl.load(new_k_row + ds, mask=d_ok)
+            if ROPE:
+                new_k = _rotary(new_k, tl.load(new_k_row + partner, mask=d_ok), first_half, cos, sin)
             new_v = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + h * stride_nvh + ds, mask=d_ok)
             tl.store(k_base + pos.to(tl.int64) * stride_kl + ds, new_k.to(k_ptr.dtype.element_ty), mask=d_ok)
             tl.store(v_base + pos.to(tl.int64) * stride_vl + ds, new_v.to(v_ptr.dtype.element_ty), mask=d_ok)
@@ -120,19 +146,31 @@ def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> i
 
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
                      scale: float, sliding_window: int | None = None, new_keys: Tensor | None = None,
-                     new_values: Tensor | None = None) -> Tensor:
+                     new_values: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None
+                     ) -> Tensor:
     """query [B, Hq, 1, D]; keys/values [B, Hkv, C, D] cache views (D contiguous, C >= kv_length);
     positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype.
 
     With new_keys / new_values ([B, Hkv, 1, D] or [B, Hkv, D]) the kernel first writes them into
-    slot positions[b] of the cache (in place), saving the step its separate cache-write kernels."""
+    slot positions[b] of the cache (in place), saving the step its separate cache-write kernels.
+    With cos / sin ([B, D] or [B, 1, D], the model's rotary embedding at positions[b]) the query and
+    the new keys come unrotated and the kernel rotates them (HF's rotate-half convention)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     require_runnable(query.device, "decode_attention", "use the SDPA path")
     if q_len != 1 or q_heads % kv_heads or keys.shape[-1] != dim or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"decode_attention: query {tuple(query.shape)} and cache {tuple(keys.shape)} do not "
                          "form a one-token decode step with unit-stride head dims")
-    write = new_keys is not None
+    write, rope = new_keys is not None, cos is not None
+    if rope:
+        if not write or sin is None or dim % 2:
+            raise ValueError("decode_attention: the rotary embedding needs cos and sin, the new keys it rotates, "
+                             f"and an even head dim (got {dim})")
+        cos, sin = (t.reshape(batch, dim) for t in (cos, sin))
+        if cos.stride(-1) != 1 or sin.stride(-1) != 1:
+            cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = positions               # unused (ROPE=False)
     if write:
         new_keys, new_values = (t.reshape(batch, kv_heads, dim) for t in (new_keys, new_values))
         if new_keys.stride(-1) != 1 or new_values.stride(-1) != 1:
@@ -157,13 +195,14 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
         acc = torch.empty(batch * kv_heads, splits, block_g, block_d, dtype=torch.float32, device=query.device)
     if batch:
         _decode_attention_kernel[(batch * kv_heads, splits)](
-            q, keys, values, positions, m, l, acc, out, new_keys, new_values, q.stride(0), q.stride(1), q.stride(2),
+            q, keys, values, positions, m, l, acc, out, new_keys, new_values, cos, sin,
+            q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
-            kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
+            cos.stride(0), sin.stride(0), kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, WRITE=write, num_warps=4, num_stages=tile["num_stages"],
+            FINAL=final, WRITE=write, ROPE=rope, num_warps=4, num_stages=tile["num_stages"],
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)
@@ -194,3 +233,11 @@ def decode_attention_reference(query: Tensor, keys: Tensor, values: Tensor, posi
         allowed = allowed & (slots[None, :] > positions[:, None] - sliding_window)
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(query.dtype)
+
+
+def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's apply_rotary_pos_emb for one tensor: x [B, H, Q, D], cos / sin [B, Q, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)

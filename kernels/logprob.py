@@ -204,6 +204,18 @@ def _dlogits_kernel(x_ptr, w_ptr, labels_ptr, lse_ptr, dz_ptr,
 
 # Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly); compiled ones need CUDA.
 INTERPRETED = type(_lse_partials_kernel).__name__ == "InterpretedFunction"
+_BF16_RTNE_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 x -> dtype, rounded to nearest even as a GPU (and torch) rounds. The interpreter's own
+    fp32 -> bf16 cast truncates, so there the rounding is done on the bits first."""
+    if _BF16_RTNE_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def require_runnable(device: torch.device, caller: str, otherwise: str) -> None:

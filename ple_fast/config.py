@@ -96,6 +96,7 @@ class LoRAConfig:
 class RolloutConfig:
     backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
     compile_decode: bool = False     # fast: torch.compile the decode step (opt-in, not yet measured on a GPU)
+    decode_layers: str = "auto"      # fast: fused (ple_fast.decode_layers) | stock (HF's) | auto (fused where supported)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -155,6 +156,7 @@ CHOICES = {
     "ple.loss_impl": ("auto", "torch", "reference", "triton", "pairs"),
     "ple.attention": ("auto", "sdpa", "segments", "flex", "flash", "triton"),
     "rollout.backend": ("hf", "fast"),
+    "rollout.decode_layers": ("auto", "fused", "stock"),
     "sft.schedule": ("constant", "cosine", "linear"),
     "ple.schedule": ("constant", "cosine", "linear"),
     "run.precision": ("auto", "fp32", "bf16"),

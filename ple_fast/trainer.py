@@ -219,9 +219,16 @@ class Trainer:
         self.compile_layers = cfg.ple.compile and self.attention is not None   # packed forwards only
         if cfg.ple.packed and cfg.run.gradient_checkpointing:
             print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
-        if cfg.rollout.backend == "fast" and cfg.rollout.compile_decode:
+        engine_options = {"compile_decode": True} if cfg.rollout.compile_decode else {}
+        if cfg.rollout.decode_layers != "auto":
+            engine_options["fused_layers"] = cfg.rollout.decode_layers == "fused"
+        if cfg.rollout.backend == "fast" and engine_options:
             from ple_fast.engine import engine_for
-            engine_for(model, compile_decode=True)   # cached: every later rollout and evaluation uses it
+            try:
+                engine_for(model, **engine_options)  # cached: every later rollout and evaluation uses it
+            except ValueError as err:
+                raise ValueError(f"rollout.decode_layers={cfg.rollout.decode_layers}, rollout.compile_decode="
+                                 f"{str(cfg.rollout.compile_decode).lower()}: {err}") from err
         precision = cfg.run.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import decode_attention, logprob, sampling, varlen_attention
+from ple_fast.kernels import decode_attention, logprob, rms_norm, sampling, swiglu, varlen_attention
 
 # per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
@@ -33,7 +33,7 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
             sig[name] = pointers[name]
         elif name.endswith("_ptr"):
             raise KeyError(f"{kernel.__name__}: no dtype given for pointer {name}")
-        elif name in ("softcap", "inv_temp", "scale"):
+        elif name in ("softcap", "inv_temp", "scale", "eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -84,13 +84,26 @@ def launches(arch: int):
         kv = "*" + TRITON_DTYPE[dtype]
         part = kv if final else "*fp32"
         tile = decode_attention.gpu_tile_config(dtype)
-        yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final} write={final}",
-               decode_attention._decode_attention_kernel,
+        rope = final and head_dim < 256       # the fused decode layers' launch: rotary, cache write, attention
+        yield (f"decode attention {dtype} head_dim={head_dim} window={window} final={final} write={final} "
+               f"rope={rope}", decode_attention._decode_attention_kernel,
                dict(q_ptr=kv, k_ptr=kv, v_ptr=kv, pos_ptr="*i64", m_ptr=part, l_ptr=part, acc_ptr=part, out_ptr=kv,
-                    new_k_ptr=kv, new_v_ptr=kv),
+                    new_k_ptr=kv, new_v_ptr=kv, cos_ptr=kv if rope else "*i64", sin_ptr=kv if rope else "*i64"),
                dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=tile["BLOCK"],
-                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final, WRITE=final),
+                    PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final, WRITE=final,
+                    ROPE=rope),
                4, tile["num_stages"])
+    for x_dtype, w_dtype, hidden, residual in ((BF16, BF16, 2048, True), (FP16, FP16, 4096, False),
+                                               (FP32, FP32, 8192, True), (BF16, FP32, 128, False)):
+        x, w = "*" + TRITON_DTYPE[x_dtype], "*" + TRITON_DTYPE[w_dtype]
+        out = "*" + TRITON_DTYPE[torch.promote_types(x_dtype, w_dtype)]
+        yield (f"add rms_norm {x_dtype} weight {w_dtype} hidden={hidden} residual={residual}",
+               rms_norm._add_rms_norm_kernel, dict(x_ptr=x, res_ptr=x, w_ptr=w, out_ptr=out, sum_ptr=x),
+               dict(HAS_RESIDUAL=residual, BLOCK=triton.next_power_of_2(hidden)), 4 if hidden <= 4096 else 8, 3)
+    for dtype in (BF16, FP16, FP32):
+        t = "*" + TRITON_DTYPE[dtype]
+        yield (f"silu_mul {dtype}", swiglu._silu_mul_kernel, dict(gate_ptr=t, up_ptr=t, out_ptr=t),
+               dict(BLOCK=swiglu.BLOCK), 4, 3)
     for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True),
                                     (FP32, 256, False)):
         t = "*" + TRITON_DTYPE[dtype]

@@ -30,10 +30,11 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_rollout-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"hf", "fast", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled"}
+    assert {r["method"] for r in rows} == {"hf", "fast", "fast_stock_layers", "fast_torch_sampling",
+                                           "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
     profiled = {r["method"]: r["profile"] for r in rows if "profile" in r}
-    assert set(profiled) == {"fast", "fast_compiled"}, [r.get("profile_error") for r in rows]
+    assert set(profiled) == {"fast", "fast_stock_layers", "fast_compiled"}, [r.get("profile_error") for r in rows]
     for prof in profiled.values():       # CPU ops stand in for kernels here: the plumbing, not a figure
         assert prof["unit"] == "cpu ops" and prof["count"] > 0 and prof["timed_ms"] > 0
         assert prof["top"] and abs(sum(k["ms"] for k in prof["top"]) - prof["busy_ms"]) <= prof["busy_ms"]

@@ -3,7 +3,8 @@ CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` runs the compiled kernel
 import pytest
 import torch
 
-from ple_fast.kernels.decode_attention import combine, decode_attention, decode_attention_reference
+from ple_fast.kernels.decode_attention import (combine, decode_attention, decode_attention_reference,
+                                              rotary_reference)
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,6 +74,55 @@ def test_fused_cache_write_then_attend(batch, q_heads, kv_heads, dim, capacity, 
     want = decode_attention_reference(q, want_cache[0, 1], want_cache[1, 1], positions, kv_length, dim ** -0.5,
                                       window)
     assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+def rotary_tables(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin [B, 1, D] as HF's rotary modules make them: fp32 angles, cast to the model dtype."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = positions.float().cpu()[:, None] * inv_freq[None, :]
+    emb = torch.cat((angles, angles), dim=-1)[:, None, :]
+    return emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,dim,capacity,kv_length,window,dtype", CASES)
+def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_heads, kv_heads, dim, capacity,
+                                                                    kv_length, window, dtype):
+    """cos / sin: the kernel rotates the query and the new key itself. The written key equals HF's
+    apply_rotary_pos_emb arithmetic in the cache dtype, within one unit of its last place (a GPU may
+    fuse fp32's multiply-add; the bf16 / fp16 roundings between the ops are HF's), and the output matches the oracle over HF-rotated inputs."""
+    g = torch.Generator().manual_seed(11 * batch + dim + kv_length)
+    q = torch.randn(batch, q_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
+    cache = torch.randn(2, batch, kv_heads, capacity, dim, generator=g).to(dtype).to(DEVICE)
+    new = torch.randn(2, batch, kv_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
+    positions = torch.randint(0, kv_length, (batch,), generator=g)
+    positions[0] = kv_length - 1
+    positions = positions.to(DEVICE)
+    cos, sin = rotary_tables(positions, dim, dtype)
+    rows = torch.arange(batch, device=DEVICE)
+    cache[:, rows, :, positions] = float("nan")
+    q_rot, k_rot = rotary_reference(q, cos, sin), rotary_reference(new[0], cos, sin)
+    want_cache = cache.clone()
+    want_cache[0, rows, :, positions] = k_rot[:, :, 0]
+    want_cache[1, rows, :, positions] = new[1, :, :, 0]
+    got = decode_attention(q, cache[0], cache[1], positions, kv_length, dim ** -0.5, window,
+                           new_keys=new[0], new_values=new[1], cos=cos, sin=sin)
+    written = cache[0, rows, :, positions]
+    want_written = want_cache[0, rows, :, positions]
+    assert not torch.isnan(written).any()
+    ulp = torch.finfo(dtype).eps
+    assert ((written.double() - want_written.double()).abs() <= ulp * want_written.double().abs()).all()
+    assert torch.equal(cache[1], want_cache[1])
+    want = decode_attention_reference(q_rot, want_cache[0], want_cache[1], positions, kv_length, dim ** -0.5, window)
+    assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+def test_rotary_needs_the_new_keys_and_an_even_head_dim():
+    q = torch.zeros(1, 4, 1, 16, device=DEVICE)
+    kv = torch.zeros(1, 2, 64, 16, device=DEVICE)
+    pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    table = torch.ones(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="rotary"):
+        decode_attention(q, kv, kv, pos, 64, 0.25, cos=table, sin=table)
 
 
 def test_slots_after_the_position_do_not_leak():

@@ -116,16 +116,18 @@ def test_sliding_window_matches_hf_per_prompt():
 
 @pytest.mark.gpu          # on CPU under the Triton interpreter; on a GPU compiled, decode in CUDA graphs
 @pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("mistral", 5)])
-def test_decode_attention_kernel_engine_equals_hf(family, window):
+@pytest.mark.parametrize("fused_layers", [True, False])
+def test_decode_attention_kernel_engine_equals_hf(family, window, fused_layers):
     """The engine with its Triton decode attention (the CUDA default) against HF generate: grouped
-    heads, ragged prompts, the principle's shared slots, and a sliding window."""
+    heads, ragged prompts, the principle's shared slots, and a sliding window; through the fused
+    decode layers (the CUDA default) and through the stock HF layers."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = {"sliding_window": window} if window else {}
     model = tiny_model(family, seed=4, **extra).to(device)
     prompts = random_tokens([3, 9, 1, 6], seed=51)
     principle = random_tokens([4], seed=52)[0]
     prefixed = [True, False, False, True]
-    engine = RolloutEngine(model, decode_attention="triton")
+    engine = RolloutEngine(model, decode_attention="triton", fused_layers=fused_layers)
     got = engine.generate(prompts, max_new_tokens=12, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed)
     full = [principle + p if f else p for p, f in zip(prompts, prefixed)]
     if window:      # one prompt per HF call: no padding inside its window
@@ -441,3 +443,6 @@ def test_engine_for_rebuilds_only_for_other_options():
     assert engine_for(model) is compiled and engine_for(model, compile_decode=True) is compiled
     assert build_config(None, ["rollout.compile_decode=true"]).rollout.compile_decode
     assert not build_config(None, []).rollout.compile_decode
+    assert build_config(None, []).rollout.decode_layers == "auto"
+    with pytest.raises(ValueError, match="rollout.decode_layers"):
+        build_config(None, ["rollout.decode_layers=on"])

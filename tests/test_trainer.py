@@ -303,6 +303,16 @@ def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
     assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
 
 
+def test_decode_layers_key_reaches_the_engine(tmp_path):
+    """stock: the HF layers; fused: refused where the Triton decode attention is not the engine's
+    (this CPU), naming the key. The GPU default (auto) is covered by the engine tests."""
+    from ple_fast.engine import engine_for
+
+    assert not engine_for(small_trainer(tmp_path, "rollout.decode_layers=stock").model).fused_layers
+    with pytest.raises(ValueError, match="rollout.decode_layers=fused.*decode_attention='triton'"):
+        small_trainer(tmp_path / "b", "rollout.decode_layers=fused")
+
+
 @pytest.mark.parametrize("phase", ["sft", "ple"])
 def test_compiled_layers_give_the_same_update(tmp_path, phase):
     """ple.compile=true (torch.compile'd decoder layers in the packed forwards) hands the optimizer the
