@@ -5,10 +5,12 @@ shape (random weights, bf16), forward + log-probs of both responses + backward:
   packed_shared[B]      pack_dual: one query per pair, shared by both responses (tree attention B)
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
-B is each tree-attention backend run: by default flash (flash-attn installed), triton (our varlen
-Triton kernel, the CUDA default without flash-attn) and triton+compile (the same with the decoder
-layers torch.compile'd, ple.compile=true; then padded_hf[compile], HF's padded forward with the same
-compiled layers, is the like-for-like baseline). --backends names others: segments (varlen on stock
+B is each tree-attention backend run: by default flash (flash-attn installed), triton+fused (our
+varlen Triton kernel, the CUDA default without flash-attn, in the fused decoder layers of
+ple_fast.fused_layers, the trainer's CUDA default ple.layer_impl=auto), triton (the same attention
+in the stock HF layers) and triton+compile (the stock layers torch.compile'd, ple.compile=true). A
++fused or +compile backend brings its like-for-like baseline: padded_hf[fused] / padded_hf[compile],
+HF's padded forward through the same layers. --backends names others: segments (varlen on stock
 SDPA) and flex (timed in a last pass, its compile being slow; a compile failure is recorded per row).
 --allow-cpu runs a smoke test on CPU (fp32, tiny shapes, segments unless --backends; no figures).
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
@@ -78,11 +80,13 @@ def training_step(model, rows_fn):
 
 
 COMPILED = "+compile"     # a backend name with this suffix: the same backend, decoder layers torch.compile'd
+FUSED = "+fused"          # ... with this one: the decoder layers of ple_fast.fused_layers
 
 
 def variants(model, queries, originals, principled, backends: list[str], device: str):
     """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model)."""
     from ple_fast.forward import ResponseRows, compiled_layers, dual_forward, padded_response_rows
+    from ple_fast.fused_layers import fused_decoder_layers
     from ple_fast.layout import pack_dual, pack_sequences
     from ple_fast.models import decoder_of, output_head
 
@@ -94,17 +98,21 @@ def variants(model, queries, originals, principled, backends: list[str], device:
 
     def packed(batch, backend):
         keep = batch.seq_index >= 0
-        compile = backend.endswith(COMPILED)
-        backend = backend.removesuffix(COMPILED)
+        compile, fused = backend.endswith(COMPILED), backend.endswith(FUSED)
+        backend = backend.removesuffix(COMPILED).removesuffix(FUSED)
 
         def rows():
-            hidden = dual_forward(model, batch, backend, compile=compile)
+            hidden = dual_forward(model, batch, backend, compile=compile, fused=fused)
             return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap,
                                 len(prompts))
         return rows
 
     def padded_compiled():
         with compiled_layers(decoder_of(model)):
+            return padded_response_rows(model, prompts, responses, pad_token_id=0)
+
+    def padded_fused():
+        with fused_decoder_layers(model):
             return padded_response_rows(model, prompts, responses, pad_token_id=0)
 
     # padded HF first, flex last: a flex compile that fails slowly must not eat the baselines' time
@@ -115,11 +123,13 @@ def variants(model, queries, originals, principled, backends: list[str], device:
         out[f"packed_duplicated[{backend}]"] = (packed(duplicated, backend), duplicated.num_tokens)
     if any(b.endswith(COMPILED) for b in backends):   # the fair baseline for compiled layers: HF compiled too
         out[f"padded_hf[{COMPILED[1:]}]"] = (padded_compiled, padded_rows)
+    if any(b.endswith(FUSED) for b in backends):      # ... and for fused layers: HF's padded forward fused
+        out[f"padded_hf[{FUSED[1:]}]"] = (padded_fused, padded_rows)
     return out
 
 
 def available_backends(dtype: torch.dtype, device: str) -> list[str]:
-    """The default backends: flash (if installed), triton eager and with compiled layers. `segments`
+    """The default backends: flash (if installed), triton in fused, stock and compiled layers. `segments`
     (0.52x of padded on an H200) and `flex` (failed to compile there) run when named by --backends."""
     from ple_fast.attention import _flash_available
 
@@ -128,7 +138,7 @@ def available_backends(dtype: torch.dtype, device: str) -> list[str]:
     backends = []
     if dtype in (torch.float16, torch.bfloat16) and _flash_available():
         backends.append("flash")
-    backends += ["triton", "triton" + COMPILED]
+    backends += ["triton" + FUSED, "triton", "triton" + COMPILED]
     return backends
 
 
@@ -139,8 +149,9 @@ def main() -> None:
                                         ap.add_argument("--shapes", help="Q/C/R,... (default: "
                                                         + ",".join("/".join(map(str, s)) for s in SHAPES) + ")"),
                                         ap.add_argument("--backends", help="comma-separated tree-attention backends, "
-                                                        f"a {COMPILED!r} suffix for compiled layers (default: "
-                                                        f"flash if installed, triton, triton{COMPILED})")))
+                                                        f"a {COMPILED!r} suffix for compiled layers, {FUSED!r} for "
+                                                        f"fused ones (default: flash if installed, triton{FUSED}, "
+                                                        f"triton, triton{COMPILED})")))
     if not args.allow_cpu:
         require_cuda(BENCH)
     from ple_fast.layout import pack_dual
@@ -211,9 +222,10 @@ def main() -> None:
                                theory_shared_over_dup=round(theory, 3),
                                shared_over_dup=dup / shared if shared and dup else None,
                                shared_over_padded=padded / shared if shared and padded else None)
-                padded_compiled = times.get(f"padded_hf[{COMPILED[1:]}]")
-                if backend.endswith(COMPILED) and shared and padded_compiled:
-                    summary["shared_over_padded_compiled"] = padded_compiled / shared
+                for suffix, layers in ((COMPILED, "compiled"), (FUSED, "fused")):   # against the same layers
+                    padded_same = times.get(f"padded_hf[{suffix[1:]}]")
+                    if backend.endswith(suffix) and shared and padded_same:
+                        summary[f"shared_over_padded_{layers}"] = padded_same / shared
                 if summary["shared_over_dup"]:
                     summary["of_theory"] = summary["shared_over_dup"] / theory
                 payload["rows"].append(summary)

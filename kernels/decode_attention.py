@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, _round_to, require_runnable
+from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
+from ple_fast.kernels.rotary import _rotary
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
 BLOCK_L = 64
@@ -40,16 +41,6 @@ def gpu_tile_config(dtype: torch.dtype) -> dict:
     if dtype in (torch.float16, torch.bfloat16):
         return dict(BLOCK=BLOCK_L, num_stages=3)
     return dict(BLOCK=32, num_stages=1)
-
-
-@triton.jit
-def _rotary(x, x_partner, first_half, cos, sin):
-    """HF's x * cos + rotate_half(x) * sin, each product and the sum rounded to x's dtype as eager
-    bf16 / fp16 ops round them; x_partner holds x at d + D/2 (first half) or d - D/2 (second half)."""
-    rotated = tl.where(first_half, -x_partner.to(tl.float32), x_partner.to(tl.float32))
-    a = _round_to(x.to(tl.float32) * cos, x.dtype).to(tl.float32)
-    b = _round_to(rotated * sin, x.dtype).to(tl.float32)
-    return _round_to(a + b, x.dtype)
 
 
 @triton.jit
@@ -81,7 +72,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
         cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cos + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sin + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
         q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
-        q = _rotary(q, q_partner, first_half[None, :], cos[None, :], sin[None, :])
+        q = _rotary(q, q_partner, first_half[None, :], cos[None, :], sin[None, :], q_ptr.dtype.element_ty)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -94,7 +85,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
             new_k_row = new_k_ptr + b.to(tl.int64) * stride_nkb + h * stride_nkh
             new_k = tl.load(new_k_row + ds, mask=d_ok)
             if ROPE:
-                new_k = _rotary(new_k, tl.load(new_k_row + partner, mask=d_ok), first_half, cos, sin)
+                new_k = _rotary(new_k, tl.load(new_k_row + partner, mask=d_ok), first_half, cos, sin,
+                                new_k_ptr.dtype.element_ty)
             new_v = tl.load(new_v_ptr + b.to(tl.int64) * stride_nvb + h * stride_nvh + ds, mask=d_ok)
             tl.store(k_base + pos.to(tl.int64) * stride_kl + ds, new_k.to(k_ptr.dtype.element_ty), mask=d_ok)
             tl.store(v_base + pos.to(tl.int64) * stride_vl + ds, new_v.to(v_ptr.dtype.element_ty), mask=d_ok)
@@ -234,10 +226,3 @@ def decode_attention_reference(query: Tensor, keys: Tensor, values: Tensor, posi
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(query.dtype)
 
-
-def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's apply_rotary_pos_emb for one tensor: x [B, H, Q, D], cos / sin [B, Q, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos) + (rotated * sin)

@@ -1,17 +1,18 @@
-"""SiLU(gate) * up in one kernel: the MLP glue of a Llama-family layer (eager: two kernels and a
-temporary). Rounds like HF's `act_fn(gate_proj(x)) * up_proj(x)`: SiLU in fp32 rounded to the
-activations' dtype, then the product rounded again."""
+"""SiLU(gate) * up in one kernel each way: the MLP glue of a Llama-family layer (eager: two kernels
+forward, more backward, and a temporary each). Rounds like HF's `act_fn(gate_proj(x)) * up_proj(x)`:
+SiLU in fp32 rounded to the activations' dtype, then the product rounded again; the backward
+recomputes SiLU from the gate in fp32 instead of saving it."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-import torch.nn.functional as F
 
-from ple_fast.kernels.logprob import _round_to, require_runnable
+from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
-BLOCK = 1024
+BLOCK = 1024 if not INTERPRETED else 65536       # the interpreter pays per program, not per lane
 
 
 @triton.jit
@@ -24,17 +25,47 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, _round_to(act * u, out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _silu_mul_backward_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
+    """d up = dy silu(g); d gate = dy u silu'(g), silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(dup_ptr + offs, (dy * g * sig).to(dup_ptr.dtype.element_ty), mask=ok)
+    tl.store(dgate_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dgate_ptr.dtype.element_ty), mask=ok)
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        if n:
+            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=4)
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        if n:
+            _silu_mul_backward_kernel[(triton.cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
+                                                                num_warps=4)
+        return dgate, dup
+
+
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up for two tensors of one shape and dtype."""
+    """silu(gate) * up for two tensors of one shape and dtype; differentiable."""
     require_runnable(gate.device, "silu_mul", "use silu_mul_reference")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=4)
-    return out
+    return _SiluMul.apply(gate.contiguous(), up.contiguous())
 
 
 def silu_mul_reference(gate: Tensor, up: Tensor) -> Tensor:

@@ -76,6 +76,7 @@ class PLEConfig:
     packed: bool = True              # score responses in the packed prefix-tree layout (each query once)
     attention: str = "auto"          # packed attention backend: auto | sdpa | segments | flex | flash
     compile: bool = False            # packed forwards: torch.compile the decoder layers (opt-in, not yet measured on a GPU)
+    layer_impl: str = "auto"         # packed forwards: fused (ple_fast.fused_layers) | stock (HF's) | auto (fused on CUDA where supported)
     grad_clip: float = 1.0
     grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
     warmup_steps: int = 0            # linear LR warm-up
@@ -96,7 +97,7 @@ class LoRAConfig:
 class RolloutConfig:
     backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
     compile_decode: bool = False     # fast: torch.compile the decode step (opt-in, not yet measured on a GPU)
-    decode_layers: str = "auto"      # fast: fused (ple_fast.decode_layers) | stock (HF's) | auto (fused where supported)
+    layer_impl: str = "auto"         # fast: fused (ple_fast.fused_layers) | stock (HF's) | auto (fused where supported)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
@@ -156,7 +157,8 @@ CHOICES = {
     "ple.loss_impl": ("auto", "torch", "reference", "triton", "pairs"),
     "ple.attention": ("auto", "sdpa", "segments", "flex", "flash", "triton"),
     "rollout.backend": ("hf", "fast"),
-    "rollout.decode_layers": ("auto", "fused", "stock"),
+    "rollout.layer_impl": ("auto", "fused", "stock"),
+    "ple.layer_impl": ("auto", "fused", "stock"),
     "sft.schedule": ("constant", "cosine", "linear"),
     "ple.schedule": ("constant", "cosine", "linear"),
     "run.precision": ("auto", "fp32", "bf16"),

@@ -23,7 +23,7 @@ query heads read each K/V block once, no mask tensor); elsewhere an index_copy_ 
 and masked SDPA over it.
 
 Decode layers: for the Llama family (Llama, Mistral, Qwen2, Qwen3) a step with the Triton decode
-attention runs the layers through ple_fast.decode_layers, the same modules and weights with their
+attention runs the layers through ple_fast.fused_layers, the same modules and weights with their
 glue fused (add + RMSNorm, rotary inside the attention kernel, SwiGLU): ~11 kernels a layer
 instead of ~40 (`fused_layers`, default on wherever it applies and the step is not compiled).
 
@@ -47,7 +47,7 @@ from torch import nn
 
 from ple_fast import ops
 from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
-from ple_fast.decode_layers import decode_hidden, unsupported_reason
+from ple_fast.fused_layers import decode_hidden, unsupported_reason
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
 
@@ -348,7 +348,7 @@ class RolloutEngine:
         # with symbolic batch and length: one compile serves every step and batch size).
         self.compile_decode = compile_decode
         self._decode = torch.compile(self._decode_step, dynamic=True) if compile_decode else self._decode_step
-        # decode steps through ple_fast.decode_layers (fused add + RMSNorm, rotary inside the decode
+        # decode steps through ple_fast.fused_layers (fused add + RMSNorm, rotary inside the decode
         # attention kernel, fused SwiGLU): the default wherever the Triton decode attention runs and the
         # step is not compiled (inductor fuses the stock layers itself), for the families it covers
         reason = unsupported_reason(model)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ple_fast.attention import METADATA_KWARG, tree_attention_metadata, use_tree_attention
+from ple_fast.fused_layers import fused_decoder_layers
 from ple_fast.layout import PackedBatch, pack_dual, pack_sequences
 from ple_fast.models import decoder_of, output_head
 
@@ -53,8 +54,8 @@ def padded_response_rows(model, prompts: Sequence[Sequence[int]], responses: Seq
             labels[i, first:first + len(response)] = torch.as_tensor(list(response))
             seq_index[i, first:first + len(response)] = i
     keep = (seq_index >= 0).flatten().to(device)
-    hidden = decoder_of(model)(input_ids=input_ids.to(device),
-                               attention_mask=attention_mask.to(device)).last_hidden_state
+    hidden = decoder_of(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                               use_cache=False).last_hidden_state
     weight, softcap = output_head(model)
     return ResponseRows(hidden.flatten(0, 1)[keep], labels.flatten().to(device)[keep],
                         seq_index.flatten().to(device)[keep], weight, softcap, len(prompts))
@@ -95,16 +96,20 @@ def compiled_layers(decoder: nn.Module) -> Iterator[None]:
             del layer.forward        # the instance attribute: the class's forward again
 
 
-def dual_forward(model, batch: PackedBatch, backend: str = "auto", *, compile: bool = False) -> torch.Tensor:
+def dual_forward(model, batch: PackedBatch, backend: str = "auto", *, compile: bool = False,
+                 fused: bool = False) -> torch.Tensor:
     """[N, H] final (normed) hidden states of a packed batch, one row per packed token.
 
     The model's own modeling code runs the N tokens as one sequence (batch dim 1) with the layout's
     position ids; only attention is replaced, by the tree attention of `backend`
     ("sdpa" | "segments" | "flex" | "flash" | "triton" | "auto", see ple_fast.attention).
-    compile=True runs the decoder layers torch.compile'd (`compiled_layers`).
+    compile=True runs the decoder layers torch.compile'd (`compiled_layers`); fused=True through
+    ple_fast.fused_layers (their glue in Triton kernels). At most one of the two.
     """
     if batch.num_tokens == 0:
         raise ValueError("dual_forward: the packed batch has no tokens")
+    if compile and fused:
+        raise ValueError("dual_forward: compile=True and fused=True both replace the layers' forward; choose one")
     decoder = decoder_of(model)
     param = next(model.parameters())
     if batch.input_ids.device != param.device:
@@ -114,16 +119,18 @@ def dual_forward(model, batch: PackedBatch, backend: str = "auto", *, compile: b
     if compile:
         tree.prepare(getattr(model.config, "sliding_window", None))  # masks built eagerly, not traced per layer
         layers = compiled_layers(decoder)
+    elif fused:
+        layers = fused_decoder_layers(model)
     with use_tree_attention(decoder), layers:
         out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                       use_cache=False, **{METADATA_KWARG: tree})
     return out.last_hidden_state[0]
 
 
-def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile: bool) -> ResponseRows:
+def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile: bool, fused: bool) -> ResponseRows:
     device = next(model.parameters()).device
     batch = batch.to(device)
-    hidden = dual_forward(model, batch, backend, compile=compile)
+    hidden = dual_forward(model, batch, backend, compile=compile, fused=fused)
     keep = batch.seq_index >= 0
     weight, softcap = output_head(model)
     return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap, num_seqs)
@@ -131,18 +138,18 @@ def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile
 
 def packed_dual_response_rows(model, queries: Sequence[Sequence[int]], originals: Sequence[Sequence[int]],
                               principled: Sequence[Sequence[int]], *, backend: str = "auto",
-                              compile: bool = False) -> ResponseRows:
+                              compile: bool = False, fused: bool = False) -> ResponseRows:
     """Each query once, shared by its two responses; sequence 2k scores originals[k], 2k+1 principled[k].
 
     Same sequences, row order, labels and seq_index as
     padded_response_rows(model, [q for q in queries for _ in (0, 1)], [o0, p0, o1, p1, ...]).
     """
     batch = pack_dual(queries, originals, principled, device=next(model.parameters()).device)
-    return _scored_rows(model, batch, 2 * len(queries), backend, compile)
+    return _scored_rows(model, batch, 2 * len(queries), backend, compile, fused)
 
 
 def packed_response_rows(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                         *, backend: str = "auto", compile: bool = False) -> ResponseRows:
+                         *, backend: str = "auto", compile: bool = False, fused: bool = False) -> ResponseRows:
     """Padding-free padded_response_rows: prompt_i + response_i back to back, nothing shared."""
     batch = pack_sequences(prompts, responses)
-    return _scored_rows(model, batch, len(prompts), backend, compile)
+    return _scored_rows(model, batch, len(prompts), backend, compile, fused)

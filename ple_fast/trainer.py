@@ -160,14 +160,14 @@ def catch_stop_signals():
 
 
 def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int,
-                      attention: str | None = "auto", compile: bool = False) -> torch.Tensor:
+                      attention: str | None = "auto", compile: bool = False, fused: bool = False) -> torch.Tensor:
     """Summed log-probs of each response given its prompt: packed and padding-free when
-    `attention` names a backend (decoder layers torch.compile'd with `compile`), padded HF forwards
-    when it is None."""
+    `attention` names a backend (decoder layers torch.compile'd with `compile`, fused with `fused`),
+    padded HF forwards when it is None."""
     if attention is None:
         rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
     else:
-        rows = packed_response_rows(model, prompts, responses, backend=attention, compile=compile)
+        rows = packed_response_rows(model, prompts, responses, backend=attention, compile=compile, fused=fused)
     return sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                              impl=impl, softcap=rows.softcap)
 
@@ -217,22 +217,43 @@ class Trainer:
         # gradient checkpointing would see the stock mask: checkpointed runs use padded forwards.
         self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
         self.compile_layers = cfg.ple.compile and self.attention is not None   # packed forwards only
+        self.fused_layers = self._use_fused_layers(cfg, model)                    # packed forwards only
         if cfg.ple.packed and cfg.run.gradient_checkpointing:
             print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
         engine_options = {"compile_decode": True} if cfg.rollout.compile_decode else {}
-        if cfg.rollout.decode_layers != "auto":
-            engine_options["fused_layers"] = cfg.rollout.decode_layers == "fused"
+        if cfg.rollout.layer_impl != "auto":
+            engine_options["fused_layers"] = cfg.rollout.layer_impl == "fused"
         if cfg.rollout.backend == "fast" and engine_options:
             from ple_fast.engine import engine_for
             try:
                 engine_for(model, **engine_options)  # cached: every later rollout and evaluation uses it
             except ValueError as err:
-                raise ValueError(f"rollout.decode_layers={cfg.rollout.decode_layers}, rollout.compile_decode="
+                raise ValueError(f"rollout.layer_impl={cfg.rollout.layer_impl}, rollout.compile_decode="
                                  f"{str(cfg.rollout.compile_decode).lower()}: {err}") from err
         precision = cfg.run.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def _use_fused_layers(self, cfg, model) -> bool:
+        """ple.layer_impl: fused layers (ple_fast.fused_layers) in the packed forwards; auto = on CUDA,
+        for the families they cover, unless ple.compile compiles the stock layers instead."""
+        from ple_fast.engine import unwrap_causal_lm
+        from ple_fast.fused_layers import unsupported_reason
+        from ple_fast.kernels.logprob import INTERPRETED
+
+        impl = cfg.ple.layer_impl
+        if impl == "stock" or self.attention is None:
+            return False
+        reason = unsupported_reason(unwrap_causal_lm(model))
+        if impl == "auto":
+            return self.device.type == "cuda" and reason is None and not self.compile_layers
+        problem = ("ple.compile=true compiles the stock layers instead; choose one" if self.compile_layers else
+                   reason or ("the Triton kernels need CUDA, or TRITON_INTERPRET=1 on a CPU (slow)"
+                              if self.device.type != "cuda" and not INTERPRETED else None))
+        if problem:
+            raise ValueError(f"ple.layer_impl=fused: {problem}")
+        return True
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -430,7 +451,8 @@ class Trainer:
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
                                               impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention, compile=self.compile_layers)
+                                              attention=self.attention, compile=self.compile_layers,
+                                              fused=self.fused_layers)
                 loss = -logps.sum() / max(n_tokens, 1) * self.dist.world_size
                 loss.backward()
                 loss_value += loss.item()
@@ -600,7 +622,8 @@ class Trainer:
                     if self.attention is not None:     # each query computed once for both responses
                         rows = packed_dual_response_rows(self.model, [q_ids[k] for k in micro],
                                                          [first[k] for k in micro], [second[k] for k in micro],
-                                                         backend=self.attention, compile=self.compile_layers)
+                                                         backend=self.attention, compile=self.compile_layers,
+                                                         fused=self.fused_layers)
                     else:
                         prompts = [q_ids[k] for k in micro for _ in range(2)]
                         responses = [r for k in micro for r in (first[k], second[k])]
@@ -621,7 +644,8 @@ class Trainer:
                         targets = [second[k] for k in micro]
                     logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
                                               impl=pc.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention, compile=self.compile_layers)
+                                              attention=self.attention, compile=self.compile_layers,
+                                              fused=self.fused_layers)
                     counts = torch.tensor([len(r) for r in targets], device=logps.device)
                     per_seq = logps / counts.clamp(min=1) if pc.length_normalize else logps
                     weights = valid[micro].to(per_seq.device, per_seq.dtype)

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import decode_attention, logprob, rms_norm, sampling, swiglu, varlen_attention
+from ple_fast.kernels import decode_attention, logprob, rms_norm, rotary, sampling, swiglu, varlen_attention
 
 # per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
@@ -97,13 +97,31 @@ def launches(arch: int):
                                                (FP32, FP32, 8192, True), (BF16, FP32, 128, False)):
         x, w = "*" + TRITON_DTYPE[x_dtype], "*" + TRITON_DTYPE[w_dtype]
         out = "*" + TRITON_DTYPE[torch.promote_types(x_dtype, w_dtype)]
+        block, warps = triton.next_power_of_2(hidden), rms_norm._warps(hidden)
         yield (f"add rms_norm {x_dtype} weight {w_dtype} hidden={hidden} residual={residual}",
                rms_norm._add_rms_norm_kernel, dict(x_ptr=x, res_ptr=x, w_ptr=w, out_ptr=out, sum_ptr=x),
-               dict(HAS_RESIDUAL=residual, BLOCK=triton.next_power_of_2(hidden)), 4 if hidden <= 4096 else 8, 3)
+               dict(HAS_RESIDUAL=residual, ROWS=1, BLOCK=block), warps, 3)
+        yield (f"rms_norm backward {x_dtype} weight {w_dtype} hidden={hidden} residual={residual}",
+               rms_norm._rms_norm_backward_kernel,
+               dict(dy_ptr=out, ds_ptr=x, s_ptr=x, w_ptr=w, dx_ptr=x, dw_ptr="*fp32"),
+               dict(HAS_DS=residual, BLOCK=block), warps, 3)
     for dtype in (BF16, FP16, FP32):
         t = "*" + TRITON_DTYPE[dtype]
         yield (f"silu_mul {dtype}", swiglu._silu_mul_kernel, dict(gate_ptr=t, up_ptr=t, out_ptr=t),
                dict(BLOCK=swiglu.BLOCK), 4, 3)
+        yield (f"silu_mul backward {dtype}", swiglu._silu_mul_backward_kernel,
+               dict(dy_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t), dict(BLOCK=swiglu.BLOCK), 4, 3)
+    for x_dtype, table_dtype, q_heads, kv_heads, head_dim in ((BF16, BF16, 32, 8, 64), (BF16, FP32, 32, 4, 128),
+                                                             (FP16, FP16, 12, 4, 80), (FP32, FP32, 64, 8, 128)):
+        x, table = "*" + TRITON_DTYPE[x_dtype], "*" + TRITON_DTYPE[table_dtype]
+        out = "*" + TRITON_DTYPE[torch.promote_types(x_dtype, table_dtype)]
+        for backward in (False, True):
+            yield (f"rotary {'backward' if backward else 'forward'} {x_dtype} tables {table_dtype} "
+                   f"heads={q_heads}/{kv_heads} head_dim={head_dim}", rotary._rotary_kernel,
+                   dict(q_ptr=out if backward else x, k_ptr=out if backward else x, cos_ptr=table, sin_ptr=table,
+                        q_out_ptr=x if backward else out, k_out_ptr=x if backward else out),
+                   dict(BACKWARD=backward, ROWS=max(1, 2048 // triton.next_power_of_2(head_dim)),
+                        BLOCK_D=triton.next_power_of_2(head_dim)), 4, 3)
     for dtype, head_dim, window in ((BF16, 64, False), (BF16, 128, True), (FP16, 256, False), (FP32, 128, True),
                                     (FP32, 256, False)):
         t = "*" + TRITON_DTYPE[dtype]

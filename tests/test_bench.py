@@ -79,3 +79,17 @@ def test_dual_prefill_bench_compiled_variants_on_cpu(tmp_path):
                          "padded_hf[compile]", "ratios[sdpa+compile]"}
     assert all("error" not in r for r in rows.values())
     assert rows["ratios[sdpa+compile]"]["shared_over_padded_compiled"] > 0
+
+
+def test_dual_prefill_bench_fused_variants_on_cpu(tmp_path):
+    """A +fused backend runs the packed forwards through ple_fast.fused_layers (Triton interpreted here),
+    with padded HF through the same fused layers as its baseline."""
+    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", "sdpa+fused",
+                     "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("bench_dual_prefill-*.json")
+    rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
+    assert set(rows) == {"padded_hf", "packed_shared[sdpa+fused]", "packed_duplicated[sdpa+fused]",
+                         "padded_hf[fused]", "ratios[sdpa+fused]"}
+    assert all("error" not in r for r in rows.values())
+    assert rows["ratios[sdpa+fused]"]["shared_over_padded_fused"] > 0

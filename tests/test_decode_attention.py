@@ -3,8 +3,8 @@ CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` runs the compiled kernel
 import pytest
 import torch
 
-from ple_fast.kernels.decode_attention import (combine, decode_attention, decode_attention_reference,
-                                              rotary_reference)
+from ple_fast.kernels.decode_attention import combine, decode_attention, decode_attention_reference
+from ple_fast.kernels.rotary import rotary_reference
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +100,7 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
     cos, sin = rotary_tables(positions, dim, dtype)
     rows = torch.arange(batch, device=DEVICE)
     cache[:, rows, :, positions] = float("nan")
-    q_rot, k_rot = rotary_reference(q, cos, sin), rotary_reference(new[0], cos, sin)
+    q_rot, k_rot = (rotary_reference(t, cos.unsqueeze(1), sin.unsqueeze(1)) for t in (q, new[0]))
     want_cache = cache.clone()
     want_cache[0, rows, :, positions] = k_rot[:, :, 0]
     want_cache[1, rows, :, positions] = new[1, :, :, 0]

@@ -37,6 +37,9 @@ def tiny_model(family: str, *, layers: int = 2, seed: int = 0, hidden: int = 32)
         assert config.layer_types[-1] == "sliding_attention"
     elif family == "mistral":  # every layer a 4-token sliding window
         config = transformers.MistralConfig(**common, sliding_window=4)
+    elif family == "qwen3":    # RMSNorm over each query / key head; layer 1 a 3-token window
+        config = transformers.Qwen3Config(**common, head_dim=8, use_sliding_window=True, sliding_window=3,
+                                          max_window_layers=1)
     else:
         raise ValueError(family)
     with torch.random.fork_rng(devices=[]):
@@ -82,11 +85,13 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, what: str, to
     assert err <= tol * max(scale, 1e-30) or err == 0, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
 
 
-def check_against_padded(model, pairs, backend: str, seed: int = 0, tol: float = 1e-5, compile: bool = False):
+def check_against_padded(model, pairs, backend: str, seed: int = 0, tol: float = 1e-5, compile: bool = False,
+                         fused: bool = False):
     queries, originals, principled = pairs
     num_seqs = 2 * len(queries)
     weights = torch.randn(num_seqs, generator=torch.Generator().manual_seed(seed))
-    packed = packed_dual_response_rows(model, queries, originals, principled, backend=backend, compile=compile)
+    packed = packed_dual_response_rows(model, queries, originals, principled, backend=backend, compile=compile,
+                                       fused=fused)
     got_logps, got_grads = logps_and_grads(model, packed, weights)
     padded = padded_response_rows(model, *as_separate(queries, originals, principled))
     want_logps, want_grads = logps_and_grads(model, padded, weights)

@@ -443,6 +443,6 @@ def test_engine_for_rebuilds_only_for_other_options():
     assert engine_for(model) is compiled and engine_for(model, compile_decode=True) is compiled
     assert build_config(None, ["rollout.compile_decode=true"]).rollout.compile_decode
     assert not build_config(None, []).rollout.compile_decode
-    assert build_config(None, []).rollout.decode_layers == "auto"
-    with pytest.raises(ValueError, match="rollout.decode_layers"):
-        build_config(None, ["rollout.decode_layers=on"])
+    assert build_config(None, []).rollout.layer_impl == "auto"
+    with pytest.raises(ValueError, match="rollout.layer_impl"):
+        build_config(None, ["rollout.layer_impl=on"])

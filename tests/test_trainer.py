@@ -303,14 +303,14 @@ def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
     assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
 
 
-def test_decode_layers_key_reaches_the_engine(tmp_path):
+def test_layer_impl_key_reaches_the_engine(tmp_path):
     """stock: the HF layers; fused: refused where the Triton decode attention is not the engine's
     (this CPU), naming the key. The GPU default (auto) is covered by the engine tests."""
     from ple_fast.engine import engine_for
 
-    assert not engine_for(small_trainer(tmp_path, "rollout.decode_layers=stock").model).fused_layers
-    with pytest.raises(ValueError, match="rollout.decode_layers=fused.*decode_attention='triton'"):
-        small_trainer(tmp_path / "b", "rollout.decode_layers=fused")
+    assert not engine_for(small_trainer(tmp_path, "rollout.layer_impl=stock").model).fused_layers
+    with pytest.raises(ValueError, match="rollout.layer_impl=fused.*decode_attention='triton'"):
+        small_trainer(tmp_path / "b", "rollout.layer_impl=fused")
 
 
 @pytest.mark.parametrize("phase", ["sft", "ple"])
@@ -345,3 +345,47 @@ def test_compiled_layers_with_lora_give_the_same_update(tmp_path):
     assert grads["false"] and len(grads["false"]) == len(grads["true"])
     for a, b in zip(grads["false"], grads["true"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("phase", ["sft", "ple"])
+def test_fused_layers_give_the_same_update(tmp_path, phase, monkeypatch):
+    """ple.layer_impl=fused (ple_fast.fused_layers in the packed forwards; Triton interpreted on this
+    CPU) hands the optimizer the stock layers' gradient, in SFT and in the alignment step."""
+    import ple_fast.fused_layers as fused_layers
+
+    calls = []
+    real = fused_layers.layer_forward
+    monkeypatch.setattr(fused_layers, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = {}
+    for impl in ("stock", "fused"):
+        trainer = small_trainer(tmp_path / impl, f"ple.layer_impl={impl}", "sft.steps=1")
+        assert trainer.fused_layers == (impl == "fused")
+        grads[impl] = first_update(trainer, phase)
+        assert bool(calls) == (impl == "fused")          # the layers did run fused
+    assert grads["stock"][1] == pytest.approx(grads["fused"][1], rel=1e-5)
+    for a, b in zip(grads["stock"][0], grads["fused"][0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_layers_with_lora_give_the_same_update(tmp_path):
+    pytest.importorskip("peft")
+    from ple_fast.train import prepare_model
+
+    grads = {}
+    for impl in ("stock", "fused"):
+        trainer = small_trainer(tmp_path / impl, "lora.enabled=true", f"ple.layer_impl={impl}", "sft.steps=0")
+        torch.manual_seed(0)                     # the same LoRA initialisation for both
+        trainer.model = prepare_model(trainer.model, trainer.cfg)
+        grads[impl] = first_update(trainer, "ple")[0]
+    assert grads["stock"] and len(grads["stock"]) == len(grads["fused"])
+    for a, b in zip(grads["stock"], grads["fused"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_layer_impl_choices_and_conflicts(tmp_path):
+    assert not small_trainer(tmp_path / "a").fused_layers            # auto: stock on a CPU
+    with pytest.raises(ValueError, match="ple.layer_impl=fused: ple.compile=true"):
+        small_trainer(tmp_path / "b", "ple.layer_impl=fused", "ple.compile=true")
+    assert not small_trainer(tmp_path / "c", "ple.layer_impl=fused", "ple.packed=false").fused_layers
+    with pytest.raises(ValueError, match="ple.layer_impl"):
+        build_config(None, ["ple.layer_impl=on"])

@@ -1,15 +1,20 @@
-"""Fused decode layers (ple_fast.decode_layers) and their glue kernels against the HF modules' own
-arithmetic. CPU runs the kernels under TRITON_INTERPRET=1; the suite's `-m gpu` compiles them."""
+"""Fused layers (ple_fast.fused_layers: the decode step and the training forward) and their glue
+kernels against the HF modules' own arithmetic and autograd. CPU runs the kernels under
+TRITON_INTERPRET=1; the suite's `-m gpu` compiles them."""
+import random
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ple_fast.decode_layers import decode_hidden, unsupported_reason
+from ple_fast.fused_layers import decode_hidden, unsupported_reason
 from ple_fast.engine import RolloutEngine
-from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
+from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
+from ple_fast.kernels.rotary import rotary, rotary_reference
 from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
 from ple_fast.rollout import generate, generate_dual
 from test_rollout import NO_EOS, random_tokens, tiny_model
+import test_dual_forward
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,6 +86,166 @@ def test_silu_mul_rounds_like_the_hf_mlp(dtype, shape):
     assert within_ulps(got, silu_mul_reference(gate, up), glue_ulps(dtype))
     with pytest.raises(ValueError, match="differ"):
         silu_mul(gate, up.float() if dtype != torch.float32 else up.half())
+
+
+def fp64_grads(fn, *inputs: torch.Tensor, grad_out) -> list[torch.Tensor]:
+    """Gradients of <fn(inputs), grad_out> wrt inputs, in fp64 (the oracle)."""
+    leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.double().cpu() for g in grad_out])
+    return [t.grad for t in leaves]
+
+
+def grad_tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+@pytest.mark.parametrize("x_dtype,res_dtype,w_dtype", [(torch.float32, torch.float32, torch.float32),
+                                                       (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                                       (torch.bfloat16, torch.float32, torch.float32),
+                                                       (torch.float16, None, torch.float16)])
+@pytest.mark.parametrize("rows,hidden", [(300, 80), (1, 64), (7, 3000)])
+def test_add_rms_norm_backward_matches_fp64_autograd(x_dtype, res_dtype, w_dtype, rows, hidden):
+    """dx, d residual and dW (fp32 partial sums over rows, several programs at 300 rows) against fp64
+    autograd of the HF op sequence; bf16 branch + fp32 stream is the autocast layout."""
+    g = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(rows, hidden, generator=g).to(x_dtype).to(DEVICE).requires_grad_()
+    residual = (torch.randn(rows, hidden, generator=g).to(res_dtype).to(DEVICE).requires_grad_()
+                if res_dtype else None)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(w_dtype).to(DEVICE).requires_grad_()
+    d_out = torch.randn(rows, hidden, generator=g)
+    d_sum = torch.randn(rows, hidden, generator=g)
+    out, summed = add_rms_norm(x, weight, 1e-6, residual)
+    assert summed.dtype == (x_dtype if res_dtype is None else torch.promote_types(x_dtype, res_dtype))
+    if residual is None:
+        out.backward(d_out.to(out.dtype).to(DEVICE))
+        inputs, grads = (x, weight), (d_out,)
+        fn = lambda a, w: add_rms_norm_reference(a, w, 1e-6)[0]
+    else:
+        torch.autograd.backward((out, summed), (d_out.to(out.dtype).to(DEVICE), d_sum.to(summed.dtype).to(DEVICE)))
+        inputs, grads = (x, weight, residual), (d_out, d_sum)
+        fn = lambda a, w, r: add_rms_norm_reference(a, w, 1e-6, r)
+    want = fp64_grads(fn, *inputs, grad_out=grads)
+    for got, exact in zip(inputs, want):
+        assert got.grad.dtype == got.dtype
+        assert rel_err(got.grad, exact) < grad_tolerance(got.dtype)
+    plain = rms_norm(x.detach(), weight.detach(), 1e-6)
+    assert torch.equal(plain, add_rms_norm(x.detach(), weight.detach(), 1e-6)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 1500), (1, 8)])
+def test_silu_mul_backward_matches_fp64_autograd(dtype, shape):
+    g = torch.Generator().manual_seed(shape[1] + 1)
+    gate = (torch.randn(shape, generator=g) * 4).to(dtype).to(DEVICE).requires_grad_()
+    up = torch.randn(shape, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    d_out = torch.randn(shape, generator=g)
+    silu_mul(gate, up).backward(d_out.to(dtype).to(DEVICE))
+    want = fp64_grads(silu_mul_reference, gate, up, grad_out=(d_out,))
+    for got, exact in zip((gate, up), want):
+        assert rel_err(got.grad, exact) < grad_tolerance(dtype)
+
+
+@pytest.mark.parametrize("tokens,q_heads,kv_heads,dim,dtype,table_dtype", [
+    (5, 4, 2, 16, torch.float32, torch.float32), (1, 8, 8, 64, torch.bfloat16, torch.bfloat16),
+    (9, 12, 4, 80, torch.float16, torch.float16), (6, 4, 1, 32, torch.bfloat16, torch.float32)])
+def test_rotary_forward_rounds_like_hf_and_backward_matches_fp64(tokens, q_heads, kv_heads, dim, dtype, table_dtype):
+    """Forward: HF's apply_rotary_pos_emb op sequence within glue_ulps, output dtype promote(x, cos)
+    (fp32 tables over bf16 projections: the autocast layout). Backward: fp64 autograd."""
+    g = torch.Generator().manual_seed(tokens * dim)
+    q = torch.randn(tokens, q_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    k = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    positions = torch.randint(0, 500, (tokens,), generator=g)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    emb = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)
+    cos, sin = emb.cos().to(table_dtype).to(DEVICE), emb.sin().to(table_dtype).to(DEVICE)
+    q_out, k_out = rotary(q, k, cos, sin)
+    out_dtype = torch.promote_types(dtype, table_dtype)
+    for got, x in ((q_out, q), (k_out, k)):
+        assert got.dtype == out_dtype and got.shape == x.shape
+        want = rotary_reference(x.detach(), cos[:, None], sin[:, None])
+        assert within_ulps(got, want, glue_ulps(out_dtype))
+    d_q, d_k = torch.randn(q.shape, generator=g), torch.randn(k.shape, generator=g)
+    torch.autograd.backward((q_out, k_out), (d_q.to(out_dtype).to(DEVICE), d_k.to(out_dtype).to(DEVICE)))
+    fn = lambda a, b: (rotary_reference(a, cos[:, None].double().cpu(), sin[:, None].double().cpu()),
+                       rotary_reference(b, cos[:, None].double().cpu(), sin[:, None].double().cpu()))
+    want_q, want_k = fp64_grads(fn, q, k, grad_out=(d_q, d_k))
+    assert q.grad.dtype == dtype and rel_err(q.grad, want_q) < grad_tolerance(dtype)
+    assert rel_err(k.grad, want_k) < grad_tolerance(dtype)
+    with pytest.raises(ValueError, match="rotary"):
+        rotary(q.detach()[:, :, :dim - 1], k.detach()[:, :, :dim - 1], cos[:, :dim - 1], sin[:, :dim - 1])
+
+
+# ------------------------------------------------------------------------- the training forward
+
+@pytest.mark.parametrize("family,backend", [("llama", "sdpa"), ("qwen2", "sdpa"), ("mistral", "sdpa"),
+                                            ("qwen3", "sdpa"), ("llama", "triton"), ("qwen2", "triton")])
+def test_fused_training_layers_match_padded_hf_forwards(family, backend):
+    """dual_forward(fused=True): log-probs and every parameter's gradient equal separate padded HF
+    forwards (fp32, 1e-5) over random pairs with 1-token and empty responses; Qwen2 / Qwen3 mix full
+    and sliding-window layers, Mistral slides everywhere. The layers get their own forward back."""
+    model = test_dual_forward.tiny_model(family).to(DEVICE)
+    rng = random.Random(11)
+    for trial in range(3):
+        test_dual_forward.check_against_padded(model, test_dual_forward.random_pairs(rng, [1, 3, 5][trial]),
+                                               backend, seed=trial, fused=True)
+    assert not any("forward" in vars(layer) for layer in model.model.layers)
+
+
+def test_fused_training_layers_under_bf16_autocast():
+    """fp32 weights under bf16 autocast (the trainer's CUDA setting): the fp32 residual stream, bf16
+    projections and fp32 rotary tables promote as in HF's layers; log-probs and gradients agree with
+    the stock layers to bf16 accuracy."""
+    model = test_dual_forward.tiny_model("llama", hidden=64).to(DEVICE)
+    queries, originals, principled = test_dual_forward.random_pairs(random.Random(5), 4)
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(5))
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    results = []
+    for fused in (True, False):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            rows = test_dual_forward.packed_dual_response_rows(model, queries, originals, principled,
+                                                               backend="sdpa", fused=fused)
+        results.append(test_dual_forward.logps_and_grads(model, rows, weights))
+    (got_logps, got_grads), (want_logps, want_grads) = results
+    assert rel_err(got_logps, want_logps) < 2e-2
+    assert got_grads.keys() == want_grads.keys()
+    for name, want in want_grads.items():
+        assert rel_err(got_grads[name], want) < 5e-2, name
+
+
+def test_fused_layers_in_a_padded_forward_equal_the_stock_layers():
+    """The fused layers under HF's own padded forward (batch > 1, one rotary table for every row, HF's
+    SDPA with its padding mask): log-probs and gradients of the stock layers (fp32, 1e-5)."""
+    from ple_fast.fused_layers import fused_decoder_layers
+
+    model = test_dual_forward.tiny_model("qwen3").to(DEVICE)
+    prompts, responses = test_dual_forward.as_separate(*test_dual_forward.random_pairs(random.Random(3), 3))
+    weights = torch.randn(len(prompts), generator=torch.Generator().manual_seed(3))
+    with fused_decoder_layers(model):
+        rows = test_dual_forward.padded_response_rows(model, prompts, responses)
+    got_logps, got_grads = test_dual_forward.logps_and_grads(model, rows, weights)
+    want_logps, want_grads = test_dual_forward.logps_and_grads(
+        model, test_dual_forward.padded_response_rows(model, prompts, responses), weights)
+    test_dual_forward.assert_rel_close(got_logps, want_logps, "log-probs")
+    for name, want in want_grads.items():
+        test_dual_forward.assert_rel_close(got_grads[name], want, name, floor=1e-4 * want.abs().max().item())
+
+
+def test_fused_training_layers_refuse_what_they_do_not_cover():
+    from ple_fast.fused_layers import fused_decoder_layers
+    from ple_fast.forward import dual_forward
+    from ple_fast.layout import pack_dual
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        with fused_decoder_layers(gpt2):
+            pass
+    model = test_dual_forward.tiny_model("llama")
+    batch = pack_dual([[1, 2]], [[3]], [[4]])
+    with pytest.raises(ValueError, match="choose one"):
+        dual_forward(model, batch, "sdpa", compile=True, fused=True)
 
 
 # ---------------------------------------------------------------------------- the decode step

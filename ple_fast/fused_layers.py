@@ -1,25 +1,37 @@
-"""A decode step through Llama-family layers with their glue fused: ~11 kernels a layer, not ~40.
+"""Llama-family layers with their glue fused: ~11 kernels a layer where HF's eager layer runs ~40.
 
-A one-token step of a 1B model on an H100-class GPU is bound by how many kernels it launches as
-much as by the bytes it reads: eager HF layers run each RMSNorm as ~7 kernels, the rotary
-embedding as ~10, SwiGLU and the residual adds as 4 more, each a few microseconds for a few KB
-(on an H200 the engine's step cost ~3.2 ms at batch 32, where reading the weights takes ~0.6 ms:
-bench/results/2026-11-28-h200-suite). Here, per layer:
+Eager HF layers run each RMSNorm as ~7 kernels, the rotary embedding as ~10, SwiGLU and the two
+residual adds as 4 more, each a few microseconds for little work, and in training each keeps its
+temporaries for backward. That is most of a decode step (on an H200 the engine's step cost ~3.2 ms
+at batch 32, where reading the weights takes ~0.6 ms: bench/results/2026-11-28-h200-suite) and a
+launch-bound share of a training step. Here, per layer:
     add + RMSNorm                    kernels/rms_norm.py  (the residual add folded in)
     q, k, v projections              the model's own modules
-    rotary + cache write + attention kernels/decode_attention.py (cos/sin from the model's rotary module)
+    rotary embedding                 kernels/rotary.py; in a decode step inside the attention kernel,
+                                     which also writes the cache (kernels/decode_attention.py)
+    attention                        decode: the decode kernel; training: the model's attention
+                                     interface (the packed tree attention, ple_fast.attention)
     o projection                     the model's own module
     add + RMSNorm                    kernels/rms_norm.py
     gate, up projections             the model's own modules
     SiLU(gate) * up                  kernels/swiglu.py
     down projection                  the model's own module
-The projections, the embedding and the rotary tables stay the model's modules, so the step reads
-the live training weights and LoRA (PEFT) layers work as they are. Every fused kernel rounds as the
-eager HF op sequence does (tests/test_decode_layers.py compares logits and tokens with the stock
-layers). Covered: the families whose decoder layers are exactly this (FAMILIES); anything else
-decodes through the stock HF layers.
+The projections, the embedding and the rotary tables stay the model's modules, so the weights are
+the live ones and LoRA (PEFT) layers work as they are. Every fused kernel rounds as the eager HF op
+sequence does, and its backward computes in fp32 (tests/test_fused_layers.py compares hidden
+states, tokens, log-probs and gradients with the stock layers). Covered: the families whose layers
+are exactly this (FAMILIES); anything else runs the stock HF layers.
+
+`decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
+`fused_decoder_layers` swaps the layers' forward for `layer_forward` in the packed training forwards
+(ple_fast.forward, `ple.layer_impl`).
 """
 from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -116,3 +128,62 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     if delta is None:
         return add_rms_norm(stream, norm.weight, norm.variance_epsilon)[0]
     return add_rms_norm(delta, norm.weight, norm.variance_epsilon, stream)[0]
+
+
+def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
+                  position_ids: Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
+                  position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
+    """The HF decoder layer's forward (same arguments, same output) with the glue fused; differentiable.
+    Attention goes through the model's attention interface, as in HF's own layer."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ple_fast.kernels.rms_norm import add_rms_norm, rms_norm
+    from ple_fast.kernels.rotary import rotary
+    from ple_fast.kernels.swiglu import silu_mul
+
+    attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
+    shape = hidden_states.shape                         # [B, N, H]
+    stream = hidden_states.reshape(-1, shape[-1])
+    tokens, dim = stream.shape[0], attn.head_dim
+    norm = layer.input_layernorm
+    x = rms_norm(stream, norm.weight, norm.variance_epsilon)
+    q, k, v = (proj(x).view(tokens, -1, dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(attn, "q_norm"):              # Qwen3: RMSNorm over each head before the rotation
+        q = rms_norm(q.reshape(-1, dim), attn.q_norm.weight, attn.q_norm.variance_epsilon).view(tokens, -1, dim)
+        k = rms_norm(k.reshape(-1, dim), attn.k_norm.weight, attn.k_norm.variance_epsilon).view(tokens, -1, dim)
+    cos, sin = (t.expand(shape[0], shape[1], dim).reshape(tokens, dim) for t in position_embeddings)  # [1, N, D] too
+    q, k = rotary(q, k, cos, sin)
+    heads = lambda t: t.view(shape[0], shape[1], -1, dim).transpose(1, 2)      # [B, heads, N, D], as HF's
+    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+    if config.model_type != "llama":        # Mistral, Qwen2, Qwen3 pass their window; Llama passes none
+        kwargs["sliding_window"] = _window(attn, config)
+    keys, values = heads(k), heads(v)
+    cache = kwargs.pop("cache", None) or past_key_values     # transformers >= 5.24 names it `cache`
+    if cache is not None:                   # a caller that asked HF for a cache gets it filled, as HF does
+        keys, values = cache.update(keys, values, attn.layer_idx)
+    out, _ = interface(attn, heads(q), keys, values, attention_mask,
+                       dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
+                       position_ids=position_ids, **kwargs)
+    norm = layer.post_attention_layernorm
+    x, stream = add_rms_norm(attn.o_proj(out.reshape(tokens, -1)), norm.weight, norm.variance_epsilon, stream)
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    out = mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
+    return (stream + out).view(shape)
+
+
+@contextlib.contextmanager
+def fused_decoder_layers(model: nn.Module) -> Iterator[None]:
+    """Run the model's decoder layers through `layer_forward` for the block (their own forward again on
+    exit; a backward after the block needs nothing of it)."""
+    reason = unsupported_reason(model)
+    if reason:
+        raise ValueError(f"fused decoder layers: {reason}")
+    layers = decoder_of(model).layers
+    for layer in layers:
+        layer.forward = functools.partial(layer_forward, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward        # the instance attribute: the class's forward again
