@@ -51,7 +51,7 @@ def _is_rms_norm(norm) -> bool:
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `decode_hidden` cannot run this HF causal LM, or None when it can."""
+    """Why the fused layers (`decode_hidden`, `layer_forward`) cannot run this HF causal LM, or None."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -159,7 +159,8 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     if config.model_type != "llama":        # Mistral, Qwen2, Qwen3 pass their window; Llama passes none
         kwargs["sliding_window"] = _window(attn, config)
     keys, values = heads(k), heads(v)
-    cache = kwargs.pop("cache", None) or past_key_values     # transformers >= 5.24 names it `cache`
+    cache = kwargs.pop("cache", None)        # transformers >= 5.24 names it `cache`
+    cache = past_key_values if cache is None else cache      # (an empty Cache is falsy: no `or`)
     if cache is not None:                   # a caller that asked HF for a cache gets it filled, as HF does
         keys, values = cache.update(keys, values, attn.layer_idx)
     out, _ = interface(attn, heads(q), keys, values, attention_mask,

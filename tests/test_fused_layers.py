@@ -232,6 +232,24 @@ def test_fused_layers_in_a_padded_forward_equal_the_stock_layers():
         test_dual_forward.assert_rel_close(got_grads[name], want, name, floor=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_fused_layers_fill_a_cache_they_are_given():
+    """A forward that asks HF for a KV cache (not a training forward, but the layers' contract) gets
+    it filled as the stock layers fill it, and the same hidden states."""
+    from transformers import DynamicCache
+
+    from ple_fast.fused_layers import fused_decoder_layers
+
+    model = test_dual_forward.tiny_model("mistral").to(DEVICE).eval()
+    ids = torch.tensor([[1, 5, 9, 4, 7]], device=DEVICE)
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    want = model.model(input_ids=ids, past_key_values=caches[0], use_cache=True).last_hidden_state
+    with fused_decoder_layers(model):
+        got = model.model(input_ids=ids, past_key_values=caches[1], use_cache=True).last_hidden_state
+    assert rel_err(got, want) < 1e-5
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == 5
+
+
 def test_fused_training_layers_refuse_what_they_do_not_cover():
     from ple_fast.fused_layers import fused_decoder_layers
     from ple_fast.forward import dual_forward
