@@ -13,7 +13,9 @@ sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache
 inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
 For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records kernels per step, the GPU's
 busy time per step (sum of kernel durations) against those steps' CUDA-event time, and the top
-kernels: whether a step is launch-bound, and which kernels to fuse next.
+kernels: whether a step is launch-bound, and which kernels to fuse next. Last, `attention_kernel[triton]`
+and `attention_kernel[sdpa]` time one layer's decode attention alone at each batch's mid-decode context:
+its K/V read rate against the copy bandwidth (CUDA only).
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -114,6 +116,44 @@ def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
     timed_ms = 1e3 * engine.last_stats.decode_s / PROFILED_STEPS
     return kernel_profile(more, baseline=lambda: engine.generate(prompts, max_new_tokens=1, **kw),
                           units=PROFILED_STEPS, timed_ms=timed_ms)
+
+
+ATTENTION_CALLS = 50     # decode attention calls per timed loop: one call is ~tens of microseconds
+
+
+def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> list[dict]:
+    """One layer's decode attention alone, at the run's mid-decode context: K/V bytes read per second
+    against the copy bandwidth, for the Triton kernel and for masked SDPA over the cache (the torch path).
+    How close the kernel is to bandwidth, separately from the rest of the step (CUDA only)."""
+    import torch.nn.functional as F
+
+    from common import time_cuda
+    from ple_fast.kernels.decode_attention import decode_attention
+
+    c, device, dtype = model.config, model.device, model.dtype
+    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads, q_heads = c.num_key_value_heads, c.num_attention_heads
+    context = prompt_len + new_tokens // 2
+    kv_length = -(-context // 64) * 64
+    g = torch.Generator(device=device).manual_seed(0)
+    keys, values = (torch.randn(batch, kv_heads, kv_length + 64, dim, generator=g, device=device, dtype=dtype)
+                    for _ in range(2))
+    query = torch.randn(batch, q_heads, 1, dim, generator=g, device=device, dtype=dtype)
+    positions = torch.full((batch,), context - 1, device=device)
+    mask = (torch.arange(kv_length, device=device) <= positions[:, None])[:, None, None, :]
+    grouped = query.view(batch, kv_heads, q_heads // kv_heads, dim)
+    calls = {
+        "triton": lambda: decode_attention(query, keys, values, positions, kv_length, dim ** -0.5),
+        "sdpa": lambda: F.scaled_dot_product_attention(grouped, keys[:, :, :kv_length], values[:, :, :kv_length],
+                                                       attn_mask=mask),
+    }
+    nbytes = 2 * batch * kv_heads * context * dim * dtype.itemsize
+    rows = []
+    for name, call in calls.items():
+        ms = time_cuda(lambda: [call() for _ in range(ATTENTION_CALLS)], warmup=2, iters=5)["ms"] / ATTENTION_CALLS
+        rows.append(dict(batch=batch, method=f"attention_kernel[{name}]", context=context, ms=ms,
+                         kv_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth))
+    return rows
 
 
 def time_call(fn, device) -> float:
@@ -233,6 +273,18 @@ def main(argv=None) -> int:
             del input_ids
     for engine in engines.values():
         engine.release()
+    if device.type == "cuda":
+        for batch in batches:
+            if seconds_left() < 20:
+                break
+            try:
+                for row in attention_bandwidth(model, batch, prompt_len, new_tokens, bandwidth):
+                    rows.append(row)
+                    print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  "
+                          f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+            except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
+                rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
+            save()
     print(f"wrote {out_path}")
     return 0
 

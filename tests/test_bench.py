@@ -95,3 +95,20 @@ def test_dual_prefill_bench_fused_variants_on_cpu(tmp_path):
                          "padded_hf[fused]", "ratios[sdpa+fused]"}
     assert all("error" not in r for r in rows.values())
     assert rows["ratios[sdpa+fused]"]["shared_over_padded_fused"] > 0
+
+
+def test_rollout_bench_attention_bandwidth_rows(monkeypatch):
+    """The decode-attention-alone rows (run on CUDA after the engine rows): both paths timed, the K/V
+    bytes of the mid-decode context against the given bandwidth (CPU: the plumbing, not a figure)."""
+    sys.path.insert(0, str(BENCH))
+    import bench_rollout
+
+    monkeypatch.setattr(bench_rollout, "ATTENTION_CALLS", 2)      # interpreted calls are slow
+    model = bench_rollout.build_model(bench_rollout.TINY, torch.float32, torch.device("cpu"))
+    rows = bench_rollout.attention_bandwidth(model, 2, 8, 4, bandwidth=1e9)
+    assert [r["method"] for r in rows] == ["attention_kernel[triton]", "attention_kernel[sdpa]"]
+    for row in rows:
+        assert row["context"] == 10 and row["ms"] > 0
+        nbytes = 2 * 2 * 2 * 10 * 32 * 4        # K and V, batch, kv heads, context, head dim, fp32
+        assert row["kv_gbs"] == pytest.approx(nbytes / row["ms"] / 1e6)
+        assert row["bandwidth_fraction"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9)
