@@ -22,10 +22,11 @@ serves every step of that length. On CUDA that attention is the Triton decode ke
 query heads read each K/V block once, no mask tensor); elsewhere an index_copy_ into the cache
 and masked SDPA over it.
 
-Decode layers: for the Llama family (Llama, Mistral, Qwen2, Qwen3) a step with the Triton decode
+Fused layers: for the Llama family (Llama, Mistral, Qwen2, Qwen3) a step with the Triton decode
 attention runs the layers through ple_fast.fused_layers, the same modules and weights with their
 glue fused (add + RMSNorm, rotary inside the attention kernel, SwiGLU): ~11 kernels a layer
-instead of ~40 (`fused_layers`, default on wherever it applies and the step is not compiled).
+instead of ~40; the packed prefill runs the same fused layers around its tree attention
+(`fused_layers`, default on wherever it applies and the step is not compiled).
 
 Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
 (ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
@@ -47,7 +48,7 @@ from torch import nn
 
 from ple_fast import ops
 from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
-from ple_fast.fused_layers import decode_hidden, unsupported_reason
+from ple_fast.fused_layers import decode_hidden, fused_decoder_layers, unsupported_reason
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
 
@@ -479,8 +480,12 @@ class RolloutEngine:
         sources, slots = torch.cat(sources), self.cache.flat_slots(torch.cat(rows), torch.cat(positions))
         packed = _PackedPass(self.cache, tree_attention_metadata(batch, self.prefill_attention, dtype=self.dtype),
                              sources, slots)
-        hidden = self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                            use_cache=False, ple_pass=packed)[0][0]
+        # the fused layers serve the prefill too: their kernels replace the eager glue's passes over
+        # every prompt token (fp32 copies in each RMSNorm), the attention stays the packed pass's
+        layers = fused_decoder_layers(self.model) if self.fused_layers else contextlib.nullcontext()
+        with layers:
+            hidden = self.trunk(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                                use_cache=False, ple_pass=packed)[0][0]
         last_rows = batch.cu_seqlens_q[has_prefix + 1:].long() - 1
         return hidden.index_select(0, last_rows)
 

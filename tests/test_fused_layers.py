@@ -341,9 +341,15 @@ def test_one_decode_step_equals_the_stock_layers(family, extra, dtype):
 
 
 @pytest.mark.parametrize("family,extra", FAMILIES)
-def test_fused_engine_equals_hf_generate(family, extra):
-    """Greedy dual generation with the fused layers is token for token HF generate, run separately on
-    the queries and on principle + queries (one prompt per call where a window would meet padding)."""
+def test_fused_engine_equals_hf_generate(family, extra, monkeypatch):
+    """Greedy dual generation with the fused layers (decode steps, and the packed prefill's layers) is
+    token for token HF generate, run separately on the queries and on principle + queries (one prompt
+    per call where a window would meet padding)."""
+    import ple_fast.fused_layers as fused_layers
+
+    prefill_layers = []
+    real = fused_layers.layer_forward
+    monkeypatch.setattr(fused_layers, "layer_forward", lambda *a, **k: prefill_layers.append(1) or real(*a, **k))
     model = family_model(family, extra)
     queries = random_tokens([3, 9, 1, 6], seed=71)
     principle = random_tokens([4], seed=72)[0]
@@ -351,6 +357,7 @@ def test_fused_engine_equals_hf_generate(family, extra):
     assert engine.fused_layers
     got = engine.generate(queries + queries, max_new_tokens=10, eos_token_ids=[NO_EOS], prefix=principle,
                           prefixed=[False] * 4 + [True] * 4)
+    assert len(prefill_layers) == model.config.num_hidden_layers       # one packed prefill chunk
     full = queries + [principle + q for q in queries]
     if extra.get("sliding_window"):
         want = [generate(model, [p], max_new_tokens=10, eos_token_id=NO_EOS)[0] for p in full]
