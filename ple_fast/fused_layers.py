@@ -88,6 +88,35 @@ def _window(attn: nn.Module, config) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+def _add_norm(norm: nn.Module, delta: Tensor | None, stream: Tensor) -> tuple[Tensor, Tensor]:
+    """(norm(stream + delta), stream + delta) in one kernel, with the norm module's own weight and eps;
+    delta None: nothing to add (the first layer's input)."""
+    from ple_fast.kernels.rms_norm import add_rms_norm
+
+    if delta is None:
+        return add_rms_norm(stream, norm.weight, norm.variance_epsilon)
+    return add_rms_norm(delta, norm.weight, norm.variance_epsilon, stream)
+
+
+def _head_norms(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen3's RMSNorm over each query / key head ([..., D]) before the rotation; others: q, k as they are."""
+    from ple_fast.kernels.rms_norm import rms_norm
+
+    if not hasattr(attn, "q_norm"):
+        return q, k
+    dim = attn.head_dim
+    return tuple(rms_norm(t.reshape(-1, dim), norm.weight, norm.variance_epsilon).view(t.shape)
+                 for t, norm in ((q, attn.q_norm), (k, attn.k_norm)))
+
+
+def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
+    """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch)."""
+    from ple_fast.kernels.swiglu import silu_mul
+
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    return mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
+
+
 def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor,
                   kv_length: int) -> Tensor:
     """Final-normed hidden states [B, H] of one new token per row.
@@ -96,8 +125,6 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     row b's token goes to slot positions[b] of every layer, attending over slots 0..positions[b] of the
     first kv_length. tokens, positions: [B] int64."""
     from ple_fast.kernels.decode_attention import decode_attention
-    from ple_fast.kernels.rms_norm import add_rms_norm
-    from ple_fast.kernels.swiglu import silu_mul
 
     config, trunk = model.config, decoder_of(model)
     batch = tokens.shape[0]
@@ -105,29 +132,15 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     cos, sin = trunk.rotary_emb(stream, positions.view(batch, 1))         # [B, 1, D], the model dtype
     delta = None            # what the next add + norm adds to `stream` (None: nothing, at layer 0)
     for layer in trunk.layers[: config.num_hidden_layers]:
-        attn, mlp = layer.self_attn, layer.mlp
-        norm = layer.input_layernorm
-        x, stream = add_rms_norm(stream if delta is None else delta, norm.weight, norm.variance_epsilon,
-                                 None if delta is None else stream)
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        dim = attn.head_dim
-        if hasattr(attn, "q_norm"):          # Qwen3: RMSNorm over each head before the rotation
-            q = add_rms_norm(q.view(-1, dim), attn.q_norm.weight, attn.q_norm.variance_epsilon)[0]
-            k = add_rms_norm(k.view(-1, dim), attn.k_norm.weight, attn.k_norm.variance_epsilon)[0]
-        q_heads, kv_heads = q.numel() // (batch * dim), k.numel() // (batch * dim)
-        layer_idx = attn.layer_idx
-        out = decode_attention(q.view(batch, q_heads, 1, dim), keys[layer_idx], values[layer_idx], positions,
-                               kv_length, attn.scaling, _window(attn, config), new_keys=k.view(batch, kv_heads, dim),
-                               new_values=v.view(batch, kv_heads, dim), cos=cos, sin=sin)
-        norm = layer.post_attention_layernorm
-        x, stream = add_rms_norm(attn.o_proj(out.view(batch, q_heads * dim)), norm.weight,
-                                 norm.variance_epsilon, stream)
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        delta = mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
-    norm = trunk.norm
-    if delta is None:
-        return add_rms_norm(stream, norm.weight, norm.variance_epsilon)[0]
-    return add_rms_norm(delta, norm.weight, norm.variance_epsilon, stream)[0]
+        attn, dim = layer.self_attn, layer.self_attn.head_dim
+        x, stream = _add_norm(layer.input_layernorm, delta, stream)
+        q, k = _head_norms(attn, attn.q_proj(x).view(batch, -1, dim), attn.k_proj(x).view(batch, -1, dim))
+        out = decode_attention(q[:, :, None], keys[attn.layer_idx], values[attn.layer_idx], positions, kv_length,
+                               attn.scaling, _window(attn, config), new_keys=k,
+                               new_values=attn.v_proj(x).view(batch, -1, dim), cos=cos, sin=sin)
+        x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.view(batch, -1)), stream)
+        delta = _mlp(layer.mlp, x)
+    return _add_norm(trunk.norm, delta, stream)[0]
 
 
 def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -137,22 +150,16 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     Attention goes through the model's attention interface, as in HF's own layer."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from ple_fast.kernels.rms_norm import add_rms_norm, rms_norm
     from ple_fast.kernels.rotary import rotary
-    from ple_fast.kernels.swiglu import silu_mul
 
-    attn, mlp, config = layer.self_attn, layer.mlp, layer.self_attn.config
+    attn, config = layer.self_attn, layer.self_attn.config
     shape = hidden_states.shape                         # [B, N, H]
     stream = hidden_states.reshape(-1, shape[-1])
     tokens, dim = stream.shape[0], attn.head_dim
-    norm = layer.input_layernorm
-    x = rms_norm(stream, norm.weight, norm.variance_epsilon)
+    x, _ = _add_norm(layer.input_layernorm, None, stream)
     q, k, v = (proj(x).view(tokens, -1, dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    if hasattr(attn, "q_norm"):              # Qwen3: RMSNorm over each head before the rotation
-        q = rms_norm(q.reshape(-1, dim), attn.q_norm.weight, attn.q_norm.variance_epsilon).view(tokens, -1, dim)
-        k = rms_norm(k.reshape(-1, dim), attn.k_norm.weight, attn.k_norm.variance_epsilon).view(tokens, -1, dim)
     cos, sin = (t.expand(shape[0], shape[1], dim).reshape(tokens, dim) for t in position_embeddings)  # [1, N, D] too
-    q, k = rotary(q, k, cos, sin)
+    q, k = rotary(*_head_norms(attn, q, k), cos, sin)
     heads = lambda t: t.view(shape[0], shape[1], -1, dim).transpose(1, 2)      # [B, heads, N, D], as HF's
     eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
@@ -166,11 +173,8 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     out, _ = interface(attn, heads(q), keys, values, attention_mask,
                        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
                        position_ids=position_ids, **kwargs)
-    norm = layer.post_attention_layernorm
-    x, stream = add_rms_norm(attn.o_proj(out.reshape(tokens, -1)), norm.weight, norm.variance_epsilon, stream)
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    out = mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
-    return (stream + out).view(shape)
+    x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.reshape(tokens, -1)), stream)
+    return (stream + _mlp(layer.mlp, x)).view(shape)
 
 
 @contextlib.contextmanager
