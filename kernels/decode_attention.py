@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
-from ple_fast.kernels.rotary import _rotary
+from ple_fast.kernels.rotary import _rotary, _rotate_half_partners
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
 BLOCK_L = 64
@@ -66,9 +66,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg
     q = tl.load(q_rows + ds[None, :], mask=q_mask, other=0.0)
     if ROPE:
-        half = head_dim // 2
-        first_half = ds < half
-        partner = tl.where(first_half, ds + half, ds - half)
+        first_half, partner = _rotate_half_partners(ds, head_dim)
         cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cos + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sin + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
         q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
@@ -191,7 +189,8 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
-            cos.stride(0), sin.stride(0), kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
+            cos.stride(0), sin.stride(0),
+            kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
             FINAL=final, WRITE=write, ROPE=rope, num_warps=4, num_stages=tile["num_stages"],
@@ -225,4 +224,3 @@ def decode_attention_reference(query: Tensor, keys: Tensor, values: Tensor, posi
         allowed = allowed & (slots[None, :] > positions[:, None] - sliding_window)
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(query.dtype)
-

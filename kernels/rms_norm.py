@@ -120,7 +120,7 @@ class _AddRMSNorm(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps):
         out, summed = _forward(x, weight, eps, residual)
         ctx.save_for_backward(summed, weight)
-        ctx.eps, ctx.has_residual = eps, residual is not None
+        ctx.eps = eps
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
         if residual is None:
             return out

@@ -34,6 +34,14 @@ def _rotary(x, x_partner, first_half, cos, sin, OUT: tl.constexpr):
 
 
 @triton.jit
+def _rotate_half_partners(ds, head_dim):
+    """(first_half, partner) of head-dim lanes ds: partner = d + D/2 on the first half, d - D/2 after."""
+    half = head_dim // 2
+    first_half = ds < half
+    return first_half, tl.where(first_half, ds + half, ds - half)
+
+
+@triton.jit
 def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, head_dim, stride_xn, stride_xh,
                  stride_on, stride_oh, stride_c, stride_s, BACKWARD: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_D: tl.constexpr):
@@ -42,10 +50,8 @@ def _rotate_rows(x_ptr, out_ptr, cos_ptr, sin_ptr, first_row, n_rows, heads, hea
     token = (rows // heads).to(tl.int64)[:, None]
     head = (rows % heads)[:, None]
     ds = tl.arange(0, BLOCK_D)
-    half = head_dim // 2
-    first_half = (ds < half)[None, :]
-    partner = tl.where(ds < half, ds + half, ds - half)[None, :]
-    ds = ds[None, :]
+    first_half, partner = _rotate_half_partners(ds, head_dim)
+    first_half, partner, ds = first_half[None, :], partner[None, :], ds[None, :]
     ok = (rows < n_rows)[:, None] & (ds < head_dim)
     row = x_ptr + token * stride_xn + head * stride_xh
     x = tl.load(row + ds, mask=ok, other=0.0)
