@@ -50,7 +50,7 @@ def test_kernel_profile_reports_the_difference_per_unit():
     sys.path.insert(0, str(BENCH))
     from common import kernel_profile
 
-    a = torch.randn(64, 64)
+    a = torch.randn(256, 256)     # each product ~0.1 ms on a CPU: the 4 extra outweigh timing noise under load
     prof = kernel_profile(lambda: [a @ a for _ in range(7)], baseline=lambda: [a @ a for _ in range(3)], units=4)
     mm = {k["name"]: k for k in prof["top"]}["aten::mm"]
     assert mm["count"] == 1 and mm["ms"] > 0       # 7 - 3 matmuls over 4 units
@@ -69,32 +69,21 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     assert len(ratios) == 2 and all(r["shared_over_dup"] > 0 and r["shared_over_padded"] > 0 for r in ratios)
 
 
-def test_dual_prefill_bench_compiled_variants_on_cpu(tmp_path):
-    """A backend with the +compile suffix runs the compiled-layers path, and padded HF with the same
-    compiled layers joins as its baseline (smoke: one tiny shape, the CPU's sdpa backend)."""
-    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", "sdpa+compile",
+@pytest.mark.parametrize("suffix,layers", [("compile", "compiled"), ("fused", "fused")])
+def test_dual_prefill_bench_compiled_and_fused_variants_on_cpu(tmp_path, suffix, layers):
+    """A backend with the +compile / +fused suffix runs the packed forwards through compiled layers /
+    ple_fast.fused_layers (Triton interpreted here), and padded HF through the same layers joins as its
+    baseline (smoke: one tiny shape, the CPU's sdpa backend)."""
+    backend = f"sdpa+{suffix}"
+    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", backend,
                      "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_dual_prefill-*.json")
     rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
-    assert set(rows) == {"padded_hf", "packed_shared[sdpa+compile]", "packed_duplicated[sdpa+compile]",
-                         "padded_hf[compile]", "ratios[sdpa+compile]"}
+    assert set(rows) == {"padded_hf", f"packed_shared[{backend}]", f"packed_duplicated[{backend}]",
+                         f"padded_hf[{suffix}]", f"ratios[{backend}]"}
     assert all("error" not in r for r in rows.values())
-    assert rows["ratios[sdpa+compile]"]["shared_over_padded_compiled"] > 0
-
-
-def test_dual_prefill_bench_fused_variants_on_cpu(tmp_path):
-    """A +fused backend runs the packed forwards through ple_fast.fused_layers (Triton interpreted here),
-    with padded HF through the same fused layers as its baseline."""
-    proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", "sdpa+fused",
-                     "--out", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (result,) = tmp_path.glob("bench_dual_prefill-*.json")
-    rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
-    assert set(rows) == {"padded_hf", "packed_shared[sdpa+fused]", "packed_duplicated[sdpa+fused]",
-                         "padded_hf[fused]", "ratios[sdpa+fused]"}
-    assert all("error" not in r for r in rows.values())
-    assert rows["ratios[sdpa+fused]"]["shared_over_padded_fused"] > 0
+    assert rows[f"ratios[{backend}]"][f"shared_over_padded_{layers}"] > 0
 
 
 def test_rollout_bench_attention_bandwidth_rows(monkeypatch):

@@ -15,6 +15,7 @@ from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
 from ple_fast.rollout import generate, generate_dual
 from test_rollout import NO_EOS, random_tokens, tiny_model
 import test_dual_forward
+from test_decode_attention import rotary_tables
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,9 +164,7 @@ def test_rotary_forward_rounds_like_hf_and_backward_matches_fp64(tokens, q_heads
     q = torch.randn(tokens, q_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
     k = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
     positions = torch.randint(0, 500, (tokens,), generator=g)
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    emb = torch.cat([positions[:, None].float() * inv_freq] * 2, dim=-1)
-    cos, sin = emb.cos().to(table_dtype).to(DEVICE), emb.sin().to(table_dtype).to(DEVICE)
+    cos, sin = (t[:, 0] for t in rotary_tables(positions, dim, table_dtype))      # [N, D]
     q_out, k_out = rotary(q, k, cos, sin)
     out_dtype = torch.promote_types(dtype, table_dtype)
     for got, x in ((q_out, q), (k_out, k)):
@@ -276,26 +275,13 @@ def test_fused_training_layers_refuse_what_they_do_not_cover():
 # ---------------------------------------------------------------------------- the decode step
 
 # Qwen2 with sliding layers after the first full one; a GELU Llama (its MLP glue stays in torch)
-FAMILIES = [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 5}), ("qwen3", {}),
+FAMILIES = [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 5}), ("qwen3", {"head_dim": 16}),
             ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
             ("llama", {"hidden_act": "gelu"})]
 
 
 def family_model(family: str, extra: dict, dtype: torch.dtype = torch.float32):
-    if family == "qwen3":
-        import transformers
-
-        config = transformers.Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                          max_position_embeddings=256, initializer_range=0.3, pad_token_id=0,
-                                          eos_token_id=2, bos_token_id=None, tie_word_embeddings=False, **extra)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = transformers.Qwen3ForCausalLM(config)
-        model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
-    else:
-        model = tiny_model(family, seed=4, **extra)
-    return model.to(dtype).to(DEVICE)
+    return tiny_model(family, seed=4, **extra).to(dtype).to(DEVICE)
 
 
 def prepared_step(model, prompts, principle, prefixed, **engine_kw):

@@ -330,20 +330,22 @@ def test_compiled_layers_give_the_same_update(tmp_path, phase):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_compiled_layers_with_lora_give_the_same_update(tmp_path):
-    """PEFT's LoRA layers inside the compiled decoder layers: the adapters get the eager gradient."""
+@pytest.mark.parametrize("key,plain,faster", [("ple.compile", "false", "true"), ("ple.layer_impl", "stock", "fused")])
+def test_compiled_or_fused_layers_with_lora_give_the_same_update(tmp_path, key, plain, faster):
+    """PEFT's LoRA layers inside the compiled / fused decoder layers: the adapters get the eager,
+    stock-layer gradient."""
     pytest.importorskip("peft")
     from ple_fast.train import prepare_model
 
     torch._dynamo.reset()
     grads = {}
-    for flag in ("false", "true"):
-        trainer = small_trainer(tmp_path / flag, "lora.enabled=true", f"ple.compile={flag}", "sft.steps=0")
+    for value in (plain, faster):
+        trainer = small_trainer(tmp_path / value, "lora.enabled=true", f"{key}={value}", "sft.steps=0")
         torch.manual_seed(0)                     # the same LoRA initialisation for both
         trainer.model = prepare_model(trainer.model, trainer.cfg)
-        grads[flag] = first_update(trainer, "ple")[0]
-    assert grads["false"] and len(grads["false"]) == len(grads["true"])
-    for a, b in zip(grads["false"], grads["true"]):
+        grads[value] = first_update(trainer, "ple")[0]
+    assert grads[plain] and len(grads[plain]) == len(grads[faster])
+    for a, b in zip(grads[plain], grads[faster]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
@@ -364,21 +366,6 @@ def test_fused_layers_give_the_same_update(tmp_path, phase, monkeypatch):
         assert bool(calls) == (impl == "fused")          # the layers did run fused
     assert grads["stock"][1] == pytest.approx(grads["fused"][1], rel=1e-5)
     for a, b in zip(grads["stock"][0], grads["fused"][0]):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
-
-
-def test_fused_layers_with_lora_give_the_same_update(tmp_path):
-    pytest.importorskip("peft")
-    from ple_fast.train import prepare_model
-
-    grads = {}
-    for impl in ("stock", "fused"):
-        trainer = small_trainer(tmp_path / impl, "lora.enabled=true", f"ple.layer_impl={impl}", "sft.steps=0")
-        torch.manual_seed(0)                     # the same LoRA initialisation for both
-        trainer.model = prepare_model(trainer.model, trainer.cfg)
-        grads[impl] = first_update(trainer, "ple")[0]
-    assert grads["stock"] and len(grads["stock"]) == len(grads["fused"])
-    for a, b in zip(grads["stock"], grads["fused"]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
