@@ -86,11 +86,14 @@ def weight_bytes_read_per_step(model) -> int:
     return total
 
 
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_read(model, batch: int, prompt_len: int, new_tokens: int) -> int:
     """K/V bytes the decode steps must read: step s attends over prompt_len + s positions per row."""
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * model.dtype.itemsize
+    per_position = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim(c) * model.dtype.itemsize
     positions = sum(prompt_len + s for s in range(1, new_tokens))
     return batch * positions * per_position
 
@@ -131,7 +134,7 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     from ple_fast.kernels.decode_attention import decode_attention
 
     c, device, dtype = model.config, model.device, model.dtype
-    dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dim = head_dim(c)
     kv_heads, q_heads = c.num_key_value_heads, c.num_attention_heads
     context = prompt_len + new_tokens // 2
     kv_length = -(-context // 64) * 64
