@@ -15,7 +15,13 @@ For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early deco
 busy time per step (sum of kernel durations) against those steps' CUDA-event time, and the top
 kernels: whether a step is launch-bound, and which kernels to fuse next. Last, `attention_kernel[triton]`
 and `attention_kernel[sdpa]` time one layer's decode attention alone at each batch's mid-decode context:
-its K/V read rate against the copy bandwidth (CUDA only).
+its K/V read rate against the copy bandwidth (CUDA only), and `matmuls_alone` replays one step's
+matmuls from a CUDA graph: TFLOP/s against the bf16 matmul peak measured in the same run.
+
+The issue's floor counts bytes. At large batch a small model's step is also bound by its matmul
+FLOPs (2 per weight per row): each engine row also reports `compute_floor_fraction`, the decode
+FLOPs at the measured matmul peak over the decode time. A step can reach neither floor while the
+other is far off; the two together say which one binds at that batch.
 
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
@@ -33,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (copy_bandwidth_gbs, is_oom, kernel_profile, parse_args, require_cuda,  # noqa: E402
-                    result_path, seconds_left, write_result)
+from common import (copy_bandwidth_gbs, is_oom, kernel_profile, matmul_peak_tflops, parse_args,  # noqa: E402
+                    require_cuda, result_path, seconds_left, write_result)
 
 BENCH = "bench_rollout"
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -58,6 +64,16 @@ def cpu_copy_bandwidth_gbs(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     for _ in range(repeats):
         dst.copy_(src)
     return 2 * nbytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def cpu_matmul_tflops(size: int = 512, repeats: int = 5) -> float:
+    """common.matmul_peak_tflops is CUDA-only; this is its CPU stand-in for --allow-cpu smoke runs."""
+    a = torch.randn(size, size)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: torch.device):
@@ -84,6 +100,23 @@ def weight_bytes_read_per_step(model) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total
+
+
+def linear_weights(model) -> list[torch.Tensor]:
+    """The weight of every matmul a decode step runs: each projection and the LM head (tied or not)."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def decode_flops(model, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """FLOPs of the decode steps: 2 per weight per row for the matmuls, and QK^T + PV over each row's
+    context for attention. At large batch these, not the bytes, bound a small model's step: 2.5 GFLOP a
+    row for the 1B Llama, so batch 256 is 0.63 TFLOP a step (0.79 ms at 800 TFLOP/s)."""
+    c = model.config
+    matmul = 2 * sum(w.numel() for w in linear_weights(model))
+    attention_per_position = 4 * c.num_hidden_layers * c.num_attention_heads * head_dim(c)
+    steps = new_tokens - 1
+    positions = sum(prompt_len + s for s in range(1, new_tokens))
+    return batch * (matmul * steps + attention_per_position * positions)
 
 
 def head_dim(config) -> int:
@@ -159,6 +192,41 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     return rows
 
 
+def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float) -> dict:
+    """One decode step's matmuls alone (every projection and the LM head, on random [batch, in] rows),
+    replayed from a CUDA graph as the engine's step is: the GEMMs' share of a step at this batch, as
+    TFLOP/s against the matmul peak and weight bytes/s against the copy bandwidth. With the
+    attention_kernel rows, what is left of the step is the rest (norms, sampling, launch gaps).
+    Without CUDA the matmuls run eagerly (smoke runs only)."""
+    import torch.nn.functional as F
+
+    from common import time_cuda
+
+    weights = linear_weights(model)
+    g = torch.Generator(device=model.device).manual_seed(0)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=g, device=model.device, dtype=model.dtype)
+              for w in weights}
+    step = lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]
+    if model.device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # cuBLAS's lazy init stays out of the graph
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    else:
+        run = step
+    ms = time_cuda(run, warmup=2, iters=10)["ms"]
+    flops = 2 * batch * sum(w.numel() for w in weights)
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    return dict(batch=batch, method="matmuls_alone", kernels=len(weights), ms=ms,
+                tflops=flops / (ms * 1e-3) / 1e12, peak_fraction=flops / (ms * 1e-3) / (peak_tflops * 1e12),
+                weight_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth)
+
+
 def time_call(fn, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -191,6 +259,7 @@ def main(argv=None) -> int:
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
+    peak_tflops = matmul_peak_tflops() if device.type == "cuda" else cpu_matmul_tflops()
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
                "fast_stock_layers": RolloutEngine(model, fused_layers=False),
@@ -209,7 +278,8 @@ def main(argv=None) -> int:
                    "floor_fraction_at_256": {"target": 0.6, "measured": fast.get(256, {}).get("floor_fraction")}}
         write_result(out_path, BENCH, dict(quick=quick, dtype=str(dtype).removeprefix("torch."), model_shape=shape,
                                            prompt_len=prompt_len, new_tokens=new_tokens,
-                                           copy_bandwidth_gbs=bandwidth / 1e9, weight_bytes=weights,
+                                           copy_bandwidth_gbs=bandwidth / 1e9, matmul_peak_tflops=peak_tflops,
+                                           weight_bytes=weights,
                                            targets=targets, rows=rows))
 
     for methods in passes:
@@ -218,6 +288,7 @@ def main(argv=None) -> int:
             prompts = torch.randint(1, shape["vocab_size"], (batch, prompt_len), generator=g)
             input_ids = prompts.to(device)
             floor_s = (weights * (new_tokens - 1) + kv_bytes_read(model, batch, prompt_len, new_tokens)) / bandwidth
+            compute_floor_s = decode_flops(model, batch, prompt_len, new_tokens) / (peak_tflops * 1e12)
             for method in methods:
                 row = {"batch": batch, "method": method}
                 rows.append(row)
@@ -261,8 +332,10 @@ def main(argv=None) -> int:
                     steps = max(stats.decode_steps - 1, 1)
                     row.update(prefill_s=stats.prefill_s, decode_s=stats.decode_s, cuda_graphs=stats.graphs,
                                decode_step_ms=1e3 * stats.decode_s / steps,
-                               floor_fraction=floor_s / stats.decode_s if stats.decode_s > 0 else None)
-                    note = f"  step {row['decode_step_ms']:.2f} ms  floor {row['floor_fraction']:.0%}"
+                               floor_fraction=floor_s / stats.decode_s if stats.decode_s > 0 else None,
+                               compute_floor_fraction=compute_floor_s / stats.decode_s if stats.decode_s > 0 else None)
+                    note = (f"  step {row['decode_step_ms']:.2f} ms  floor {row['floor_fraction']:.0%}"
+                            f" (compute floor {row['compute_floor_fraction']:.0%})")
                     if method in PROFILED_METHODS and seconds_left() > 60:
                         try:
                             row["profile"] = prof = decode_step_profile(engine, prompts.tolist())
@@ -276,18 +349,24 @@ def main(argv=None) -> int:
             del input_ids
     for engine in engines.values():
         engine.release()
-    if device.type == "cuda":
-        for batch in batches:
-            if seconds_left() < 20:
-                break
-            try:
-                for row in attention_bandwidth(model, batch, prompt_len, new_tokens, bandwidth):
-                    rows.append(row)
-                    print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  "
-                          f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
-            except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
-                rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
-            save()
+    for batch in batches:          # the step's parts alone: the decode attention (CUDA only), the matmuls
+        if seconds_left() < 20:
+            break
+        try:
+            for row in attention_bandwidth(model, batch, prompt_len, new_tokens, bandwidth) \
+                    if device.type == "cuda" else []:
+                rows.append(row)
+                print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  "
+                      f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+        except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
+            rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
+        try:
+            rows.append(row := matmuls_alone(model, batch, peak_tflops, bandwidth))
+            print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  {row['tflops']:7.0f} TFLOP/s "
+                  f"({row['peak_fraction']:.0%} of matmul peak)  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(batch=batch, method="matmuls_alone", error=f"{type(err).__name__}: {err}"[:300]))
+        save()
     print(f"wrote {out_path}")
     return 0
 

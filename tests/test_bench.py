@@ -29,10 +29,15 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
                      "--new-tokens", "4", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_rollout-*.json")
-    rows = json.loads(result.read_text())["rows"]
+    payload = json.loads(result.read_text())
+    rows = [r for r in payload["rows"] if r["method"] != "matmuls_alone"]
     assert {r["method"] for r in rows} == {"hf", "fast", "fast_stock_layers", "fast_torch_sampling",
                                            "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
+    assert all(0 < r["compute_floor_fraction"] and 0 < r["floor_fraction"] for r in rows if r["method"] != "hf")
+    (matmuls,) = [r for r in payload["rows"] if r["method"] == "matmuls_alone"]
+    assert "error" not in matmuls and matmuls["kernels"] == 2 * 7 + 1 and matmuls["ms"] > 0   # 2 layers + head
+    assert matmuls["tflops"] == pytest.approx(matmuls["peak_fraction"] * payload["matmul_peak_tflops"])
     profiled = {r["method"]: r["profile"] for r in rows if "profile" in r}
     assert set(profiled) == {"fast", "fast_stock_layers", "fast_compiled"}, [r.get("profile_error") for r in rows]
     for prof in profiled.values():       # CPU ops stand in for kernels here: the plumbing, not a figure
@@ -84,6 +89,19 @@ def test_dual_prefill_bench_compiled_and_fused_variants_on_cpu(tmp_path, suffix,
                          f"padded_hf[{suffix}]", f"ratios[{backend}]"}
     assert all("error" not in r for r in rows.values())
     assert rows[f"ratios[{backend}]"][f"shared_over_padded_{layers}"] > 0
+
+
+def test_decode_flops_counts_every_matmul_weight_and_the_attention_context():
+    sys.path.insert(0, str(BENCH))
+    import bench_rollout
+
+    model = bench_rollout.build_model(bench_rollout.TINY, torch.float32, torch.device("cpu"))
+    c = model.config
+    norms = c.hidden_size * (2 * c.num_hidden_layers + 1)
+    matmul_weights = sum(p.numel() for p in model.parameters()) - norms     # tied: the embedding is the head
+    # 3 new tokens: 2 decode steps, attending over 9 and 10 positions of a prompt of 8
+    per_row = 2 * matmul_weights * 2 + 4 * c.num_hidden_layers * c.num_attention_heads * 32 * (9 + 10)
+    assert bench_rollout.decode_flops(model, 3, 8, 3) == 3 * per_row
 
 
 def test_rollout_bench_attention_bandwidth_rows(monkeypatch):
