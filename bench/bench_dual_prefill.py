@@ -19,7 +19,10 @@ gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU'
 the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time.
 
 tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
-has the same numerator and the ratios are ratios of step time. The theoretical ratio of shared
+has the same numerator and the ratios are ratios of step time. model_tflops counts the FLOPs each
+variant's own layout needs (step_flops), against the bf16 matmul peak measured in the same run
+(peak_fraction): a shared step that falls short of theory while running at a lower fraction than the
+duplicated one loses to inefficiency, not to extra work. The theoretical ratio of shared
 over duplicated is the token-FLOP ratio (2Q+C+R)/(Q+C+R); the measured one is beside it.
 """
 
@@ -32,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (is_oom, kernel_profile, parse_args, require_cuda, result_path, seconds_left,  # noqa: E402
-                    time_cuda, write_result)
+from common import (is_oom, kernel_profile, matmul_peak_tflops, parse_args, require_cuda, result_path,  # noqa: E402
+                    seconds_left, time_cuda, write_result)
 
 BENCH = "bench_dual_prefill"
 # ~1.1B Llama (TinyLlama's shape): 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000
@@ -56,6 +59,32 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype).train()
+
+
+def visible_pairs(batch) -> int:
+    """(query, key) pairs a packed layout attends over: each segment causally over itself and fully over
+    its ancestors' rows."""
+    lengths, parents = batch.seg_len.tolist(), batch.seg_parent.tolist()
+    total = 0
+    for s, n in enumerate(lengths):
+        ancestors, p = 0, parents[s]
+        while p >= 0:
+            ancestors, p = ancestors + lengths[p], parents[p]
+        total += n * (n + 1) // 2 + n * ancestors
+    return total
+
+
+def step_flops(model, tokens: int, pairs: int, scored_rows: int) -> float:
+    """Model FLOPs of one forward + backward (3x the forward's): 2 per decoder weight per token computed,
+    4 per head dim per head per visible (query, key) pair per layer, and the LM head over the scored
+    rows only (the log-prob op sees nothing else). Each variant counts the work its own layout needs,
+    so TFLOP/s against the matmul peak is how well it runs, apart from how much it saves."""
+    c = model.config
+    decoder = sum(m.weight.numel() for name, m in model.model.named_modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    forward = (2 * decoder * tokens + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+               + 2 * c.vocab_size * c.hidden_size * scored_rows)
+    return 3 * forward
 
 
 def make_pairs(num_pairs: int, lengths: tuple[int, int, int], vocab: int, seed: int = 0):
@@ -84,7 +113,8 @@ FUSED = "+fused"          # ... with this one: the decoder layers of ple_fast.fu
 
 
 def variants(model, queries, originals, principled, backends: list[str], device: str):
-    """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model)."""
+    """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model, the
+    (query, key) pairs its attention covers)."""
     from ple_fast.forward import ResponseRows, compiled_layers, dual_forward, padded_response_rows
     from ple_fast.fused_layers import fused_decoder_layers
     from ple_fast.layout import pack_dual, pack_sequences
@@ -116,15 +146,17 @@ def variants(model, queries, originals, principled, backends: list[str], device:
             return padded_response_rows(model, prompts, responses, pad_token_id=0)
 
     # padded HF first, flex last: a flex compile that fails slowly must not eat the baselines' time
-    padded_rows = len(prompts) * max(len(p) + len(r) for p, r in zip(prompts, responses))
-    out = {"padded_hf": (lambda: padded_response_rows(model, prompts, responses, pad_token_id=0), padded_rows)}
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    padded = (len(prompts) * width, len(prompts) * width * (width + 1) // 2)     # causal over the padded width
+    out = {"padded_hf": (lambda: padded_response_rows(model, prompts, responses, pad_token_id=0), *padded)}
     for backend in backends:
-        out[f"packed_shared[{backend}]"] = (packed(shared, backend), shared.num_tokens)
-        out[f"packed_duplicated[{backend}]"] = (packed(duplicated, backend), duplicated.num_tokens)
+        out[f"packed_shared[{backend}]"] = (packed(shared, backend), shared.num_tokens, visible_pairs(shared))
+        out[f"packed_duplicated[{backend}]"] = (packed(duplicated, backend), duplicated.num_tokens,
+                                                visible_pairs(duplicated))
     if any(b.endswith(COMPILED) for b in backends):   # the fair baseline for compiled layers: HF compiled too
-        out[f"padded_hf[{COMPILED[1:]}]"] = (padded_compiled, padded_rows)
+        out[f"padded_hf[{COMPILED[1:]}]"] = (padded_compiled, *padded)
     if any(b.endswith(FUSED) for b in backends):      # ... and for fused layers: HF's padded forward fused
-        out[f"padded_hf[{FUSED[1:]}]"] = (padded_fused, padded_rows)
+        out[f"padded_hf[{FUSED[1:]}]"] = (padded_fused, *padded)
     return out
 
 
@@ -165,10 +197,11 @@ def main() -> None:
         shapes = [tuple(int(n) for n in shape.split("/")) for shape in args.shapes.split(",")]
     num_pairs = QUICK_PAIRS if quick else PAIRS
     model = build_model(model_shape, device, dtype)
+    peak_tflops = matmul_peak_tflops(dtype)
     backends = args.backends.split(",") if args.backends else available_backends(dtype, device)
     path = result_path(args.out, BENCH)
     payload = dict(quick=quick, model=dict(model_shape, params=sum(p.numel() for p in model.parameters())),
-                   dtype=str(dtype), pairs=num_pairs, backends=backends, rows=[],
+                   dtype=str(dtype), pairs=num_pairs, backends=backends, matmul_peak_tflops=peak_tflops, rows=[],
                    note="tokens/s = tokens of the 2P separate sequences / fwd+bwd time; "
                         "theory = (2Q+C+R)/(Q+C+R)")
     print(f"{BENCH}: {payload['model']['params'] / 1e9:.2f}B params, {num_pairs} pairs/step, backends {backends}")
@@ -188,7 +221,7 @@ def main() -> None:
             logical_tokens = num_pairs * (2 * q_len + o_len + p_len)
             theory = (2 * q_len + o_len + p_len) / (q_len + o_len + p_len)
             times = measured.setdefault(lengths, {})
-            for name, (rows_fn, layout_tokens) in variants(model, queries, originals, principled,
+            for name, (rows_fn, layout_tokens, attention_pairs) in variants(model, queries, originals, principled,
                                                            pass_backends, device).items():
                 if name in times:                    # padded_hf: once per shape
                     continue
@@ -203,7 +236,10 @@ def main() -> None:
                         torch.cuda.reset_peak_memory_stats()
                     timing = time_cuda(lambda: training_step(model, rows_fn), warmup=3, iters=5)
                     times[name] = timing["ms"]
+                    flops = step_flops(model, layout_tokens, attention_pairs, num_pairs * (o_len + p_len))
+                    tflops = flops / (timing["ms"] * 1e-3) / 1e12
                     row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
+                               model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
                         row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"])
@@ -214,7 +250,9 @@ def main() -> None:
                         torch.cuda.empty_cache()
                 payload["rows"].append(row)
                 write_result(path, BENCH, payload)   # after every row: a bench timeout keeps what it measured
-                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms" if "ms" in row else "failed"),
+                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms, {row['model_tflops']:.0f} TFLOP/s "
+                                                             f"({row['peak_fraction']:.0%} of matmul peak)"
+                                                             if "ms" in row else "failed"),
                       flush=True)
             pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device=device))["ms"]
             for backend in pass_backends:

@@ -66,16 +66,6 @@ def cpu_copy_bandwidth_gbs(nbytes: int = 64 << 20, repeats: int = 5) -> float:
     return 2 * nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
-def cpu_matmul_tflops(size: int = 512, repeats: int = 5) -> float:
-    """common.matmul_peak_tflops is CUDA-only; this is its CPU stand-in for --allow-cpu smoke runs."""
-    a = torch.randn(size, size)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
 def build_model(shape: dict, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -259,7 +249,7 @@ def main(argv=None) -> int:
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
-    peak_tflops = matmul_peak_tflops() if device.type == "cuda" else cpu_matmul_tflops()
+    peak_tflops = matmul_peak_tflops()
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
                "fast_stock_layers": RolloutEngine(model, fused_layers=False),

@@ -149,7 +149,13 @@ def peak_extra_memory(fn: Callable[[], object]) -> int:
 
 def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192, iters: int = 10) -> float:
     """Achieved TFLOP/s of a large square matmul in `dtype`: the practical tensor-core peak
-    of this GPU, measured in the same run as the bench it normalises."""
+    of this GPU, measured in the same run as the bench it normalises.
+
+    Without CUDA: a 512 fp32 matmul on the CPU, for --allow-cpu smoke runs only, never a figure."""
+    if not torch.cuda.is_available():
+        a = torch.randn(512, 512)
+        timing = time_cuda(lambda: a @ a, warmup=1, iters=5)
+        return 2 * 512**3 / (timing["ms_min"] * 1e-3) / 1e12
     a = torch.randn(size, size, device="cuda", dtype=dtype)
     b = torch.randn(size, size, device="cuda", dtype=dtype)
     timing = time_cuda(lambda: a @ b, warmup=3, iters=iters)

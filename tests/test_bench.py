@@ -70,8 +70,23 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     assert {r["variant"] for r in timed} == {"padded_hf", "packed_shared[segments]", "packed_duplicated[segments]"}
     assert len(timed) == 3 * 2 and all(r["ms"] > 0 and "error" not in r for r in timed)   # 2 quick shapes
     assert all(r["profile"]["count"] > 0 and r["profile"]["busy_ms"] > 0 for r in timed)
+    peak = json.loads(result.read_text())["matmul_peak_tflops"]
+    assert all(r["model_tflops"] > 0 and r["peak_fraction"] == pytest.approx(r["model_tflops"] / peak) for r in timed)
     ratios = [r for r in rows if r["variant"] == "ratios[segments]"]
     assert len(ratios) == 2 and all(r["shared_over_dup"] > 0 and r["shared_over_padded"] > 0 for r in ratios)
+
+
+@pytest.mark.parametrize("lengths", [(5, 1, 3), (1, 4, 4), (7, 2, 0)])
+def test_dual_prefill_visible_pairs_count_the_layouts_masks(lengths):
+    """The FLOP count's attention term: the true entries of the shared and duplicated layouts' masks."""
+    sys.path.insert(0, str(BENCH))
+    from bench_dual_prefill import visible_pairs
+
+    from ple_fast.layout import pack_dual, pack_sequences
+
+    q, o, p = ([1] * n for n in lengths)
+    for batch in (pack_dual([q, q], [o, o], [p, p]), pack_sequences([q, q, q, q], [o, p, o, p])):
+        assert visible_pairs(batch) == int(batch.dense_mask().sum())
 
 
 @pytest.mark.parametrize("suffix,layers", [("compile", "compiled"), ("fused", "fused")])
