@@ -6,17 +6,19 @@ temperature 1. Reports generated tokens/s per method and batch size, and for our
 fraction of the bandwidth floor: per decode step, one read of the weights plus the K/V of every
 row's context, at the device-to-device copy bandwidth measured in the same run. Our engine runs
 `fast` with its GPU defaults (fused decode layers, fused race sampler, Triton decode attention), and
-with one of them swapped for the torch path, to show what each saves: `fast_stock_layers` (the HF
+with one of them swapped for the plain path, to show what each saves: `fast_one_stream` (the fused
+step's projections on one stream, not q beside k / v and up beside gate), `fast_stock_layers` (the HF
 layers' own norms, rotary and SwiGLU around the same attention kernel), `fast_torch_sampling` (softmax
 sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache, stock layers); and
 `fast_compiled`, the defaults with the decode step torch.compile'd (RolloutEngine(compile_decode=True):
 inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
-For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records kernels per step, the GPU's
-busy time per step (sum of kernel durations) against those steps' CUDA-event time, and the top
-kernels: whether a step is launch-bound, and which kernels to fuse next. Last, `attention_kernel[triton]`
-and `attention_kernel[sdpa]` time one layer's decode attention alone at each batch's mid-decode context:
-its K/V read rate against the copy bandwidth (CUDA only), and `matmuls_alone` replays one step's
-matmuls from a CUDA graph: TFLOP/s against the bf16 matmul peak measured in the same run.
+For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records
+kernels per step, the GPU's busy time per step (sum of kernel durations) against those steps'
+CUDA-event time, and the top kernels: whether a step is launch-bound, and which kernels to fuse
+next. After each batch's engine rows, `attention_kernel[triton]` and `attention_kernel[sdpa]` time
+one layer's decode attention alone at the batch's mid-decode context: its K/V read rate against
+the copy bandwidth (CUDA only); and `matmuls_alone` replays one step's matmuls from a CUDA graph:
+TFLOP/s against the bf16 matmul peak measured in the same run.
 
 The issue's floor counts bytes. At large batch a small model's step is also bound by its matmul
 FLOPs (2 per weight per row): each engine row also reports `compute_floor_fraction`, the decode
@@ -26,7 +28,8 @@ other is far off; the two together say which one binds at that batch.
     python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
 
 Batches run in target order (128: speed over HF, 256: floor fraction, then 32); HF + compile
-runs last, only while BENCH_DEADLINE leaves time. The JSON is rewritten after every row.
+runs last, only while BENCH_DEADLINE leaves time (the step-part rows come before it). The JSON
+is rewritten after every row.
 Without CUDA it exits 0 with a message (--allow-cpu runs the quick shapes anyway, a smoke test).
 """
 from __future__ import annotations
@@ -217,6 +220,28 @@ def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float) -> di
                 weight_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth)
 
 
+def step_parts(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float, peak_tflops: float
+               ) -> list[dict]:
+    """The decode step's parts alone, each its own row (an error is a row, never lost rows): the decode
+    attention (CUDA only) and the matmuls."""
+    rows = []
+    try:
+        for row in attention_bandwidth(model, batch, prompt_len, new_tokens, bandwidth) \
+                if model.device.type == "cuda" else []:
+            rows.append(row)
+            print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  "
+                  f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+    except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
+        rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
+    try:
+        rows.append(row := matmuls_alone(model, batch, peak_tflops, bandwidth))
+        print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  {row['tflops']:7.0f} TFLOP/s "
+              f"({row['peak_fraction']:.0%} of matmul peak)  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+    except Exception as err:  # noqa: BLE001
+        rows.append(dict(batch=batch, method="matmuls_alone", error=f"{type(err).__name__}: {err}"[:300]))
+    return rows
+
+
 def time_call(fn, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -245,13 +270,15 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    passes = [("hf", "fast", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
+    passes = [("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode",
+               "fast_compiled")] + ([] if quick or args.skip_compile else [("hf_static_compile",)])
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
     peak_tflops = matmul_peak_tflops()
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),
+               "fast_one_stream": RolloutEngine(model, concurrent_projections=False),
                "fast_stock_layers": RolloutEngine(model, fused_layers=False),
                "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
                "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
@@ -337,26 +364,13 @@ def main(argv=None) -> int:
                 print(f"batch {batch:4d}  {method:18s}  {rate:12,.0f} tok/s  {seconds:8.2f} s{note}")
                 save()
             del input_ids
+            if methods is passes[0] and seconds_left() > 20:    # before the compile pass, which may not finish
+                for engine in engines.values():
+                    engine.release()
+                rows.extend(step_parts(model, batch, prompt_len, new_tokens, bandwidth, peak_tflops))
+                save()
     for engine in engines.values():
         engine.release()
-    for batch in batches:          # the step's parts alone: the decode attention (CUDA only), the matmuls
-        if seconds_left() < 20:
-            break
-        try:
-            for row in attention_bandwidth(model, batch, prompt_len, new_tokens, bandwidth) \
-                    if device.type == "cuda" else []:
-                rows.append(row)
-                print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  "
-                      f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
-        except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
-            rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
-        try:
-            rows.append(row := matmuls_alone(model, batch, peak_tflops, bandwidth))
-            print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  {row['tflops']:7.0f} TFLOP/s "
-                  f"({row['peak_fraction']:.0%} of matmul peak)  {row['bandwidth_fraction']:.0%} of copy bandwidth")
-        except Exception as err:  # noqa: BLE001
-            rows.append(dict(batch=batch, method="matmuls_alone", error=f"{type(err).__name__}: {err}"[:300]))
-        save()
     print(f"wrote {out_path}")
     return 0
 

@@ -26,7 +26,9 @@ Fused layers: for the Llama family (Llama, Mistral, Qwen2, Qwen3) a step with th
 attention runs the layers through ple_fast.fused_layers, the same modules and weights with their
 glue fused (add + RMSNorm, rotary inside the attention kernel, SwiGLU): ~11 kernels a layer
 instead of ~40; the packed prefill runs the same fused layers around its tree attention
-(`fused_layers`, default on wherever it applies and the step is not compiled).
+(`fused_layers`, default on wherever it applies and the step is not compiled). On CUDA their decode
+step runs the k / v projections on a second stream beside the q projection, and gate beside up
+(`concurrent_projections`, default on with the fused layers; a failed capture retries on one stream).
 
 Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
 (ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
@@ -313,7 +315,8 @@ class RolloutEngine:
     def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
                  check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto",
                  fused_sampling: bool | None = None, decode_attention: str = "auto",
-                 compile_decode: bool = False, fused_layers: bool | None = None):
+                 compile_decode: bool = False, fused_layers: bool | None = None,
+                 concurrent_projections: bool | None = None):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -360,6 +363,13 @@ class RolloutEngine:
                 raise ValueError(f"rollout engine: fused_layers=True, but {problem}")
         self.fused_layers = (self.decode_kernel and not compile_decode and reason is None
                              if fused_layers is None else fused_layers)
+        # in the fused decode step, the k / v projections run on a second stream beside q, and gate
+        # beside up (fused_layers.side_by_side): at decode batch sizes each of these matmuls fills part
+        # of the SMs. CUDA with the fused layers only; the default there.
+        if concurrent_projections and not (on_cuda and self.fused_layers):
+            raise ValueError("rollout engine: concurrent_projections=True needs the fused layers on a CUDA device")
+        use_streams = on_cuda and self.fused_layers if concurrent_projections is None else concurrent_projections
+        self._projection_stream = torch.cuda.Stream(self.device) if use_streams else None
         self.cache: StaticKVCache | None = None
         self.state: _DecodeState | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -376,6 +386,10 @@ class RolloutEngine:
         if model is None:
             raise RuntimeError("rollout engine: its model has been garbage-collected")
         return model
+
+    @property
+    def concurrent_projections(self) -> bool:
+        return self._projection_stream is not None
 
     @property
     def trunk(self) -> nn.Module:
@@ -495,7 +509,8 @@ class RolloutEngine:
         st = self.state
         batch = st.tokens.shape[0]
         if self.fused_layers:
-            hidden = decode_hidden(self.model, self.cache.keys, self.cache.values, st.tokens, st.positions, kv_length)
+            hidden = decode_hidden(self.model, self.cache.keys, self.cache.values, st.tokens, st.positions, kv_length,
+                                   side_stream=self._projection_stream)
         else:
             hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch),
                                   kv_length)[:, -1]
@@ -529,6 +544,13 @@ class RolloutEngine:
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 self._decode(kv_length, sampling, pad, eos)
         except Exception as err:                 # capture is an optimisation: fall back unless asked for
+            if self._projection_stream is not None:     # first without the second stream, then eagerly
+                warnings.warn(f"rollout engine: CUDA graph capture with concurrent projections failed ({err!r}); "
+                              "capturing on one stream")
+                self._projection_stream = None
+                torch.cuda.synchronize()
+                self.state.restore(saved)
+                return self._graph(kv_length, sampling, pad, eos, key)
             if self._graphs_required:
                 raise
             warnings.warn(f"rollout engine: CUDA graph capture failed ({err!r}); decoding eagerly")

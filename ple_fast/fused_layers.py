@@ -109,21 +109,42 @@ def _head_norms(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                  for t, norm in ((q, attn.q_norm), (k, attn.k_norm)))
 
 
-def _mlp(mlp: nn.Module, x: Tensor) -> Tensor:
-    """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch)."""
+def side_by_side(side, main_fn, side_fn):
+    """(main_fn(), side_fn()), side_fn queued on CUDA stream `side` so the two run at once (parallel
+    branches of the graph when captured); side None: one after the other.
+
+    Why: a decode step's k / v projections (N = kv_heads * head_dim, 512 for a 1B Llama) and its q
+    projection each fill a fraction of the SMs, and run back to back cost their sum of fixed times.
+    Memory stays safe without record_stream: the side stream's blocks are only reused by the side
+    stream, whose next work waits on everything the current stream queued before it (this fork)."""
+    if side is None:
+        return main_fn(), side_fn()
+    current = torch.cuda.current_stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        side_out = side_fn()
+    main_out = main_fn()
+    current.wait_stream(side)
+    return main_out, side_out
+
+
+def _mlp(mlp: nn.Module, x: Tensor, side=None) -> Tensor:
+    """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch); gate on the
+    side stream, if given, while up runs (side_by_side)."""
     from ple_fast.kernels.swiglu import silu_mul
 
-    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    up, gate = side_by_side(side, lambda: mlp.up_proj(x), lambda: mlp.gate_proj(x))
     return mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
 
 
 def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor,
-                  kv_length: int) -> Tensor:
+                  kv_length: int, side_stream=None) -> Tensor:
     """Final-normed hidden states [B, H] of one new token per row.
 
     keys / values: the static cache [layers, B, kv_heads, capacity, D] (ple_fast.engine.StaticKVCache),
     row b's token goes to slot positions[b] of every layer, attending over slots 0..positions[b] of the
-    first kv_length. tokens, positions: [B] int64."""
+    first kv_length. tokens, positions: [B] int64. side_stream (CUDA): the k / v projections run on it
+    beside the q projection, and the gate projection beside the up projection (side_by_side)."""
     from ple_fast.kernels.decode_attention import decode_attention
 
     config, trunk = model.config, decoder_of(model)
@@ -134,12 +155,13 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     for layer in trunk.layers[: config.num_hidden_layers]:
         attn, dim = layer.self_attn, layer.self_attn.head_dim
         x, stream = _add_norm(layer.input_layernorm, delta, stream)
-        q, k = _head_norms(attn, attn.q_proj(x).view(batch, -1, dim), attn.k_proj(x).view(batch, -1, dim))
+        q, (k, v) = side_by_side(side_stream, lambda: attn.q_proj(x), lambda: (attn.k_proj(x), attn.v_proj(x)))
+        q, k = _head_norms(attn, q.view(batch, -1, dim), k.view(batch, -1, dim))
         out = decode_attention(q[:, :, None], keys[attn.layer_idx], values[attn.layer_idx], positions, kv_length,
-                               attn.scaling, _window(attn, config), new_keys=k,
-                               new_values=attn.v_proj(x).view(batch, -1, dim), cos=cos, sin=sin)
+                               attn.scaling, _window(attn, config), new_keys=k, new_values=v.view(batch, -1, dim),
+                               cos=cos, sin=sin)
         x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.view(batch, -1)), stream)
-        delta = _mlp(layer.mlp, x)
+        delta = _mlp(layer.mlp, x, side_stream)
     return _add_norm(trunk.norm, delta, stream)[0]
 
 

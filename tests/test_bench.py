@@ -31,8 +31,8 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     (result,) = tmp_path.glob("bench_rollout-*.json")
     payload = json.loads(result.read_text())
     rows = [r for r in payload["rows"] if r["method"] != "matmuls_alone"]
-    assert {r["method"] for r in rows} == {"hf", "fast", "fast_stock_layers", "fast_torch_sampling",
-                                           "fast_sdpa_decode", "fast_compiled"}
+    assert {r["method"] for r in rows} == {"hf", "fast", "fast_one_stream", "fast_stock_layers",
+                                           "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
     assert all(0 < r["compute_floor_fraction"] and 0 < r["floor_fraction"] for r in rows if r["method"] != "hf")
     (matmuls,) = [r for r in payload["rows"] if r["method"] == "matmuls_alone"]

@@ -368,6 +368,37 @@ def test_peft_lora_layers_run_inside_the_fused_step():
     assert got == generate(wrapped, full, max_new_tokens=8, eos_token_id=NO_EOS)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream")
+@pytest.mark.parametrize("family,extra", FAMILIES)
+def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
+    """The k / v projections beside q and gate beside up on a second stream (side_by_side): one eager
+    step gives the same hidden states and cache writes, and whole generations in CUDA graphs (captured
+    with the second stream, no fallback) give the same tokens, greedy and sampled."""
+    model = family_model(family, extra)
+    prompts = random_tokens([3, 9, 1, 6], seed=91)
+    principle = random_tokens([4], seed=92)[0]
+    prefixed = [True, False, False, True]
+    engine = prepared_step(model, prompts, principle, prefixed, concurrent_projections=False)
+    st, cache = engine.state, engine.cache
+    results = []
+    for side in (None, torch.cuda.Stream()):
+        keys, values = cache.keys.clone(), cache.values.clone()
+        with engine._engine_mode():
+            hidden = decode_hidden(model, keys, values, st.tokens, st.positions, cache.capacity, side_stream=side)
+        torch.cuda.synchronize()
+        results.append((hidden, keys, values))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=12, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed,
+                  temperature=temperature, seed=5)
+        one_stream = RolloutEngine(model, concurrent_projections=False)
+        two_streams = RolloutEngine(model)
+        assert two_streams.concurrent_projections and not one_stream.concurrent_projections
+        assert two_streams.generate(prompts, **kw) == one_stream.generate(prompts, **kw)
+        assert two_streams.concurrent_projections and two_streams.last_stats.graphs
+
+
 class _CountOps(TorchDispatchMode):
     """aten ops that launch a kernel on a GPU (views and allocations do not), and Triton launches
     (the host functions below, whose insides the interpreter would otherwise show as aten ops)."""
@@ -424,6 +455,11 @@ def test_option_resolution_and_errors():
     assert not RolloutEngine(model, decode_attention="sdpa").fused_layers
     assert not RolloutEngine(model, decode_attention="triton", compile_decode=True).fused_layers
     assert not RolloutEngine(model, decode_attention="triton", fused_layers=False).fused_layers
+    # the second stream for the projections: CUDA and the fused layers only
+    assert RolloutEngine(model, decode_attention="triton").concurrent_projections == (DEVICE == "cuda")
+    assert not RolloutEngine(model, decode_attention="triton", concurrent_projections=False).concurrent_projections
+    with pytest.raises(ValueError, match="concurrent_projections=True needs the fused layers on a CUDA device"):
+        RolloutEngine(model, decode_attention="sdpa", concurrent_projections=True)
     with pytest.raises(ValueError, match="decode_attention='triton'"):
         RolloutEngine(model, decode_attention="sdpa", fused_layers=True)
     with pytest.raises(ValueError, match="choose one"):
