@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ple_fast import ops
-from ple_fast.attention import TreeAttention, tree_attention, tree_attention_metadata
+from ple_fast.attention import TreeAttention, resolve_backend, tree_attention, tree_attention_metadata
 from ple_fast.fused_layers import decode_hidden, fused_decoder_layers, unsupported_reason
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of
@@ -303,6 +303,10 @@ class RolloutStats:
     graphs: bool
 
 
+PREFILL_TOKENS = 32768          # tokens per packed prefill chunk (RolloutEngine(prefill_tokens=))
+DENSE_PREFILL_TOKENS = 4096     # ... with the dense-mask attention: [4096, 4096] scores per head
+
+
 class RolloutEngine:
     """Batched sampling from a live HF causal LM with a static KV cache.
 
@@ -313,7 +317,7 @@ class RolloutEngine:
     """
 
     def __init__(self, model: nn.Module, *, cuda_graphs: bool | None = None, kv_block: int = 64,
-                 check_every: int | None = None, prefill_tokens: int = 32768, prefill_attention: str = "auto",
+                 check_every: int | None = None, prefill_tokens: int | None = None, prefill_attention: str = "auto",
                  fused_sampling: bool | None = None, decode_attention: str = "auto",
                  compile_decode: bool = False, fused_layers: bool | None = None,
                  concurrent_projections: bool | None = None):
@@ -334,8 +338,12 @@ class RolloutEngine:
         self._graphs_required = bool(cuda_graphs)
         self.kv_block = kv_block
         self.check_every = check_every or (8 if on_cuda else 1)
-        self.prefill_tokens = prefill_tokens
         self.prefill_attention = prefill_attention      # tree-attention backend of the packed prefill
+        # tokens per packed prefill chunk. The dense-mask backend (sdpa, the CPU default) holds [N, N]
+        # masks and scores per chunk: at 32768 tokens a CPU prefill of 6000 three-token prompts peaked
+        # at 13.7 GB, so it gets smaller chunks; the varlen backends grow with the segments, not N^2.
+        dense = resolve_backend(prefill_attention, self.device, self.dtype) == "sdpa"
+        self.prefill_tokens = prefill_tokens or (DENSE_PREFILL_TOKENS if dense else PREFILL_TOKENS)
         # the Triton race kernel for plain temperature sampling: default on CUDA; on CPU tensors it
         # needs TRITON_INTERPRET=1 (tests), so eager CPU runs keep the torch path
         self.fused_sampling = on_cuda if fused_sampling is None else fused_sampling

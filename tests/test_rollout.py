@@ -192,6 +192,26 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return stat, int(kept.sum()) - 1
 
 
+def test_dense_mask_prefill_runs_in_smaller_chunks(monkeypatch):
+    """The CPU's dense-mask prefill holds [N, N] masks and scores per chunk, so its chunks default to
+    DENSE_PREFILL_TOKENS (one 32768-token chunk of 6000 short prompts peaked at 13.7 GB); varlen
+    backends keep PREFILL_TOKENS, and an explicit size wins."""
+    from ple_fast.engine import DENSE_PREFILL_TOKENS, PREFILL_TOKENS
+
+    model = tiny_model("llama").eval()
+    assert RolloutEngine(model).prefill_tokens == DENSE_PREFILL_TOKENS              # auto -> sdpa on CPU
+    assert RolloutEngine(model, prefill_attention="segments").prefill_tokens == PREFILL_TOKENS
+    assert RolloutEngine(model, prefill_tokens=100).prefill_tokens == 100
+    engine = RolloutEngine(model)
+    chunks = []
+    real = engine._prefill_chunk
+    monkeypatch.setattr(engine, "_prefill_chunk", lambda first, prompts, *a: chunks.append(len(prompts)) or
+                        real(first, prompts, *a))
+    prompts = [[5, 7, 3]] * (DENSE_PREFILL_TOKENS // 3 + 10)
+    out = engine.generate(prompts, max_new_tokens=1)
+    assert chunks == [DENSE_PREFILL_TOKENS // 3, 10] and len(set(map(tuple, out))) == 1     # greedy: one answer
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,fused", [
     (1.0, 0, 1.0, False), (0.8, 5, 1.0, False), (1.3, 0, 0.7, False), (0.7, 0, 1.0, True)])
 def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, top_p, fused):
@@ -294,6 +314,8 @@ def test_edge_cases_and_errors():
         generate(model, [[4]], max_new_tokens=3, temperature=1.0, top_p=0.0, backend="fast")
     with pytest.raises(ValueError, match="cuda_graphs=True"):
         RolloutEngine(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="attention backend 'dense'"):
+        RolloutEngine(model, prefill_attention="dense")
     with pytest.raises(TypeError, match="not a Hugging Face causal LM"):
         RolloutEngine(torch.nn.Linear(2, 2))
     assert BACKENDS == ("hf", "fast")
