@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (is_oom, kernel_profile, matmul_peak_tflops, parse_args, require_cuda, result_path,  # noqa: E402
-                    seconds_left, time_cuda, write_result)
+from common import (is_oom, kernel_profile, linear_weights, matmul_peak_tflops, parse_args,  # noqa: E402
+                    require_cuda, result_path, seconds_left, time_cuda, write_result)
 
 BENCH = "bench_dual_prefill"
 # ~1.1B Llama (TinyLlama's shape): 22 layers, hidden 2048, GQA 32/4 heads, vocab 32000
@@ -62,16 +62,11 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 
 def visible_pairs(batch) -> int:
-    """(query, key) pairs a packed layout attends over: each segment causally over itself and fully over
-    its ancestors' rows."""
-    lengths, parents = batch.seg_len.tolist(), batch.seg_parent.tolist()
-    total = 0
-    for s, n in enumerate(lengths):
-        ancestors, p = 0, parents[s]
-        while p >= 0:
-            ancestors, p = ancestors + lengths[p], parents[p]
-        total += n * (n + 1) // 2 + n * ancestors
-    return total
+    """(query, key) pairs a packed layout attends over: each segment's q_len rows see the k_len - q_len
+    rows of its ancestors and, causally, its own (the varlen metadata's bottom-right alignment)."""
+    q_len = (batch.cu_seqlens_q[1:] - batch.cu_seqlens_q[:-1]).long()
+    k_len = (batch.cu_seqlens_k[1:] - batch.cu_seqlens_k[:-1]).long()
+    return int((q_len * (q_len + 1) // 2 + q_len * (k_len - q_len)).sum())
 
 
 def step_flops(model, tokens: int, pairs: int, scored_rows: int) -> float:
@@ -79,10 +74,11 @@ def step_flops(model, tokens: int, pairs: int, scored_rows: int) -> float:
     4 per head dim per head per visible (query, key) pair per layer, and the LM head over the scored
     rows only (the log-prob op sees nothing else). Each variant counts the work its own layout needs,
     so TFLOP/s against the matmul peak is how well it runs, apart from how much it saves."""
+    from ple_fast.models import decoder_of, head_dim
+
     c = model.config
-    decoder = sum(m.weight.numel() for name, m in model.model.named_modules() if isinstance(m, torch.nn.Linear))
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    forward = (2 * decoder * tokens + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim * pairs
+    decoder = sum(w.numel() for w in linear_weights(decoder_of(model)))
+    forward = (2 * decoder * tokens + 4 * c.num_hidden_layers * c.num_attention_heads * head_dim(c) * pairs
                + 2 * c.vocab_size * c.hidden_size * scored_rows)
     return 3 * forward
 

@@ -43,8 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (copy_bandwidth_gbs, is_oom, kernel_profile, matmul_peak_tflops, parse_args,  # noqa: E402
-                    require_cuda, result_path, seconds_left, write_result)
+from common import (copy_bandwidth_gbs, is_oom, kernel_profile, linear_weights, matmul_peak_tflops,  # noqa: E402
+                    parse_args, require_cuda, result_path, seconds_left, write_result)
+from ple_fast.models import head_dim  # noqa: E402
 
 BENCH = "bench_rollout"
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -57,17 +58,6 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_copy_bandwidth_gbs(nbytes: int = 64 << 20, repeats: int = 5) -> float:
-    """common.copy_bandwidth_gbs is CUDA-only; this is its CPU stand-in for --allow-cpu smoke runs."""
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    return 2 * nbytes * repeats / (time.perf_counter() - start) / 1e9
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: torch.device):
@@ -96,11 +86,6 @@ def weight_bytes_read_per_step(model) -> int:
     return total
 
 
-def linear_weights(model) -> list[torch.Tensor]:
-    """The weight of every matmul a decode step runs: each projection and the LM head (tied or not)."""
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-
-
 def decode_flops(model, batch: int, prompt_len: int, new_tokens: int) -> float:
     """FLOPs of the decode steps: 2 per weight per row for the matmuls, and QK^T + PV over each row's
     context for attention. At large batch these, not the bytes, bound a small model's step: 2.5 GFLOP a
@@ -111,10 +96,6 @@ def decode_flops(model, batch: int, prompt_len: int, new_tokens: int) -> float:
     steps = new_tokens - 1
     positions = sum(prompt_len + s for s in range(1, new_tokens))
     return batch * (matmul * steps + attention_per_position * positions)
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_bytes_read(model, batch: int, prompt_len: int, new_tokens: int) -> int:
@@ -277,7 +258,7 @@ def main(argv=None) -> int:
               ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
 
     model = build_model(shape, dtype, device)
-    bandwidth = 1e9 * (copy_bandwidth_gbs() if device.type == "cuda" else cpu_copy_bandwidth_gbs())
+    bandwidth = 1e9 * copy_bandwidth_gbs()
     peak_tflops = matmul_peak_tflops()
     weights = weight_bytes_read_per_step(model)
     engines = {"fast": RolloutEngine(model),

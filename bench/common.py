@@ -152,22 +152,29 @@ def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 8192, it
     of this GPU, measured in the same run as the bench it normalises.
 
     Without CUDA: a 512 fp32 matmul on the CPU, for --allow-cpu smoke runs only, never a figure."""
-    if not torch.cuda.is_available():
-        a = torch.randn(512, 512)
-        timing = time_cuda(lambda: a @ a, warmup=1, iters=5)
-        return 2 * 512**3 / (timing["ms_min"] * 1e-3) / 1e12
-    a = torch.randn(size, size, device="cuda", dtype=dtype)
-    b = torch.randn(size, size, device="cuda", dtype=dtype)
-    timing = time_cuda(lambda: a @ b, warmup=3, iters=iters)
+    cuda = torch.cuda.is_available()
+    size, dtype = (size, dtype) if cuda else (512, torch.float32)
+    a = torch.randn(size, size, device="cuda" if cuda else "cpu", dtype=dtype)
+    b = torch.randn_like(a)
+    timing = time_cuda(lambda: a @ b, warmup=3 if cuda else 1, iters=iters if cuda else 5)
     return 2 * size**3 / (timing["ms_min"] * 1e-3) / 1e12
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 * 2**30, iters: int = 10) -> float:
-    """Achieved HBM bandwidth of a device-to-device copy, counting read + write bytes."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    """Achieved HBM bandwidth of a device-to-device copy, counting read + write bytes.
+
+    Without CUDA: a 64 MiB copy in host memory, for --allow-cpu smoke runs only, never a figure."""
+    cuda = torch.cuda.is_available()
+    nbytes, iters = (nbytes, iters) if cuda else (64 << 20, 5)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if cuda else "cpu")
     dst = torch.empty_like(src)
-    timing = time_cuda(lambda: dst.copy_(src), warmup=3, iters=iters)
+    timing = time_cuda(lambda: dst.copy_(src), warmup=3 if cuda else 1, iters=iters)
     return 2 * nbytes / (timing["ms_min"] * 1e-3) / 1e9
+
+
+def linear_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The weight of every nn.Linear in `module`: the matmuls of a forward through it."""
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def is_oom(err: BaseException) -> bool:

@@ -52,7 +52,7 @@ from ple_fast import ops
 from ple_fast.attention import TreeAttention, resolve_backend, tree_attention, tree_attention_metadata
 from ple_fast.fused_layers import decode_hidden, fused_decoder_layers, unsupported_reason
 from ple_fast.layout import pack_prefill
-from ple_fast.models import decoder_of
+from ple_fast.models import decoder_of, head_dim
 
 ENGINE_ATTENTION = "ple_fast_static_kv"
 
@@ -329,7 +329,7 @@ class RolloutEngine:
         self.dtype = model.get_input_embeddings().weight.dtype
         self.num_layers = config.num_hidden_layers
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         on_cuda = self.device.type == "cuda"
         if cuda_graphs and not on_cuda:

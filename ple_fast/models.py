@@ -130,6 +130,11 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return trunk
 
 
+def head_dim(config) -> int:
+    """Attention head size: the config's head_dim where it has one (Qwen3, Gemma), else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def output_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
     """(lm_head weight, final-logit softcap or None). Biased heads are not supported."""
     head = model.get_output_embeddings()
