@@ -52,7 +52,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
                              kv_heads, groups, head_dim, kv_length, keys_per_split, window, scale,
                              HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                             FINAL: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr):
+                             FINAL: tl.constexpr, WRITE: tl.constexpr, ROPE: tl.constexpr,
+                             ROPE_TABLE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
@@ -67,8 +68,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
     q = tl.load(q_rows + ds[None, :], mask=q_mask, other=0.0)
     if ROPE:
         first_half, partner = _rotate_half_partners(ds, head_dim)
-        cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cos + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + b.to(tl.int64) * stride_sin + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
+        rope_row = pos.to(tl.int64) if ROPE_TABLE else b.to(tl.int64)     # a table by position, or a row per b
+        cos = tl.load(cos_ptr + rope_row * stride_cos + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + rope_row * stride_sin + ds, mask=ds < head_dim, other=0.0).to(tl.float32)
         q_partner = tl.load(q_rows + partner[None, :], mask=q_mask, other=0.0)
         q = _rotary(q, q_partner, first_half[None, :], cos[None, :], sin[None, :], q_ptr.dtype.element_ty)
     if UPCAST:
@@ -136,15 +138,17 @@ def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> i
 
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
                      scale: float, sliding_window: int | None = None, new_keys: Tensor | None = None,
-                     new_values: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None
-                     ) -> Tensor:
+                     new_values: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None,
+                     rope_table: bool = False) -> Tensor:
     """query [B, Hq, 1, D]; keys/values [B, Hkv, C, D] cache views (D contiguous, C >= kv_length);
     positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype.
 
     With new_keys / new_values ([B, Hkv, 1, D] or [B, Hkv, D]) the kernel first writes them into
     slot positions[b] of the cache (in place), saving the step its separate cache-write kernels.
     With cos / sin ([B, D] or [B, 1, D], the model's rotary embedding at positions[b]) the query and
-    the new keys come unrotated and the kernel rotates them (HF's rotate-half convention)."""
+    the new keys come unrotated and the kernel rotates them (HF's rotate-half convention). With
+    rope_table, cos / sin are [T, D] tables of every position (T > every positions[b]), and row
+    positions[b] is read: a decode step then needs no rotary kernels of its own."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     require_runnable(query.device, "decode_attention", "use the SDPA path")
@@ -156,7 +160,12 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
         if not write or sin is None or dim % 2:
             raise ValueError("decode_attention: the rotary embedding needs cos and sin, the new keys it rotates, "
                              f"and an even head dim (got {dim})")
-        cos, sin = (t.reshape(batch, dim) for t in (cos, sin))
+        if rope_table:
+            if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != dim:
+                raise ValueError(f"decode_attention: rope tables must be [positions, {dim}], got cos "
+                                 f"{tuple(cos.shape)} and sin {tuple(sin.shape)}")
+        else:
+            cos, sin = (t.reshape(batch, dim) for t in (cos, sin))
         if cos.stride(-1) != 1 or sin.stride(-1) != 1:
             cos, sin = cos.contiguous(), sin.contiguous()
     else:
@@ -193,7 +202,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, WRITE=write, ROPE=rope, num_warps=4, num_stages=tile["num_stages"],
+            FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=4, num_stages=tile["num_stages"],
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)

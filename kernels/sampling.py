@@ -14,7 +14,8 @@ fresh numbers at every replay as the engine advances `step` on the device, and a
 reproducible from its seed. `race_uniforms` writes the same U for tests.
 
 Each program scans SPLIT columns of ROWS rows and keeps the best (score, column) per lane; a tiny
-torch reduction over the splits picks each row's winner.
+torch reduction over the splits picks each row's winner (in the engine's decode step, the step
+record kernel does that pick: ple_fast.kernels.step_record).
 """
 from __future__ import annotations
 
@@ -92,10 +93,11 @@ def _check(logits: Tensor, seed: Tensor, step: Tensor) -> None:
     require_runnable(logits.device, "race_sample", "sample with the torch path")
 
 
-def race_sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,
-                softcap: float | None = None) -> Tensor:
-    """[B] int64 tokens drawn from softmax(f(logits) / temperature), f the optional softcap; seed
-    and step are one-element int64 device tensors (read on device: no host sync, graph-safe)."""
+def race_candidates(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,
+                    softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Each row's best (score fp32, column int32) per split of SPLIT columns, [B, splits] each: the
+    race before its last reduction, which race_sample does in torch and the engine's step record
+    (ple_fast.kernels.step_record) inside its own kernel."""
     _check(logits, seed, step)
     if temperature <= 0:
         raise ValueError("race_sample: temperature must be > 0 (temperature 0 is greedy)")
@@ -111,6 +113,14 @@ def race_sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,
             logits, seed, step, best_score, best_col, rows, vocab, logits.stride(0), splits,
             1.0 / temperature, float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, **tile, num_warps=4,
         )
+    return best_score, best_col
+
+
+def race_sample(logits: Tensor, seed: Tensor, step: Tensor, temperature: float,
+                softcap: float | None = None) -> Tensor:
+    """[B] int64 tokens drawn from softmax(f(logits) / temperature), f the optional softcap; seed
+    and step are one-element int64 device tensors (read on device: no host sync, graph-safe)."""
+    best_score, best_col = race_candidates(logits, seed, step, temperature, softcap)
     winner = best_score.argmax(dim=1, keepdim=True)      # first split on a tie: the lowest column
     return best_col.gather(1, winner).squeeze(1).long()
 

@@ -29,6 +29,9 @@ instead of ~40; the packed prefill runs the same fused layers around its tree at
 (`fused_layers`, default on wherever it applies and the step is not compiled). On CUDA their decode
 step runs the k / v projections on a second stream beside the q projection, and gate beside up
 (`concurrent_projections`, default on with the fused layers; a failed capture retries on one stream).
+The fused step reads the rotary cos / sin of each row's position from tables filled once per call
+(for rotary types whose frequencies do not follow the batch), and with the Triton decode attention
+a step's bookkeeping (pick, record, EOS check, advance) is one kernel (ple_fast.kernels.step_record).
 
 Sampling: plain temperature sampling (no top-k / top-p) on CUDA runs the fused race kernel
 (ple_fast.kernels.sampling): one read of the logits, random numbers drawn on chip from the call's
@@ -50,7 +53,10 @@ from torch import nn
 
 from ple_fast import ops
 from ple_fast.attention import TreeAttention, resolve_backend, tree_attention, tree_attention_metadata
-from ple_fast.fused_layers import decode_hidden, fused_decoder_layers, unsupported_reason
+from ple_fast.fused_layers import (decode_hidden, fused_decoder_layers, position_independent_rotary, rotary_tables,
+                                   unsupported_reason)
+from ple_fast.kernels.sampling import race_candidates
+from ple_fast.kernels.step_record import record_step, record_step_reference
 from ple_fast.layout import pack_prefill
 from ple_fast.models import decoder_of, head_dim
 
@@ -378,6 +384,13 @@ class RolloutEngine:
             raise ValueError("rollout engine: concurrent_projections=True needs the fused layers on a CUDA device")
         use_streams = on_cuda and self.fused_layers if concurrent_projections is None else concurrent_projections
         self._projection_stream = torch.cuda.Stream(self.device) if use_streams else None
+        # a step's bookkeeping (pick, record, EOS, advance) in one Triton kernel wherever the Triton
+        # decode attention runs, uncompiled (a compiled step leaves those ops to inductor)
+        self.record_kernel = self.decode_kernel and not compile_decode
+        # the fused step reads its rotary cos / sin from tables of every cache slot, filled once per call,
+        # instead of running the rotary module (~7 kernels) in every step
+        self.rope_from_tables = self.fused_layers and position_independent_rotary(model)
+        self.rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cache: StaticKVCache | None = None
         self.state: _DecodeState | None = None
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -408,7 +421,7 @@ class RolloutEngine:
         return self.model.get_output_embeddings()
 
     def release(self) -> None:
-        self.cache = self.state = None
+        self.cache = self.state = self.rope_tables = None
         self._graphs.clear()
         self._graph_pool = None
 
@@ -426,6 +439,9 @@ class RolloutEngine:
         self.cache = StaticKVCache(self.num_layers, batch, self.kv_heads, self.head_dim, capacity,
                                    self.dtype, self.device)
         self.state = _DecodeState(batch, max_new, self.device)
+        if self.rope_from_tables:
+            self.rope_tables = tuple(torch.empty(capacity, self.head_dim, dtype=self.dtype, device=self.device)
+                                     for _ in range(2))
 
     @contextlib.contextmanager
     def _engine_mode(self):
@@ -459,15 +475,19 @@ class RolloutEngine:
                          ple_pass=_Pass(self.cache, rows, positions, slots, kv_length, self.decode_kernel))
         return out[0]
 
-    def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> torch.Tensor:
-        """[B] tokens from the last hidden states [B, H]; the fused kernel applies the softcap itself."""
+    def _next_tokens(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool]) -> dict:
+        """The pick of every row from its last hidden state [B, H], as record_step takes it: sampled
+        tokens [B], or the race kernel's per-split candidates when the step record reduces them
+        itself. The race kernel applies the softcap itself."""
         temperature, top_k, top_p, fused = sampling
         logits = self.head(hidden)
+        if fused and self.record_kernel:
+            return dict(candidates=race_candidates(logits, self.state.seed, self.state.step, temperature, self.softcap))
         if fused:
-            return ops.race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap)
+            return dict(sampled=ops.race_sample(logits, self.state.seed, self.state.step, temperature, self.softcap))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return sample_tokens(logits, self.state.noise, temperature, top_k, top_p)
+        return dict(sampled=sample_tokens(logits, self.state.noise, temperature, top_k, top_p))
 
     def _prefill(self, prompts: list[list[int]], prefixed: list[bool], prefix: list[int]) -> torch.Tensor:
         """Packed prefill of every prompt (after the prefix where prefixed); hidden states [B, H] at
@@ -518,21 +538,20 @@ class RolloutEngine:
         batch = st.tokens.shape[0]
         if self.fused_layers:
             hidden = decode_hidden(self.model, self.cache.keys, self.cache.values, st.tokens, st.positions, kv_length,
-                                   side_stream=self._projection_stream)
+                                   side_stream=self._projection_stream, rope_tables=self.rope_tables)
         else:
             hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch),
                                   kv_length)[:, -1]
-        self._emit(hidden, sampling, pad, eos)
-        st.positions.add_(1)
+        self._emit(hidden, sampling, pad, eos, advance=True)
 
     def _emit(self, hidden: torch.Tensor, sampling: tuple[float, int, float, bool], pad: torch.Tensor,
-              eos: torch.Tensor) -> None:
+              eos: torch.Tensor, advance: bool = False) -> None:
+        """Pick, record and feed back every row's next token (ple_fast.kernels.step_record);
+        advance: the rows' positions move on too (a decode step; not the prefill's first token)."""
         st = self.state
-        token = torch.where(st.done, pad, self._next_tokens(hidden, sampling))
-        st.out.index_copy_(1, st.step, token.unsqueeze(1))
-        st.done.logical_or_((token.unsqueeze(1) == eos.unsqueeze(0)).any(dim=1))
-        st.tokens.copy_(token)
-        st.step.add_(1)
+        record = record_step if self.record_kernel else record_step_reference
+        record(st.tokens, st.positions, st.done, st.out, st.step, pad, eos, advance=advance,
+               **self._next_tokens(hidden, sampling))
 
     def _graph(self, kv_length: int, sampling, pad, eos, key) -> torch.cuda.CUDAGraph | None:
         graph = self._graphs.get(key)
@@ -617,6 +636,10 @@ class RolloutEngine:
 
         with self._engine_mode():
             timer.mark()
+            if self.rope_tables is not None:     # in place: graphs read the tables by address
+                for table, fresh in zip(self.rope_tables, rotary_tables(self.model, self.cache.capacity, self.dtype,
+                                                                       self.device)):
+                    table.copy_(fresh)
             hidden = self._prefill([[int(t) for t in p] for p in prompts], [bool(o) for o in offsets], prefix)
             st.done.zero_()
             st.step.zero_()

@@ -137,20 +137,42 @@ def _mlp(mlp: nn.Module, x: Tensor, side=None) -> Tensor:
     return mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
 
 
+def position_independent_rotary(model: nn.Module) -> bool:
+    """Whether the model's rotary embedding at a position is the same whatever else is in the batch, so
+    that a table of every position (`rotary_tables`) can serve every decode step. HF's dynamic and
+    longrope types rescale their frequencies by the batch's longest position; the others do not."""
+    rope_type = getattr(decoder_of(model).rotary_emb, "rope_type", None)
+    return isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope"
+
+
+def rotary_tables(model: nn.Module, positions: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """cos, sin [positions, D] of positions 0..positions-1, by the model's own rotary module (so each
+    row is the bits that module gives that position in a step)."""
+    trunk = decoder_of(model)
+    cos, sin = trunk.rotary_emb(torch.empty(0, dtype=dtype, device=device),
+                                torch.arange(positions, device=device).view(1, positions))
+    return cos[0], sin[0]
+
+
 def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor,
-                  kv_length: int, side_stream=None) -> Tensor:
+                  kv_length: int, side_stream=None, rope_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Final-normed hidden states [B, H] of one new token per row.
 
     keys / values: the static cache [layers, B, kv_heads, capacity, D] (ple_fast.engine.StaticKVCache),
     row b's token goes to slot positions[b] of every layer, attending over slots 0..positions[b] of the
     first kv_length. tokens, positions: [B] int64. side_stream (CUDA): the k / v projections run on it
-    beside the q projection, and the gate projection beside the up projection (side_by_side)."""
+    beside the q projection, and the gate projection beside the up projection (side_by_side).
+    rope_tables: `rotary_tables` covering every position (the attention kernel reads row positions[b]),
+    for a model with `position_independent_rotary`; None: the rotary module runs in the step."""
     from ple_fast.kernels.decode_attention import decode_attention
 
     config, trunk = model.config, decoder_of(model)
     batch = tokens.shape[0]
     stream = trunk.embed_tokens(tokens)                                   # [B, H]
-    cos, sin = trunk.rotary_emb(stream, positions.view(batch, 1))         # [B, 1, D], the model dtype
+    if rope_tables is None:
+        cos, sin = trunk.rotary_emb(stream, positions.view(batch, 1))     # [B, 1, D], the model dtype
+    else:
+        cos, sin = rope_tables                                            # [T, D], row = position
     delta = None            # what the next add + norm adds to `stream` (None: nothing, at layer 0)
     for layer in trunk.layers[: config.num_hidden_layers]:
         attn, dim = layer.self_attn, layer.self_attn.head_dim
@@ -159,7 +181,7 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
         q, k = _head_norms(attn, q.view(batch, -1, dim), k.view(batch, -1, dim))
         out = decode_attention(q[:, :, None], keys[attn.layer_idx], values[attn.layer_idx], positions, kv_length,
                                attn.scaling, _window(attn, config), new_keys=k, new_values=v.view(batch, -1, dim),
-                               cos=cos, sin=sin)
+                               cos=cos, sin=sin, rope_table=rope_tables is not None)
         x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.view(batch, -1)), stream)
         delta = _mlp(layer.mlp, x, side_stream)
     return _add_norm(trunk.norm, delta, stream)[0]

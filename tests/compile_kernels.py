@@ -16,7 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import decode_attention, logprob, rms_norm, rotary, sampling, swiglu, varlen_attention
+from ple_fast.kernels import (decode_attention, logprob, rms_norm, rotary, sampling, step_record, swiglu,
+                              varlen_attention)
 
 # per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
@@ -91,8 +92,13 @@ def launches(arch: int):
                     new_k_ptr=kv, new_v_ptr=kv, cos_ptr=kv if rope else "*i64", sin_ptr=kv if rope else "*i64"),
                dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=tile["BLOCK"],
                     PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final, WRITE=final,
-                    ROPE=rope),
+                    ROPE=rope, ROPE_TABLE=rope and dtype == BF16),
                4, tile["num_stages"])
+    for race, advance in ((True, True), (False, False)):
+        yield (f"step record race={race} advance={advance}", step_record._record_kernel,
+               dict(next_ptr="*i64", score_ptr="*fp32", col_ptr="*i32", tokens_ptr="*i64", positions_ptr="*i64",
+                    done_ptr="*u8", out_ptr="*i64", step_ptr="*i64", pad_ptr="*i64", eos_ptr="*i64"),
+               dict(RACE=race, ADVANCE=advance, BLOCK=256, BLOCK_S=32, BLOCK_E=4), 8, 1)
     for x_dtype, w_dtype, hidden, residual in ((BF16, BF16, 2048, True), (FP16, FP16, 4096, False),
                                                (FP32, FP32, 8192, True), (BF16, FP32, 128, False)):
         x, w = "*" + TRITON_DTYPE[x_dtype], "*" + TRITON_DTYPE[w_dtype]

@@ -89,7 +89,8 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
                                                                     kv_length, window, dtype):
     """cos / sin: the kernel rotates the query and the new key itself. The written key equals HF's
     apply_rotary_pos_emb arithmetic in the cache dtype, within one unit of its last place (a GPU may
-    fuse fp32's multiply-add; the bf16 / fp16 roundings between the ops are HF's), and the output matches the oracle over HF-rotated inputs."""
+    fuse fp32's multiply-add; the bf16 / fp16 roundings between the ops are HF's), and the output matches the oracle over HF-rotated inputs.
+    Tables of every position (rope_table=True, read at each row's position) give the same bits."""
     g = torch.Generator().manual_seed(11 * batch + dim + kv_length)
     q = torch.randn(batch, q_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
     cache = torch.randn(2, batch, kv_heads, capacity, dim, generator=g).to(dtype).to(DEVICE)
@@ -104,6 +105,10 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
     want_cache = cache.clone()
     want_cache[0, rows, :, positions] = k_rot[:, :, 0]
     want_cache[1, rows, :, positions] = new[1, :, :, 0]
+    by_table = cache.clone()
+    cos_table, sin_table = (t[:, 0] for t in rotary_tables(torch.arange(capacity), dim, dtype))   # [capacity, D]
+    got_by_table = decode_attention(q, by_table[0], by_table[1], positions, kv_length, dim ** -0.5, window,
+                                    new_keys=new[0], new_values=new[1], cos=cos_table, sin=sin_table, rope_table=True)
     got = decode_attention(q, cache[0], cache[1], positions, kv_length, dim ** -0.5, window,
                            new_keys=new[0], new_values=new[1], cos=cos, sin=sin)
     written = cache[0, rows, :, positions]
@@ -114,6 +119,7 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
     assert torch.equal(cache[1], want_cache[1])
     want = decode_attention_reference(q_rot, want_cache[0], want_cache[1], positions, kv_length, dim ** -0.5, window)
     assert rel_err(got, want) < TOLERANCE[dtype]
+    assert torch.equal(got_by_table, got) and torch.equal(by_table, cache)
 
 
 def test_rotary_needs_the_new_keys_and_an_even_head_dim():
@@ -123,6 +129,9 @@ def test_rotary_needs_the_new_keys_and_an_even_head_dim():
     table = torch.ones(1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="rotary"):
         decode_attention(q, kv, kv, pos, 64, 0.25, cos=table, sin=table)
+    with pytest.raises(ValueError, match=r"rope tables must be \[positions, 16\]"):
+        decode_attention(q, kv, kv, pos, 64, 0.25, new_keys=kv[:, :, :1], new_values=kv[:, :, :1],
+                         cos=table.view(1, 1, 16), sin=table.view(1, 1, 16), rope_table=True)
 
 
 def test_slots_after_the_position_do_not_leak():

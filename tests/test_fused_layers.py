@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ple_fast.fused_layers import decode_hidden, unsupported_reason
 from ple_fast.engine import RolloutEngine
+from ple_fast.models import head_dim
 from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from ple_fast.kernels.rotary import rotary, rotary_reference
 from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
@@ -274,6 +275,10 @@ def test_fused_training_layers_refuse_what_they_do_not_cover():
 
 # ---------------------------------------------------------------------------- the decode step
 
+# rotary types whose frequencies do not follow the batch (a table of positions serves the step)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+YARN_ROPE = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16)
 # Qwen2 with sliding layers after the first full one; a GELU Llama (its MLP glue stays in torch)
 FAMILIES = [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 5}), ("qwen3", {"head_dim": 16}),
             ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
@@ -326,7 +331,52 @@ def test_one_decode_step_equals_the_stock_layers(family, extra, dtype):
         assert torch.equal(got.transpose(2, 3)[:, untouched], want.transpose(2, 3)[:, untouched])
 
 
-@pytest.mark.parametrize("family,extra", FAMILIES)
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen3", {"head_dim": 16}), ("mistral", {"sliding_window": 5}),
+                                          ("llama", {"rope_parameters": LLAMA3_ROPE}),
+                                          ("llama", {"rope_parameters": YARN_ROPE})])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_give_the_step_the_same_bits(family, extra, dtype):
+    """A table of every position (what the engine's fused step reads) holds, row for row, the bits the
+    model's rotary module gives a batch of positions; a step reading it writes the same cache and
+    hidden states as a step running the module."""
+    from ple_fast.fused_layers import position_independent_rotary, rotary_tables
+
+    model = family_model(family, extra, dtype).eval()
+    assert position_independent_rotary(model)
+    prompts = random_tokens([3, 9, 1, 6], seed=63)
+    engine = prepared_step(model, prompts, [], [False] * 4)
+    assert engine.rope_from_tables and engine.rope_tables[0].shape == (engine.cache.capacity, head_dim(model.config))
+    st, cache = engine.state, engine.cache
+    positions = torch.tensor([0, 5, 17, cache.capacity - 1], device=DEVICE)
+    with torch.no_grad():
+        per_batch = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=DEVICE), positions.view(4, 1))
+        tables = rotary_tables(model, cache.capacity, dtype, DEVICE)
+    for table, rows in zip(tables, per_batch):
+        assert table.dtype == dtype and torch.equal(table[positions], rows[:, 0])
+    saved = (cache.keys.clone(), cache.values.clone())
+    outputs = []
+    with engine._engine_mode():
+        for rope in (None, tables):
+            cache.keys.copy_(saved[0])
+            cache.values.copy_(saved[1])
+            hidden = decode_hidden(model, cache.keys, cache.values, st.tokens, st.positions, cache.capacity,
+                                   rope_tables=rope)
+            outputs.append((hidden, cache.keys.clone(), cache.values.clone()))
+    for got, want in zip(*outputs):
+        assert torch.equal(got, want)
+
+
+def test_rotary_tables_are_not_used_where_the_frequencies_follow_the_batch():
+    """HF's dynamic rope rescales by the batch's longest position: the step runs the module instead."""
+    from ple_fast.fused_layers import position_independent_rotary
+
+    model = family_model("llama", {"rope_parameters": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)})
+    assert not position_independent_rotary(model)
+    engine = prepared_step(model, random_tokens([3, 5], seed=64), [], [False, False])
+    assert engine.fused_layers and not engine.rope_from_tables and engine.rope_tables is None
+
+
+@pytest.mark.parametrize("family,extra", FAMILIES + [("llama", {"rope_parameters": LLAMA3_ROPE})])
 def test_fused_engine_equals_hf_generate(family, extra, monkeypatch):
     """Greedy dual generation with the fused layers (decode steps, and the packed prefill's layers) is
     token for token HF generate, run separately on the queries and on principle + queries (one prompt
@@ -405,7 +455,7 @@ class _CountOps(TorchDispatchMode):
     FREE = {"view", "_unsafe_view", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
             "reshape", "permute", "alias", "detach", "as_strided", "empty", "empty_like", "empty_strided"}
     LAUNCHERS = [("ple_fast.kernels.rms_norm", "add_rms_norm"), ("ple_fast.kernels.swiglu", "silu_mul"),
-                 ("ple_fast.kernels.decode_attention", "decode_attention")]
+                 ("ple_fast.kernels.decode_attention", "decode_attention"), ("ple_fast.engine", "record_step")]
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -430,9 +480,10 @@ class _CountOps(TorchDispatchMode):
 
 
 def test_fused_step_leaves_only_the_projections_to_torch(monkeypatch):
-    """Per layer, the fused step's torch ops are its 7 projections and its glue is 4 Triton kernels
-    (+1 for the final norm); the stock step spends ~30 more torch ops per layer on norms, rotary,
-    SwiGLU and residual adds."""
+    """Per layer, the fused step's torch ops are its 7 projections and its glue is 4 Triton kernels;
+    per step, torch runs the embedding, the head and the greedy argmax, and Triton the final norm
+    and the step record (the rotary tables are read, not computed). The stock step spends ~30 more
+    torch ops per layer on norms, rotary, SwiGLU and residual adds."""
     model = family_model("llama", {}).eval()
     layers = model.config.num_hidden_layers
     prompts = random_tokens([3, 5], seed=81)
@@ -442,10 +493,8 @@ def test_fused_step_leaves_only_the_projections_to_torch(monkeypatch):
         with engine._engine_mode(), _CountOps(monkeypatch) as ops:
             engine._decode_step(engine.cache.capacity, (0.0, 0, 1.0, False), *engine._constants(0, (NO_EOS,)))
         counts[fused] = (ops.aten, ops.triton)
-    per_step = 20       # embedding, rotary tables, the head, argmax and the step's bookkeeping
-    assert counts[True][1] == 4 * layers + 1
-    assert counts[True][0] <= 7 * layers + per_step
-    assert counts[False][1] == layers                  # the decode attention kernel only
+    assert counts[True] == (7 * layers + 3, 4 * layers + 2)
+    assert counts[False][1] == layers + 1              # the decode attention kernel and the step record
     assert counts[False][0] - counts[True][0] >= 25 * layers
 
 

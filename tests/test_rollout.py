@@ -237,15 +237,19 @@ def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, 
 
 
 @pytest.mark.gpu          # on CPU under the Triton interpreter; on a GPU compiled, decode in CUDA graphs
-def test_fused_sampling_follows_the_race_oracle_at_every_step():
+@pytest.mark.parametrize("decode_attention", ["auto", "triton"])
+def test_fused_sampling_follows_the_race_oracle_at_every_step(decode_attention):
     """Every decode step draws with its own step counter: token t of row b is the fp64 race of the
-    model's logits over the uniforms of (seed, row b, step t), which the kernel exports."""
+    model's logits over the uniforms of (seed, row b, step t), which the kernel exports. With the
+    Triton decode attention (the CUDA default; on CPU only when asked) the step record kernel picks
+    each row's winner among the race's splits."""
     from ple_fast.kernels.sampling import race_sample_reference, race_uniforms
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama", init=0.05).eval().to(device)
     prompts = random_tokens([3, 5, 2, 6], seed=41)
-    engine = RolloutEngine(model, fused_sampling=True)
+    engine = RolloutEngine(model, fused_sampling=True, decode_attention=decode_attention)
+    assert engine.record_kernel == (decode_attention == "triton" or device == "cuda")
     out = engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
     assert out == engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
     assert out != engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=18)
