@@ -18,7 +18,10 @@ CUDA-event time, and the top kernels: whether a step is launch-bound, and which 
 next. After each batch's engine rows, `attention_kernel[triton]` and `attention_kernel[sdpa]` time
 one layer's decode attention alone at the batch's mid-decode context: its K/V read rate against
 the copy bandwidth (CUDA only); and `matmuls_alone` replays one step's matmuls from a CUDA graph:
-TFLOP/s against the bf16 matmul peak measured in the same run.
+TFLOP/s against the bf16 matmul peak measured in the same run. On CUDA, `matmuls_alone[cublaslt]`
+and the engine row `fast_cublaslt` repeat those with torch's matmuls routed to cuBLASLt
+(torch.backends.cuda.preferred_blas_library), whose heuristics choose other kernels for the skinny
+[batch x hidden] decode matmuls than cuBLAS's: whether the engine should capture its graphs so.
 
 The issue's floor counts bytes. At large batch a small model's step is also bound by its matmul
 FLOPs (2 per weight per row): each engine row also reports `compute_floor_fraction`, the decode
@@ -35,6 +38,7 @@ Without CUDA it exits 0 with a message (--allow-cpu runs the quick shapes anyway
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -167,12 +171,26 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     return rows
 
 
-def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float) -> dict:
+@contextlib.contextmanager
+def blas_library(name: str | None):
+    """torch's CUDA matmuls through `name` ("cublas" / "cublaslt") inside the block; None: as they are."""
+    if name is None:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float, blas: str | None = None) -> dict:
     """One decode step's matmuls alone (every projection and the LM head, on random [batch, in] rows),
     replayed from a CUDA graph as the engine's step is: the GEMMs' share of a step at this batch, as
     TFLOP/s against the matmul peak and weight bytes/s against the copy bandwidth. With the
     attention_kernel rows, what is left of the step is the rest (norms, sampling, launch gaps).
-    Without CUDA the matmuls run eagerly (smoke runs only)."""
+    Without CUDA the matmuls run eagerly (smoke runs only). blas: see `blas_library`."""
     import torch.nn.functional as F
 
     from common import time_cuda
@@ -183,21 +201,22 @@ def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float) -> di
               for w in weights}
     step = lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]
     if model.device.type == "cuda":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):          # cuBLAS's lazy init stays out of the graph
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        with blas_library(blas):               # the kernels are chosen at capture; replays keep them
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):      # cuBLAS's lazy init stays out of the graph
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
         run = graph.replay
     else:
         run = step
     ms = time_cuda(run, warmup=2, iters=10)["ms"]
     flops = 2 * batch * sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    return dict(batch=batch, method="matmuls_alone", kernels=len(weights), ms=ms,
+    return dict(batch=batch, method="matmuls_alone" + (f"[{blas}]" if blas else ""), kernels=len(weights), ms=ms,
                 tflops=flops / (ms * 1e-3) / 1e12, peak_fraction=flops / (ms * 1e-3) / (peak_tflops * 1e12),
                 weight_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth)
 
@@ -215,12 +234,14 @@ def step_parts(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: f
                   f"{row['kv_gbs']:7.0f} GB/s  {row['bandwidth_fraction']:.0%} of copy bandwidth")
     except Exception as err:  # noqa: BLE001 - a diagnostic must not lose the run's rows
         rows.append(dict(batch=batch, method="attention_kernel", error=f"{type(err).__name__}: {err}"[:300]))
-    try:
-        rows.append(row := matmuls_alone(model, batch, peak_tflops, bandwidth))
-        print(f"batch {batch:4d}  {row['method']:24s}  {row['ms'] * 1e3:8.1f} us  {row['tflops']:7.0f} TFLOP/s "
-              f"({row['peak_fraction']:.0%} of matmul peak)  {row['bandwidth_fraction']:.0%} of copy bandwidth")
-    except Exception as err:  # noqa: BLE001
-        rows.append(dict(batch=batch, method="matmuls_alone", error=f"{type(err).__name__}: {err}"[:300]))
+    for blas in (None, "cublaslt") if model.device.type == "cuda" else (None,):
+        method = "matmuls_alone" + (f"[{blas}]" if blas else "")
+        try:
+            rows.append(row := matmuls_alone(model, batch, peak_tflops, bandwidth, blas))
+            print(f"batch {batch:4d}  {method:24s}  {row['ms'] * 1e3:8.1f} us  {row['tflops']:7.0f} TFLOP/s "
+                  f"({row['peak_fraction']:.0%} of matmul peak)  {row['bandwidth_fraction']:.0%} of copy bandwidth")
+        except Exception as err:  # noqa: BLE001
+            rows.append(dict(batch=batch, method=method, error=f"{type(err).__name__}: {err}"[:300]))
     return rows
 
 
@@ -254,7 +275,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
     # the compiled methods in a pass of their own, after every batch of the eager ones: a first compile can
     # take minutes, and must not push the batch-256 rows (the floor target) past the deadline
-    passes = [("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode"),
+    eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
+    passes = [eager + (("fast_cublaslt",) if device.type == "cuda" else ()),
               ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
 
     model = build_model(shape, dtype, device)
@@ -266,7 +288,8 @@ def main(argv=None) -> int:
                "fast_stock_layers": RolloutEngine(model, fused_layers=False),
                "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
                "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
-               "fast_compiled": RolloutEngine(model, compile_decode=True)}
+               "fast_compiled": RolloutEngine(model, compile_decode=True),
+               "fast_cublaslt": RolloutEngine(model)}      # its graphs captured with cuBLASLt matmuls
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)
@@ -298,22 +321,24 @@ def main(argv=None) -> int:
                     save()
                     continue
                 try:
-                    if method in engines:
-                        engine = engines[method]
-                        for other in engines.values():   # one KV cache at a time
-                            if other is not engine:
-                                other.release()
-                        call = lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens,
-                                                       temperature=1.0, seed=0)
-                        call()                                 # warm-up: captures every cache-length graph
-                    else:
-                        static = method == "hf_static_compile"
-                        call = lambda: run_hf(model, input_ids, new_tokens, static)
-                        if static:
-                            call()                             # warm-up: compiles for this batch size
+                    # fast_cublaslt: the engine's graphs captured (and its prefill run) with cuBLASLt matmuls
+                    with blas_library("cublaslt" if method == "fast_cublaslt" else None):
+                        if method in engines:
+                            engine = engines[method]
+                            for other in engines.values():   # one KV cache at a time
+                                if other is not engine:
+                                    other.release()
+                            call = lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens,
+                                                           temperature=1.0, seed=0)
+                            call()                             # warm-up: captures every cache-length graph
                         else:
-                            run_hf(model, input_ids, 4, False)
-                    seconds = time_call(call, device)
+                            static = method == "hf_static_compile"
+                            call = lambda: run_hf(model, input_ids, new_tokens, static)
+                            if static:
+                                call()                             # warm-up: compiles for this batch size
+                            else:
+                                run_hf(model, input_ids, 4, False)
+                        seconds = time_call(call, device)
                 except Exception as err:                       # e.g. torch.compile unsupported here
                     row["error"] = ("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300]
                     print(f"batch {batch:4d}  {method:18s}  failed: {row['error']}")

@@ -134,3 +134,21 @@ def test_rollout_bench_attention_bandwidth_rows(monkeypatch):
         nbytes = 2 * 2 * 2 * 10 * 32 * 4        # K and V, batch, kv heads, context, head dim, fp32
         assert row["kv_gbs"] == pytest.approx(nbytes / row["ms"] / 1e6)
         assert row["bandwidth_fraction"] == pytest.approx(nbytes / (row["ms"] * 1e-3) / 1e9)
+
+
+def test_rollout_bench_blas_library_switch_is_undone():
+    """fast_cublaslt / matmuls_alone[cublaslt] capture their matmuls with cuBLASLt, and every row after
+    them gets torch's choice back (CUDA builds of torch only: a CPU build cannot name cuBLASLt)."""
+    sys.path.insert(0, str(BENCH))
+    import bench_rollout
+
+    before = torch.backends.cuda.preferred_blas_library()
+    with bench_rollout.blas_library(None):
+        assert torch.backends.cuda.preferred_blas_library() == before
+    if torch.version.cuda is None:
+        pytest.skip("a CPU build of torch has no cuBLASLt to prefer")
+    with pytest.raises(RuntimeError, match="inside"):
+        with bench_rollout.blas_library("cublaslt"):
+            assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+            raise RuntimeError("inside")
+    assert torch.backends.cuda.preferred_blas_library() == before
