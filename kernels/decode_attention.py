@@ -202,7 +202,8 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=4, num_stages=tile["num_stages"],
+            FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=4,
+            num_stages=tile["num_stages"],
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)

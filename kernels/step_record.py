@@ -92,11 +92,13 @@ def record_step(tokens: Tensor, positions: Tensor, done: Tensor, out: Tensor, st
                 score.dtype != torch.float32 or col.dtype != torch.int32:
             raise ValueError(f"record_step: candidates must be fp32 and int32 [{batch}, splits], got "
                              f"{score.dtype} {tuple(score.shape)} and {col.dtype} {tuple(col.shape)}")
-        score, col, sampled, splits = score.contiguous(), col.contiguous(), tokens, score.shape[1]
+        score, col, splits = score.contiguous(), col.contiguous(), score.shape[1]
+        sampled = tokens                                # unused (RACE=True)
     else:
         if sampled.shape != (batch,) or sampled.dtype != torch.int64:
-            raise ValueError(f"record_step: sampled must be int64 [{batch}], got {sampled.dtype} {tuple(sampled.shape)}")
-        score, col, splits = tokens, tokens, 1         # unused (RACE=False)
+            raise ValueError(f"record_step: sampled must be int64 [{batch}], "
+                             f"got {sampled.dtype} {tuple(sampled.shape)}")
+        score, col, splits = tokens, tokens, 1          # unused (RACE=False)
     if batch == 0:
         step.add_(1)
         return
