@@ -28,7 +28,10 @@ FLOPs (2 per weight per row): each engine row also reports `compute_floor_fracti
 FLOPs at the measured matmul peak over the decode time. A step can reach neither floor while the
 other is far off; the two together say which one binds at that batch.
 
-    python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--skip-compile]
+    python bench/bench_rollout.py [--out DIR] [--quick] [--batches 128,256,32] [--hf-batches 128] [--skip-compile]
+
+--hf-batches limits HF generate (~16 s a batch on an H200, most of this bench's time) to the batches
+named, e.g. 128, the one its speed target is set at; the default times it at every batch.
 
 Batches run in target order (128: speed over HF, 256: floor fraction, then 32), first for the
 eager methods (each batch followed by its step-part rows), then for the compiled ones
@@ -256,6 +259,7 @@ def time_call(fn, device) -> float:
 def main(argv=None) -> int:
     def extra(ap):
         ap.add_argument("--batches", help="comma-separated batch sizes (default 128,256,32; quick 4,8)")
+        ap.add_argument("--hf-batches", help="comma-separated batches to time HF generate at (default: every one)")
         ap.add_argument("--prompt-len", type=int)
         ap.add_argument("--new-tokens", type=int)
         ap.add_argument("--skip-compile", action="store_true", help="skip HF static cache + torch.compile")
@@ -273,6 +277,7 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
+    hf_batches = set(batches if args.hf_batches is None else (int(b) for b in args.hf_batches.split(",")))
     # the compiled methods in a pass of their own, after every batch of the eager ones: a first compile can
     # take minutes, and must not push the batch-256 rows (the floor target) past the deadline
     eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
@@ -314,6 +319,8 @@ def main(argv=None) -> int:
             floor_s = (weights * (new_tokens - 1) + kv_bytes_read(model, batch, prompt_len, new_tokens)) / bandwidth
             compute_floor_s = decode_flops(model, batch, prompt_len, new_tokens) / (peak_tflops * 1e12)
             for method in methods:
+                if method in ("hf", "hf_static_compile") and batch not in hf_batches:
+                    continue
                 row = {"batch": batch, "method": method}
                 rows.append(row)
                 if seconds_left() < (90 if method in ("hf_static_compile", "fast_compiled") else 20):   # compiles

@@ -25,17 +25,20 @@ def test_bench_exits_cleanly_without_cuda(script, tmp_path):
 
 
 def test_rollout_bench_smoke_run_on_cpu(tmp_path):
-    proc = run_bench("bench_rollout.py", "--allow-cpu", "--quick", "--batches", "2", "--prompt-len", "8",
-                     "--new-tokens", "4", "--out", str(tmp_path))
+    proc = run_bench("bench_rollout.py", "--allow-cpu", "--quick", "--batches", "2,3", "--hf-batches", "3",
+                     "--prompt-len", "8", "--new-tokens", "4", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_rollout-*.json")
     payload = json.loads(result.read_text())
-    rows = [r for r in payload["rows"] if r["method"] != "matmuls_alone"]
+    # HF generate at the --hf-batches only, and the speed-ups only where it ran
+    assert [r["batch"] for r in payload["rows"] if r["method"] == "hf"] == [3]
+    assert {r["batch"] for r in payload["rows"] if "speedup_vs_hf" in r} == {3}
+    rows = [r for r in payload["rows"] if r["method"] != "matmuls_alone" and r["batch"] == 3]
     assert {r["method"] for r in rows} == {"hf", "fast", "fast_one_stream", "fast_stock_layers",
                                            "fast_torch_sampling", "fast_sdpa_decode", "fast_compiled"}
     assert all(r["tokens_per_s"] > 0 and "error" not in r for r in rows)
     assert all(0 < r["compute_floor_fraction"] and 0 < r["floor_fraction"] for r in rows if r["method"] != "hf")
-    (matmuls,) = [r for r in payload["rows"] if r["method"] == "matmuls_alone"]
+    (matmuls,) = [r for r in payload["rows"] if r["method"] == "matmuls_alone" and r["batch"] == 3]
     assert "error" not in matmuls and matmuls["kernels"] == 2 * 7 + 1 and matmuls["ms"] > 0   # 2 layers + head
     assert matmuls["tflops"] == pytest.approx(matmuls["peak_fraction"] * payload["matmul_peak_tflops"])
     profiled = {r["method"]: r["profile"] for r in rows if "profile" in r}
