@@ -17,7 +17,9 @@ kernels per step, the GPU's busy time per step (sum of kernel durations) against
 CUDA-event time, and the top kernels: whether a step is launch-bound, and which kernels to fuse
 next. After each batch's engine rows, `attention_kernel[triton]` and `attention_kernel[sdpa]` time
 one layer's decode attention alone at the batch's mid-decode context: its K/V read rate against
-the copy bandwidth (CUDA only); and `matmuls_alone` replays one step's matmuls from a CUDA graph:
+the copy bandwidth (CUDA only), and `attention_kernel[triton BLOCK=.. num_stages=.. num_warps=..]`
+the same kernel with each of its CANDIDATE_TILES (and their largest difference from the default's
+output); and `matmuls_alone` replays one step's matmuls from a CUDA graph:
 TFLOP/s against the bf16 matmul peak measured in the same run. On CUDA, `matmuls_alone[cublaslt]`
 and the engine row `fast_cublaslt` repeat those with torch's matmuls routed to cuBLASLt
 (torch.backends.cuda.preferred_blas_library), whose heuristics choose other kernels for the skinny
@@ -139,14 +141,21 @@ def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
 ATTENTION_CALLS = 50     # decode attention calls per timed loop: one call is ~tens of microseconds
 
 
-def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> list[dict]:
+def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float,
+                        tiles: tuple[dict, ...] | None = None) -> list[dict]:
     """One layer's decode attention alone, at the run's mid-decode context: K/V bytes read per second
     against the copy bandwidth, for the Triton kernel and for masked SDPA over the cache (the torch path).
-    How close the kernel is to bandwidth, separately from the rest of the step (CUDA only)."""
+    How close the kernel is to bandwidth, separately from the rest of the step (CUDA only).
+
+    tiles: other tiles of the Triton kernel to time beside its default (None: the kernel module's
+    CANDIDATE_TILES on CUDA at head dim 64 in half precision, else none); each such row also gives
+    its largest difference from the default tile's output, so a fast wrong tile cannot pass."""
+    import functools
+
     import torch.nn.functional as F
 
     from common import time_cuda
-    from ple_fast.kernels.decode_attention import decode_attention
+    from ple_fast.kernels.decode_attention import CANDIDATE_TILES, decode_attention
 
     c, device, dtype = model.config, model.device, model.dtype
     dim = head_dim(c)
@@ -160,17 +169,27 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     positions = torch.full((batch,), context - 1, device=device)
     mask = (torch.arange(kv_length, device=device) <= positions[:, None])[:, None, None, :]
     grouped = query.view(batch, kv_heads, q_heads // kv_heads, dim)
+    triton_call = functools.partial(decode_attention, query, keys, values, positions, kv_length, dim ** -0.5)
     calls = {
-        "triton": lambda: decode_attention(query, keys, values, positions, kv_length, dim ** -0.5),
+        "triton": triton_call,
         "sdpa": lambda: F.scaled_dot_product_attention(grouped, keys[:, :, :kv_length], values[:, :, :kv_length],
                                                        attn_mask=mask),
     }
+    if tiles is None:
+        tiles = CANDIDATE_TILES if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dim == 64 \
+            else ()
+    tile_of = {"triton " + " ".join(f"{k}={v}" for k, v in tile.items()): tile for tile in tiles}
+    calls.update({name: functools.partial(triton_call, tile=tile) for name, tile in tile_of.items()})
+    reference = triton_call() if tile_of else None
     nbytes = 2 * batch * kv_heads * context * dim * dtype.itemsize
     rows = []
     for name, call in calls.items():
         ms = time_cuda(lambda: [call() for _ in range(ATTENTION_CALLS)], warmup=2, iters=5)["ms"] / ATTENTION_CALLS
-        rows.append(dict(batch=batch, method=f"attention_kernel[{name}]", context=context, ms=ms,
-                         kv_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth))
+        row = dict(batch=batch, method=f"attention_kernel[{name}]", context=context, ms=ms,
+                   kv_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth)
+        if name in tile_of:
+            row.update(tile=tile_of[name], max_abs_diff_vs_default=float((call() - reference).abs().max()))
+        rows.append(row)
     return rows
 
 

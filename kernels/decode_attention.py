@@ -35,12 +35,20 @@ from ple_fast.kernels.varlen_attention import _online_softmax_step
 BLOCK_L = 64
 
 
+# other half-precision tiles that bench_rollout times beside gpu_tile_config's, at head dim 64 (the
+# attention_kernel[triton ...] rows): which one reads the cache fastest is a measurement, not a guess
+CANDIDATE_TILES = (dict(BLOCK=128, num_stages=3, num_warps=4), dict(BLOCK=128, num_stages=3, num_warps=8),
+                   dict(BLOCK=64, num_stages=4, num_warps=4), dict(BLOCK=64, num_stages=2, num_warps=8),
+                   dict(BLOCK=32, num_stages=4, num_warps=4))
+
+
 def gpu_tile_config(dtype: torch.dtype) -> dict:
-    """Keys per block and pipeline depth: fp32 caches get 32-key blocks and no pipelining, or head
-    dim 256 would need 280 KB of shared memory (tests/compile_kernels.py checks the fit)."""
+    """Keys per block, pipeline depth and warps: fp32 caches get 32-key blocks and no pipelining, or
+    head dim 256 would need 280 KB of shared memory (tests/compile_kernels.py checks the fit).
+    bench_rollout's `attention_kernel[triton ...]` rows time other tiles beside this one."""
     if dtype in (torch.float16, torch.bfloat16):
-        return dict(BLOCK=BLOCK_L, num_stages=3)
-    return dict(BLOCK=32, num_stages=1)
+        return dict(BLOCK=BLOCK_L, num_stages=3, num_warps=4)
+    return dict(BLOCK=32, num_stages=1, num_warps=4)
 
 
 @triton.jit
@@ -139,7 +147,7 @@ def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> i
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
                      scale: float, sliding_window: int | None = None, new_keys: Tensor | None = None,
                      new_values: Tensor | None = None, cos: Tensor | None = None, sin: Tensor | None = None,
-                     rope_table: bool = False) -> Tensor:
+                     rope_table: bool = False, tile: dict | None = None) -> Tensor:
     """query [B, Hq, 1, D]; keys/values [B, Hkv, C, D] cache views (D contiguous, C >= kv_length);
     positions [B] int64 (the query's slot). Returns [B, Hq, 1, D] in the query's dtype.
 
@@ -148,7 +156,8 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     With cos / sin ([B, D] or [B, 1, D], the model's rotary embedding at positions[b]) the query and
     the new keys come unrotated and the kernel rotates them (HF's rotate-half convention). With
     rope_table, cos / sin are [T, D] tables of every position (T > every positions[b]), and row
-    positions[b] is read: a decode step then needs no rotary kernels of its own."""
+    positions[b] is read: a decode step then needs no rotary kernels of its own. tile: BLOCK,
+    num_stages and num_warps instead of `gpu_tile_config`'s (benches compare tiles with it)."""
     batch, q_heads, q_len, dim = query.shape
     kv_heads = keys.shape[1]
     require_runnable(query.device, "decode_attention", "use the SDPA path")
@@ -182,7 +191,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     block_g = max(16, triton.next_power_of_2(groups))
     block_d = max(16, triton.next_power_of_2(dim))
     splits = _splits(batch, kv_heads, kv_length, query.device)
-    tile = gpu_tile_config(query.dtype)
+    tile = tile or gpu_tile_config(query.dtype)
     keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), tile["BLOCK"]) * tile["BLOCK"]
     final = splits == 1
     out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
@@ -202,7 +211,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
-            FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=4,
+            FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=tile["num_warps"],
             num_stages=tile["num_stages"],
         )
     if not final:

@@ -93,7 +93,15 @@ def launches(arch: int):
                dict(HAS_WINDOW=window, BLOCK_G=16, BLOCK_D=head_dim, BLOCK=tile["BLOCK"],
                     PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, FINAL=final, WRITE=final,
                     ROPE=rope, ROPE_TABLE=rope and dtype == BF16),
-               4, tile["num_stages"])
+               tile["num_warps"], tile["num_stages"])
+    for tile in decode_attention.CANDIDATE_TILES:      # the other tiles bench_rollout times (bf16, head dim 64)
+        yield (f"decode attention bf16 head_dim=64 tile {tile}", decode_attention._decode_attention_kernel,
+               dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64", m_ptr="*bf16", l_ptr="*bf16",
+                    acc_ptr="*bf16", out_ptr="*bf16", new_k_ptr="*bf16", new_v_ptr="*bf16", cos_ptr="*bf16",
+                    sin_ptr="*bf16"),
+               dict(HAS_WINDOW=False, BLOCK_G=16, BLOCK_D=64, BLOCK=tile["BLOCK"], PRECISION="tf32", UPCAST=False,
+                    FINAL=True, WRITE=True, ROPE=True, ROPE_TABLE=True),
+               tile["num_warps"], tile["num_stages"])
     for race, advance in ((True, True), (False, False)):
         yield (f"step record race={race} advance={advance}", step_record._record_kernel,
                dict(next_ptr="*i64", score_ptr="*fp32", col_ptr="*i32", tokens_ptr="*i64", positions_ptr="*i64",

@@ -130,8 +130,13 @@ def test_rollout_bench_attention_bandwidth_rows(monkeypatch):
 
     monkeypatch.setattr(bench_rollout, "ATTENTION_CALLS", 2)      # interpreted calls are slow
     model = bench_rollout.build_model(bench_rollout.TINY, torch.float32, torch.device("cpu"))
-    rows = bench_rollout.attention_bandwidth(model, 2, 8, 4, bandwidth=1e9)
-    assert [r["method"] for r in rows] == ["attention_kernel[triton]", "attention_kernel[sdpa]"]
+    assert [r["method"] for r in bench_rollout.attention_bandwidth(model, 2, 8, 4, bandwidth=1e9)] == \
+        ["attention_kernel[triton]", "attention_kernel[sdpa]"]          # CPU: no other tiles unless named
+    tile = dict(BLOCK=16, num_stages=1, num_warps=2)
+    rows = bench_rollout.attention_bandwidth(model, 2, 8, 4, bandwidth=1e9, tiles=(tile,))
+    assert [r["method"] for r in rows] == ["attention_kernel[triton]", "attention_kernel[sdpa]",
+                                           "attention_kernel[triton BLOCK=16 num_stages=1 num_warps=2]"]
+    assert rows[2]["tile"] == tile and rows[2]["max_abs_diff_vs_default"] < 1e-5   # the same attention
     for row in rows:
         assert row["context"] == 10 and row["ms"] > 0
         nbytes = 2 * 2 * 2 * 10 * 32 * 4        # K and V, batch, kv heads, context, head dim, fp32

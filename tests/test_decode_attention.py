@@ -3,7 +3,7 @@ CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` runs the compiled kernel
 import pytest
 import torch
 
-from ple_fast.kernels.decode_attention import combine, decode_attention, decode_attention_reference
+from ple_fast.kernels.decode_attention import CANDIDATE_TILES, combine, decode_attention, decode_attention_reference
 from ple_fast.kernels.rotary import rotary_reference
 
 pytestmark = pytest.mark.gpu
@@ -46,6 +46,21 @@ def test_matches_the_fp64_oracle(batch, q_heads, kv_heads, dim, capacity, kv_len
     want = decode_attention_reference(q, keys, values, positions, kv_length, dim ** -0.5, window)
     assert got.shape == q.shape and got.dtype == dtype
     assert rel_err(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tile", CANDIDATE_TILES + (dict(BLOCK=16, num_stages=1, num_warps=2),))
+@pytest.mark.parametrize("window", [None, 7])
+def test_every_candidate_tile_matches_the_oracle(tile, window):
+    """The tiles bench_rollout times beside the default (CANDIDATE_TILES) compute the same attention;
+    100 keys: no tile's BLOCK divides them, and on CPU two key splits of a tile's BLOCK multiple."""
+    batch, q_heads, kv_heads, dim, capacity, kv_length = 3, 8, 2, 64, 192, 100
+    g = torch.Generator().manual_seed(tile["BLOCK"] + (window or 0))
+    q = torch.randn(batch, q_heads, 1, dim, generator=g).to(torch.bfloat16).to(DEVICE)
+    cache = torch.randn(2, batch, kv_heads, capacity, dim, generator=g).to(torch.bfloat16).to(DEVICE)
+    positions = torch.tensor([kv_length - 1, 0, 57], device=DEVICE)
+    got = decode_attention(q, cache[0], cache[1], positions, kv_length, dim ** -0.5, window, tile=tile)
+    want = decode_attention_reference(q, cache[0], cache[1], positions, kv_length, dim ** -0.5, window)
+    assert rel_err(got, want) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.parametrize("batch,q_heads,kv_heads,dim,capacity,kv_length,window,dtype", CASES)
