@@ -120,13 +120,20 @@ def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] |
                 stats[1] += (event.time_range.elapsed_us() if cuda else event.self_cpu_time_total) / 1e3
         return by_name
 
-    work, base = kernels(fn), kernels(baseline)
+    out = profile_difference(kernels(fn), kernels(baseline), units=units, top=top, timed_ms=timed_ms)
+    return dict(unit="cuda kernels" if cuda else "cpu ops", **out)
+
+
+def profile_difference(work: dict[str, list[float]], base: dict[str, list[float]], *, units: int = 1,
+                       top: int = 8, timed_ms: float | None = None) -> dict:
+    """kernel_profile's arithmetic on two {name: [count, ms]} tallies: work minus base, per unit; the
+    names whose count grew, ranked by time."""
     diff = {name: (count - base.get(name, (0, 0.0))[0], ms - base.get(name, (0, 0.0))[1])
             for name, (count, ms) in work.items()}
     diff = {name: (count / units, ms / units) for name, (count, ms) in diff.items() if count > 0}
     busy = sum(ms for _, ms in diff.values())
     ranked = sorted(diff.items(), key=lambda item: -item[1][1])[:top]
-    out = dict(unit="cuda kernels" if cuda else "cpu ops", count=round(sum(c for c, _ in diff.values()), 1),
+    out = dict(count=round(sum(c for c, _ in diff.values()), 1),
                busy_ms=busy, top=[dict(name=name[:120], count=round(count, 2), ms=ms,
                                        share=ms / busy if busy else None) for name, (count, ms) in ranked])
     if timed_ms is not None:
