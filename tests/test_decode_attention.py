@@ -91,7 +91,7 @@ def test_fused_cache_write_then_attend(batch, q_heads, kv_heads, dim, capacity, 
     assert rel_err(got, want) < TOLERANCE[dtype]
 
 
-def rotary_tables(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_rotary_rows(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin [B, 1, D] as HF's rotary modules make them: fp32 angles, cast to the model dtype."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     angles = positions.float().cpu()[:, None] * inv_freq[None, :]
@@ -113,7 +113,7 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
     positions = torch.randint(0, kv_length, (batch,), generator=g)
     positions[0] = kv_length - 1
     positions = positions.to(DEVICE)
-    cos, sin = rotary_tables(positions, dim, dtype)
+    cos, sin = hf_rotary_rows(positions, dim, dtype)
     rows = torch.arange(batch, device=DEVICE)
     cache[:, rows, :, positions] = float("nan")
     q_rot, k_rot = (rotary_reference(t, cos.unsqueeze(1), sin.unsqueeze(1)) for t in (q, new[0]))
@@ -121,7 +121,7 @@ def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_hea
     want_cache[0, rows, :, positions] = k_rot[:, :, 0]
     want_cache[1, rows, :, positions] = new[1, :, :, 0]
     by_table = cache.clone()
-    cos_table, sin_table = (t[:, 0] for t in rotary_tables(torch.arange(capacity), dim, dtype))   # [capacity, D]
+    cos_table, sin_table = (t[:, 0] for t in hf_rotary_rows(torch.arange(capacity), dim, dtype))   # [capacity, D]
     got_by_table = decode_attention(q, by_table[0], by_table[1], positions, kv_length, dim ** -0.5, window,
                                     new_keys=new[0], new_values=new[1], cos=cos_table, sin=sin_table, rope_table=True)
     got = decode_attention(q, cache[0], cache[1], positions, kv_length, dim ** -0.5, window,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ple_fast.fused_layers import decode_hidden, unsupported_reason
+from ple_fast.fused_layers import decode_hidden, position_independent_rotary, rotary_tables, unsupported_reason
 from ple_fast.engine import RolloutEngine
 from ple_fast.models import head_dim
 from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
@@ -16,7 +16,7 @@ from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
 from ple_fast.rollout import generate, generate_dual
 from test_rollout import NO_EOS, random_tokens, tiny_model
 import test_dual_forward
-from test_decode_attention import rotary_tables
+from test_decode_attention import hf_rotary_rows
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,7 +165,7 @@ def test_rotary_forward_rounds_like_hf_and_backward_matches_fp64(tokens, q_heads
     q = torch.randn(tokens, q_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
     k = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
     positions = torch.randint(0, 500, (tokens,), generator=g)
-    cos, sin = (t[:, 0] for t in rotary_tables(positions, dim, table_dtype))      # [N, D]
+    cos, sin = (t[:, 0] for t in hf_rotary_rows(positions, dim, table_dtype))      # [N, D]
     q_out, k_out = rotary(q, k, cos, sin)
     out_dtype = torch.promote_types(dtype, table_dtype)
     for got, x in ((q_out, q), (k_out, k)):
@@ -331,7 +331,8 @@ def test_one_decode_step_equals_the_stock_layers(family, extra, dtype):
         assert torch.equal(got.transpose(2, 3)[:, untouched], want.transpose(2, 3)[:, untouched])
 
 
-@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen3", {"head_dim": 16}), ("mistral", {"sliding_window": 5}),
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("qwen3", {"head_dim": 16}),
+                                          ("mistral", {"sliding_window": 5}),
                                           ("llama", {"rope_parameters": LLAMA3_ROPE}),
                                           ("llama", {"rope_parameters": YARN_ROPE})])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -339,8 +340,6 @@ def test_rotary_tables_give_the_step_the_same_bits(family, extra, dtype):
     """A table of every position (what the engine's fused step reads) holds, row for row, the bits the
     model's rotary module gives a batch of positions; a step reading it writes the same cache and
     hidden states as a step running the module."""
-    from ple_fast.fused_layers import position_independent_rotary, rotary_tables
-
     model = family_model(family, extra, dtype).eval()
     assert position_independent_rotary(model)
     prompts = random_tokens([3, 9, 1, 6], seed=63)
@@ -368,8 +367,6 @@ def test_rotary_tables_give_the_step_the_same_bits(family, extra, dtype):
 
 def test_rotary_tables_are_not_used_where_the_frequencies_follow_the_batch():
     """HF's dynamic rope rescales by the batch's longest position: the step runs the module instead."""
-    from ple_fast.fused_layers import position_independent_rotary
-
     model = family_model("llama", {"rope_parameters": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)})
     assert not position_independent_rotary(model)
     engine = prepared_step(model, random_tokens([3, 5], seed=64), [], [False, False])
