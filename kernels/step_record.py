@@ -60,9 +60,10 @@ def _record_kernel(next_ptr, score_ptr, col_ptr, tokens_ptr, positions_ptr, done
 def _check(tokens: Tensor, positions: Tensor, done: Tensor, out: Tensor, step: Tensor, pad: Tensor,
            eos: Tensor) -> None:
     batch = tokens.shape[0]
-    for name, t, dtype, shape in (("tokens", tokens, torch.int64, (batch,)), ("positions", positions, torch.int64,
-                                  (batch,)), ("done", done, torch.bool, (batch,)), ("step", step, torch.int64, (1,)),
-                                  ("pad", pad, torch.int64, ()), ("eos", eos, torch.int64, (eos.numel(),))):
+    expected = (("tokens", tokens, torch.int64, (batch,)), ("positions", positions, torch.int64, (batch,)),
+                ("done", done, torch.bool, (batch,)), ("step", step, torch.int64, (1,)),
+                ("pad", pad, torch.int64, ()), ("eos", eos, torch.int64, (eos.numel(),)))
+    for name, t, dtype, shape in expected:
         if t.dtype != dtype or tuple(t.shape) != shape or t.device != tokens.device or not t.is_contiguous():
             raise ValueError(f"record_step: {name} must be a contiguous {dtype} tensor of shape {shape} on "
                              f"{tokens.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
