@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
-from ple_fast.kernels.rotary import _rotary, _rotate_half_partners
+from ple_fast.kernels.rotary import FP_FUSION as ROTARY_FP_FUSION, _rotary, _rotate_half_partners
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
 BLOCK_L = 64
@@ -212,7 +212,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
             FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=tile["num_warps"],
-            num_stages=tile["num_stages"],
+            num_stages=tile["num_stages"], enable_fp_fusion=ROTARY_FP_FUSION if rope else True,
         )
     if not final:
         out = combine(m, l, acc)[:, :groups, :dim].reshape(batch, kv_heads, groups, dim).to(query.dtype)

@@ -20,13 +20,19 @@ from torch import Tensor
 
 from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
+FP_FUSION = False         # the launch option of every kernel that calls _rotary (see there)
 INTERPRETED_ROWS = 256     # (token, head) rows per program under the interpreter, which pays per program
 
 
 @triton.jit
 def _rotary(x, x_partner, first_half, cos, sin, OUT: tl.constexpr):
     """x * cos + rotate_half(x) * sin, each product and the sum rounded to OUT as eager bf16 / fp16
-    ops round them; x_partner holds x at d + D/2 (first half) or d - D/2 (second half)."""
+    ops round them; x_partner holds x at d + D/2 (first half) or d - D/2 (second half).
+
+    Every kernel that calls it launches with enable_fp_fusion=False (FP_FUSION): otherwise the GPU
+    compiler turns the second product and the sum into one fused multiply-add (fma.rn.bf16 in the
+    PTX), which rounds once where HF rounds twice, and the rotated value can land a unit or more
+    from HF's (many units of a sum that cancels)."""
     rotated = tl.where(first_half, -x_partner.to(tl.float32), x_partner.to(tl.float32))
     a = _round_to(x.to(tl.float32) * cos, OUT).to(tl.float32)
     b = _round_to(rotated * sin, OUT).to(tl.float32)
@@ -93,7 +99,7 @@ def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, k_out
                                 q_heads, kv_heads, dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
                                 sin.stride(0), BACKWARD=backward, ROWS=rows, BLOCK_D=triton.next_power_of_2(dim),
-                                num_warps=4)
+                                num_warps=4, enable_fp_fusion=FP_FUSION)
 
 
 class _Rotary(torch.autograd.Function):

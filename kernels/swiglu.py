@@ -9,31 +9,46 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
 BLOCK = 1024 if not INTERPRETED else 65536       # the interpreter pays per program, not per lane
+# A GPU build's tl.exp is ex2.approx after a rounded multiply by log2(e), and its fp32 division is
+# approximate: at |gate| ~ 16 that is ~20 units in the last place of an fp32 SiLU away from torch's.
+# libdevice's expf and a correctly rounded division keep fp32 SiLU within a few units of HF's (the
+# interpreter has no libdevice; numpy's exp and division are already correctly rounded there).
+PRECISE = not INTERPRETED
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _over_one_plus_exp_neg(x, g, PRECISE: tl.constexpr):
+    """x / (1 + exp(-g)) in fp32: SiLU for x = g (as torch computes it), the sigmoid for x = 1."""
+    if PRECISE:
+        return tl.math.div_rn(x, 1.0 + libdevice.exp(-g))
+    return x / (1.0 + tl.exp(-g))
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    act = _round_to(g / (1.0 + tl.exp(-g)), gate_ptr.dtype.element_ty).to(tl.float32)
+    act = _round_to(_over_one_plus_exp_neg(g, g, PRECISE), gate_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + offs, _round_to(act * u, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _silu_mul_backward_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_backward_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr,
+                              PRECISE: tl.constexpr):
     """d up = dy silu(g); d gate = dy u silu'(g), silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-g))
+    sig = _over_one_plus_exp_neg(1.0, g, PRECISE)
     tl.store(dup_ptr + offs, (dy * g * sig).to(dup_ptr.dtype.element_ty), mask=ok)
     tl.store(dgate_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dgate_ptr.dtype.element_ty), mask=ok)
 
@@ -44,7 +59,7 @@ class _SiluMul(torch.autograd.Function):
         out = torch.empty_like(gate)
         n = gate.numel()
         if n:
-            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, num_warps=4)
+            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
         ctx.save_for_backward(gate, up)
         return out
 
@@ -56,7 +71,7 @@ class _SiluMul(torch.autograd.Function):
         n = gate.numel()
         if n:
             _silu_mul_backward_kernel[(triton.cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
-                                                                num_warps=4)
+                                                                PRECISE=PRECISE, num_warps=4)
         return dgate, dup
 
 

@@ -9,6 +9,7 @@ ptxas. Run without TRITON_INTERPRET (tests/test_kernels_compile.py does that in 
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
@@ -41,13 +42,29 @@ def signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, s
     return sig
 
 
+def fp_fusion(kernel, constexprs: dict) -> bool:
+    """enable_fp_fusion as the kernel's launch sets it: off wherever `_rotary` runs (rounding like HF)."""
+    if kernel is rotary._rotary_kernel or (kernel is decode_attention._decode_attention_kernel
+                                           and constexprs.get("ROPE")):
+        return rotary.FP_FUSION
+    return True
+
+
+FLOAT_FMA = re.compile(r"^\s*fma\.rn(\.ftz)?\.(bf16|f16|f32)\b", re.M)
+
+
 def compile_one(kernel, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, arch: int):
     src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs),
                     constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    fusion = fp_fusion(kernel, constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fusion))
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{kernel.__name__}: no cubin produced")
+    # the bug this guards: with fusion on, the rotary's product and sum became fma.rn.bf16 (H200 tests)
+    if not fusion and kernel is rotary._rotary_kernel and FLOAT_FMA.search(compiled.asm["ptx"]):
+        raise RuntimeError(f"{kernel.__name__}: a floating-point fused multiply-add in a kernel that must "
+                           "round each product and sum as HF does")
     shared = compiled.metadata.shared
     if shared > SHARED_MEMORY_BYTES[arch]:
         raise RuntimeError(f"{kernel.__name__}: {shared} bytes of shared memory, sm_{arch} has "
@@ -122,9 +139,10 @@ def launches(arch: int):
     for dtype in (BF16, FP16, FP32):
         t = "*" + TRITON_DTYPE[dtype]
         yield (f"silu_mul {dtype}", swiglu._silu_mul_kernel, dict(gate_ptr=t, up_ptr=t, out_ptr=t),
-               dict(BLOCK=swiglu.BLOCK), 4, 3)
+               dict(BLOCK=swiglu.BLOCK, PRECISE=True), 4, 3)
         yield (f"silu_mul backward {dtype}", swiglu._silu_mul_backward_kernel,
-               dict(dy_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t), dict(BLOCK=swiglu.BLOCK), 4, 3)
+               dict(dy_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t), dict(BLOCK=swiglu.BLOCK, PRECISE=True),
+               4, 3)
     for x_dtype, table_dtype, q_heads, kv_heads, head_dim in ((BF16, BF16, 32, 8, 64), (BF16, FP32, 32, 4, 128),
                                                              (FP16, FP16, 12, 4, 80), (FP32, FP32, 64, 8, 128)):
         x, table = "*" + TRITON_DTYPE[x_dtype], "*" + TRITON_DTYPE[table_dtype]

@@ -3,7 +3,7 @@ replaces, on random states. CPU runs under TRITON_INTERPRET=1; the suite's `-m g
 import pytest
 import torch
 
-from ple_fast.kernels.sampling import race_candidates, race_sample
+from ple_fast.kernels.sampling import _tile as sampling_tile, race_candidates, race_sample
 from ple_fast.kernels.step_record import record_step, record_step_reference
 
 pytestmark = pytest.mark.gpu
@@ -66,11 +66,12 @@ def test_race_candidates_pick_the_top_score_and_the_lowest_column_on_a_tie(batch
 
 def test_the_recorded_race_pick_equals_race_sample():
     g = torch.Generator().manual_seed(3)
-    logits = (torch.randn(6, 1000, generator=g) * 2).to(DEVICE)
+    vocab = 2 * sampling_tile(torch.device(DEVICE))["SPLIT"] + 100     # three splits on either device
+    logits = (torch.randn(6, vocab, generator=g) * 2).to(DEVICE)
     seed, step = torch.tensor([5], device=DEVICE), torch.tensor([2], device=DEVICE)
     candidates = race_candidates(logits, seed, step, 0.8)
-    assert candidates[0].shape[1] > 1                # several splits to reduce
-    state = random_state(6, 4, 1000, seed=9)
+    assert candidates[0].shape[1] == 3               # several splits to reduce
+    state = random_state(6, 4, vocab, seed=9)
     state["done"].zero_()
     state["step"].fill_(2)
     record_step(**state, pad=torch.tensor(0, device=DEVICE), eos=torch.tensor([], dtype=torch.long, device=DEVICE),
