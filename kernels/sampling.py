@@ -8,14 +8,17 @@ logits in their own dtype, with U_i drawn by Philox inside the kernel, replaces 
 fp32 copy, softmax, noise tensor and masked division: at B = 256 and V = 128256 that path moves
 about 2 GB per decode step against this kernel's 66 MB, next to a weight + K/V floor of ~5-6 GB.
 
-U_i is a pure function of (seed, row, column, step): Philox-4x32 keyed by `seed` with counter
-(column, row, step, 0). seed and step are read from device tensors, so a captured CUDA graph draws
-fresh numbers at every replay as the engine advances `step` on the device, and a run is
-reproducible from its seed. `race_uniforms` writes the same U for tests.
+U_i is a pure function of (seed, row, column, step): Philox-4x32 keyed by `seed`. One Philox call
+gives four numbers, and all four are used: column c = 1024 g + 256 k + j (k < 4, j < 256) takes
+output k of counter (256 g + j, row, step, 0). A call costs ten rounds of 32-bit multiplies; on an
+H200 at B = 256, V = 128256 the kernel that kept one output of four took 0.19 ms of a 2.66 ms
+decode step (bench/results/2026-11-28-h200-session2). seed and step are read from device tensors,
+so a captured CUDA graph draws fresh numbers at every replay as the engine advances `step` on the
+device, and a run is reproducible from its seed. `race_uniforms` writes the same U for tests.
 
-Each program scans SPLIT columns of ROWS rows and keeps the best (score, column) per lane; a tiny
-torch reduction over the splits picks each row's winner (in the engine's decode step, the step
-record kernel does that pick: ple_fast.kernels.step_record).
+Each program scans SPLIT columns of ROWS rows, GROUP columns at a time, and keeps the best
+(score, column) per lane; a tiny torch reduction over the splits picks each row's winner (in the
+engine's decode step, the step record kernel does that pick: ple_fast.kernels.step_record).
 """
 from __future__ import annotations
 
@@ -26,44 +29,62 @@ from torch import Tensor
 
 from ple_fast.kernels.logprob import INTERPRETED, _tanh, require_runnable
 
-INTERPRETED_TILE = dict(ROWS=64, BLOCK=32, SPLIT=256)    # the interpreter pays per program, not per lane
-GPU_TILE = dict(ROWS=1, BLOCK=1024, SPLIT=8192)          # B * cdiv(V, 8192) programs: 4096 at B=256, V=128256
+LANES = 256                 # j: counters per Philox call of a [ROWS, LANES] tile
+GROUP = 4 * LANES           # columns drawn by one call, four outputs per counter
+INTERPRETED_TILE = dict(ROWS=16, SPLIT=GROUP)            # the interpreter pays per program, not per lane
+GPU_TILE = dict(ROWS=1, SPLIT=8 * GROUP)                 # B * cdiv(V, 8192) programs: 4096 at B=256, V=128256
 
 
 @triton.jit
-def _uniforms(seed, step, rows, cols):
-    """U(0, 1) of (seed, row, column, step) for the [ROWS, BLOCK] tile: Philox counter (col, row, step, 0)."""
-    zero = rows[:, None] * 0 + cols[None, :] * 0
-    bits, _, _, _ = tl.philox(seed, zero + cols[None, :], zero + rows[:, None], zero + step, zero)
-    return tl.uint_to_uniform_float(bits)
+def _uniforms(seed, step, rows, group, LANES: tl.constexpr):
+    """The four [ROWS, LANES] U(0, 1) tiles of column group `group`: tile k holds columns
+    group * 4 * LANES + k * LANES + j, from output k of Philox counter (group * LANES + j, row, step, 0)."""
+    counters = group * LANES + tl.arange(0, LANES)
+    zero = rows[:, None] * 0 + counters[None, :] * 0
+    bits0, bits1, bits2, bits3 = tl.philox(seed, zero + counters[None, :], zero + rows[:, None], zero + step, zero)
+    return (tl.uint_to_uniform_float(bits0), tl.uint_to_uniform_float(bits1), tl.uint_to_uniform_float(bits2),
+            tl.uint_to_uniform_float(bits3))
+
+
+@triton.jit
+def _race_update(best_score, best_col, z, u, cols, ok, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Fold one [ROWS, LANES] tile of logits z and uniforms u into the per-lane best (score, column)."""
+    z = z.to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    # -log(E) with E = -log(U); U = 0 gives E = inf and a score of -inf: never chosen
+    score = z * inv_temp - tl.log(-tl.log(u))
+    score = tl.where(ok, score, float("-inf"))     # the softcap maps a masked -inf to -softcap
+    better = score > best_score                    # strict: each lane sees its columns in increasing order,
+    best_score = tl.where(better, score, best_score)   # so the first column wins a tie
+    best_col = tl.where(better, cols, best_col)
+    return best_score, best_col
 
 
 @triton.jit
 def _race_kernel(logits_ptr, seed_ptr, step_ptr, best_score_ptr, best_col_ptr, B, V, stride_row, num_splits,
-                 inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 inv_temp, softcap, HAS_SOFTCAP: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr,
                  SPLIT: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     split = tl.program_id(1)
     seed = tl.load(seed_ptr)
     step = tl.load(step_ptr).to(tl.int32)
     row_ok = rows < B
-    lanes = tl.arange(0, BLOCK)
-    best_score = tl.full((ROWS, BLOCK), float("-inf"), tl.float32)
-    best_col = tl.full((ROWS, BLOCK), 2147483647, tl.int32)
+    lanes = tl.arange(0, LANES)
+    best_score = tl.full((ROWS, LANES), float("-inf"), tl.float32)
+    best_col = tl.full((ROWS, LANES), 2147483647, tl.int32)
     row_ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_row
-    for start in range(0, SPLIT, BLOCK):
-        cols = split * SPLIT + start + lanes
-        ok = row_ok[:, None] & (cols < V)[None, :]
-        z = tl.load(row_ptrs + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        u = _uniforms(seed, step, rows, cols)
-        # -log(E) with E = -log(U); U = 0 gives E = inf and a score of -inf: never chosen
-        score = z * inv_temp - tl.log(-tl.log(u))
-        score = tl.where(ok, score, float("-inf"))     # the softcap maps a masked -inf to -softcap
-        better = score > best_score                    # strict: the first column wins a tie
-        best_score = tl.where(better, score, best_score)
-        best_col = tl.where(better, cols[None, :], best_col)
+    for start in range(0, SPLIT, 4 * LANES):
+        group = (split * SPLIT + start) // (4 * LANES)
+        u0, u1, u2, u3 = _uniforms(seed, step, rows, group, LANES)
+        base = group * 4 * LANES + lanes
+        for k in tl.static_range(4):
+            cols = base + k * LANES
+            ok = row_ok[:, None] & (cols < V)[None, :]
+            z = tl.load(row_ptrs + cols[None, :], mask=ok, other=float("-inf"))
+            u = u0 if k == 0 else (u1 if k == 1 else (u2 if k == 2 else u3))
+            best_score, best_col = _race_update(best_score, best_col, z, u, cols[None, :], ok, inv_temp, softcap,
+                                                HAS_SOFTCAP)
     top = tl.max(best_score, axis=1)
     col = tl.min(tl.where(best_score == top[:, None], best_col, 2147483647), axis=1)
     tl.store(best_score_ptr + rows * num_splits + split, top, mask=row_ok)
@@ -71,12 +92,17 @@ def _race_kernel(logits_ptr, seed_ptr, step_ptr, best_score_ptr, best_col_ptr, B
 
 
 @triton.jit
-def _uniforms_kernel(out_ptr, seed_ptr, step_ptr, B, V, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _uniforms_kernel(out_ptr, seed_ptr, step_ptr, B, V, ROWS: tl.constexpr, LANES: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    u = _uniforms(tl.load(seed_ptr), tl.load(step_ptr).to(tl.int32), rows, cols)
-    ok = (rows < B)[:, None] & (cols < V)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * V + cols[None, :], u, mask=ok)
+    group = tl.program_id(1)
+    u0, u1, u2, u3 = _uniforms(tl.load(seed_ptr), tl.load(step_ptr).to(tl.int32), rows, group, LANES)
+    row_ptrs = out_ptr + rows.to(tl.int64)[:, None] * V
+    base = group * 4 * LANES + tl.arange(0, LANES)
+    for k in tl.static_range(4):
+        cols = base + k * LANES
+        ok = (rows < B)[:, None] & (cols < V)[None, :]
+        u = u0 if k == 0 else (u1 if k == 1 else (u2 if k == 2 else u3))
+        tl.store(row_ptrs + cols[None, :], u, mask=ok)
 
 
 def _tile(device: torch.device) -> dict:
@@ -111,7 +137,8 @@ def race_candidates(logits: Tensor, seed: Tensor, step: Tensor, temperature: flo
     if rows:
         _race_kernel[(triton.cdiv(rows, tile["ROWS"]), splits)](
             logits, seed, step, best_score, best_col, rows, vocab, logits.stride(0), splits,
-            1.0 / temperature, float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, **tile, num_warps=4,
+            1.0 / temperature, float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, LANES=LANES, **tile,
+            num_warps=4,
         )
     return best_score, best_col
 
@@ -130,8 +157,8 @@ def race_uniforms(rows: int, vocab: int, seed: Tensor, step: Tensor) -> Tensor:
     out = torch.empty(rows, vocab, dtype=torch.float32, device=seed.device)
     tile = _tile(seed.device)
     if rows and vocab:
-        grid = (triton.cdiv(rows, tile["ROWS"]), triton.cdiv(vocab, tile["BLOCK"]))
-        _uniforms_kernel[grid](out, seed, step, rows, vocab, ROWS=tile["ROWS"], BLOCK=tile["BLOCK"])
+        grid = (triton.cdiv(rows, tile["ROWS"]), triton.cdiv(vocab, GROUP))
+        _uniforms_kernel[grid](out, seed, step, rows, vocab, ROWS=tile["ROWS"], LANES=LANES)
     return out
 
 

@@ -94,9 +94,9 @@ def launches(arch: int):
         yield (f"sampling race {dtype} softcap={softcap}", sampling._race_kernel,
                dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",
                     best_score_ptr="*fp32", best_col_ptr="*i32"),
-               dict(HAS_SOFTCAP=softcap, **sampling.GPU_TILE), 4, 3)
+               dict(HAS_SOFTCAP=softcap, LANES=sampling.LANES, **sampling.GPU_TILE), 4, 3)
     yield ("sampling uniforms", sampling._uniforms_kernel, dict(out_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64"),
-           dict(ROWS=sampling.GPU_TILE["ROWS"], BLOCK=sampling.GPU_TILE["BLOCK"]), 4, 3)
+           dict(ROWS=sampling.GPU_TILE["ROWS"], LANES=sampling.LANES), 4, 3)
     for dtype, head_dim, window, final in ((BF16, 64, False, True), (FP16, 128, True, False),
                                            (FP32, 128, False, True), (FP32, 256, False, True)):
         kv = "*" + TRITON_DTYPE[dtype]
