@@ -238,7 +238,8 @@ def main() -> None:
                                model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
-                        row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"])
+                        row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"],
+                                                        host=True)
                 except Exception as err:  # noqa: BLE001 - record and go on to the next variant
                     row.update(error=("OOM: " if is_oom(err) else "") + f"{type(err).__name__}: {err}"[:300])
                     traceback.print_exc()

@@ -9,9 +9,11 @@ row's context, at the device-to-device copy bandwidth measured in the same run. 
 with one of them swapped for the plain path, to show what each saves: `fast_one_stream` (the fused
 step's projections on one stream, not q beside k / v and up beside gate), `fast_stock_layers` (the HF
 layers' own norms, rotary and SwiGLU around the same attention kernel), `fast_torch_sampling` (softmax
-sampling with a noise tensor) and `fast_sdpa_decode` (masked SDPA over the cache, stock layers); and
-`fast_compiled`, the defaults with the decode step torch.compile'd (RolloutEngine(compile_decode=True):
-inductor fuses each layer's elementwise kernels; its one compile is in the warm-up call, not timed).
+sampling with a noise tensor), `fast_sdpa_decode` (masked SDPA over the cache, stock layers) and
+`fast[BLOCK=.. num_stages=.. num_warps=..]` (the decode attention kernel with each of its other
+CANDIDATE_TILES, in the step; at --tile-batches, default 256); and `fast_compiled`, the defaults with
+the decode step torch.compile'd (RolloutEngine(compile_decode=True): inductor fuses each layer's
+elementwise kernels; its one compile is in the warm-up call, not timed).
 For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records
 kernels per step, the GPU's busy time per step (sum of kernel durations) against those steps'
 CUDA-event time, and the top kernels: whether a step is launch-bound, and which kernels to fuse
@@ -141,6 +143,11 @@ def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
 ATTENTION_CALLS = 50     # decode attention calls per timed loop: one call is ~tens of microseconds
 
 
+def tile_label(tile: dict) -> str:
+    """'BLOCK=64 num_stages=2 num_warps=8': a decode attention tile in a row's method name."""
+    return " ".join(f"{k}={v}" for k, v in tile.items())
+
+
 def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: float,
                         tiles: tuple[dict, ...] | None = None) -> list[dict]:
     """One layer's decode attention alone, at the run's mid-decode context: K/V bytes read per second
@@ -178,7 +185,7 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     if tiles is None:
         tiles = CANDIDATE_TILES if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dim == 64 \
             else ()
-    tile_of = {"triton " + " ".join(f"{k}={v}" for k, v in tile.items()): tile for tile in tiles}
+    tile_of = {"triton " + tile_label(tile): tile for tile in tiles}
     calls.update({name: functools.partial(triton_call, tile=tile) for name, tile in tile_of.items()})
     reference = triton_call() if tile_of else None
     nbytes = 2 * batch * kv_heads * context * dim * dtype.itemsize
@@ -278,7 +285,13 @@ def time_call(fn, device) -> float:
 def main(argv=None) -> int:
     def extra(ap):
         ap.add_argument("--batches", help="comma-separated batch sizes (default 128,256,32; quick 4,8)")
-        ap.add_argument("--hf-batches", help="comma-separated batches to time HF generate at (default: every one)")
+        ap.add_argument("--hf-batches", help="comma-separated batches to time HF generate at (default: every one; "
+                                             "'none' for none)")
+        ap.add_argument("--methods", help="comma-separated methods to run (default: all; 'fast[tiles]' names every "
+                                          "fast[BLOCK=..] row; the step-part rows always run)")
+        ap.add_argument("--tile-batches", default="256",
+                        help="batches to time the engine at with each CANDIDATE_TILE of the decode attention "
+                             "(CUDA; default 256, the floor target's; 'none' for none)")
         ap.add_argument("--prompt-len", type=int)
         ap.add_argument("--new-tokens", type=int)
         ap.add_argument("--skip-compile", action="store_true", help="skip HF static cache + torch.compile")
@@ -288,6 +301,7 @@ def main(argv=None) -> int:
     if not args.allow_cpu:
         require_cuda(BENCH)
     from ple_fast.engine import RolloutEngine
+    from ple_fast.kernels.decode_attention import CANDIDATE_TILES
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -296,12 +310,25 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    hf_batches = set(batches if args.hf_batches is None else (int(b) for b in args.hf_batches.split(",")))
+    hf_batches = set(batches if args.hf_batches is None else () if args.hf_batches == "none" else
+                     (int(b) for b in args.hf_batches.split(",")))
     # the compiled methods in a pass of their own, after every batch of the eager ones: a first compile can
     # take minutes, and must not push the batch-256 rows (the floor target) past the deadline
+    tile_batches = set() if args.tile_batches == "none" else {int(b) for b in args.tile_batches.split(",")}
     eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
-    passes = [eager + (("fast_cublaslt",) if device.type == "cuda" else ()),
+    # the engine with each other tile of its decode attention kernel (CUDA: the fused step's launch)
+    tiled = {f"fast[{tile_label(tile)}]": tile for tile in (CANDIDATE_TILES if device.type == "cuda" else ())}
+    passes = [eager + (("fast_cublaslt",) if device.type == "cuda" else ()) + tuple(tiled),
               ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
+    if args.methods:
+        chosen = args.methods.split(",")
+        if "fast[tiles]" in chosen:
+            chosen = [m for m in chosen if m != "fast[tiles]"] + list(tiled)
+        unknown = set(chosen) - {m for p in passes for m in p}
+        if unknown:
+            raise SystemExit(f"{BENCH}: --methods {sorted(unknown)} unknown; choose from "
+                             f"{[m for p in passes for m in p]}")
+        passes = [tuple(m for m in p if m in chosen) for p in passes]
 
     model = build_model(shape, dtype, device)
     bandwidth = 1e9 * copy_bandwidth_gbs()
@@ -313,7 +340,8 @@ def main(argv=None) -> int:
                "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
                "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
                "fast_compiled": RolloutEngine(model, compile_decode=True),
-               "fast_cublaslt": RolloutEngine(model)}      # its graphs captured with cuBLASLt matmuls
+               "fast_cublaslt": RolloutEngine(model),      # its graphs captured with cuBLASLt matmuls
+               **{name: RolloutEngine(model, decode_tile=tile) for name, tile in tiled.items()}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)
@@ -339,6 +367,8 @@ def main(argv=None) -> int:
             compute_floor_s = decode_flops(model, batch, prompt_len, new_tokens) / (peak_tflops * 1e12)
             for method in methods:
                 if method in ("hf", "hf_static_compile") and batch not in hf_batches:
+                    continue
+                if method in tiled and batch not in tile_batches:
                     continue
                 row = {"batch": batch, "method": method}
                 rows.append(row)

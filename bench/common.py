@@ -88,7 +88,7 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> d
 
 
 def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] | None = None,
-                   units: int = 1, top: int = 8, timed_ms: float | None = None) -> dict:
+                   units: int = 1, top: int = 8, timed_ms: float | None = None, host: bool = False) -> dict:
     """Where fn()'s device time goes, per unit of work: kernels launched, busy milliseconds (the sum
     of kernel durations) and the `top` kernels by time, from torch.profiler.
 
@@ -96,6 +96,10 @@ def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] |
     without them), divided by `units`. Given `timed_ms`, the same work's CUDA-event time per unit,
     it adds idle_fraction: how much of that time the GPU sat between kernels (launch-bound).
     Without CUDA it profiles CPU ops instead ("cpu ops"; smoke runs only, no figure).
+
+    host=True (CUDA) profiles the host side too, in a separate run of fn() (its overhead must not
+    touch the kernel figures): "host" holds the `top` host events by self time (ops and CUDA runtime
+    calls) and the synchronising calls (count and ms): what the host did while the GPU sat idle.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -121,7 +125,38 @@ def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] |
         return by_name
 
     out = profile_difference(kernels(fn), kernels(baseline), units=units, top=top, timed_ms=timed_ms)
-    return dict(unit="cuda kernels" if cuda else "cpu ops", **out)
+    result = dict(unit="cuda kernels" if cuda else "cpu ops", **out)
+    if host and cuda:
+        result["host"] = host_profile(fn, top=top)
+    return result
+
+
+SYNCING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                 "cudaMemcpyAsync")     # the copies sync when they bring data to the host (e.g. .item())
+
+
+def host_profile(fn: Callable[[], object], top: int = 8) -> dict:
+    """The host side of one fn() call: top host events by self time, and the synchronising calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU:
+            stats = by_name.setdefault(event.name, [0, 0.0])
+            stats[0] += 1
+            stats[1] += event.self_cpu_time_total / 1e3
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    syncs = {name: stats for name, stats in by_name.items() if name in SYNCING_CALLS}
+    return dict(self_ms=sum(ms for _, ms in by_name.values()),
+                top=[dict(name=name[:120], count=count, ms=ms) for name, (count, ms) in ranked],
+                syncing_calls={name: dict(count=count, ms=ms) for name, (count, ms) in syncs.items()})
 
 
 def profile_difference(work: dict[str, list[float]], base: dict[str, list[float]], *, units: int = 1,
@@ -243,6 +278,13 @@ def summarize(out_dir: Path) -> str:
                             if prof.get("idle_fraction") is not None else ""))
             lines += [f"  - {_cell(k['ms'])} ms ({k['share']:.0%}), x{_cell(k['count'])}: `{k['name'][:80]}`"
                       for k in prof.get("top", []) if k.get("share") is not None]
+            host = prof.get("host")
+            if isinstance(host, dict):
+                syncs = ", ".join(f"{name} x{_cell(c['count'])} {_cell(c['ms'])} ms"
+                                  for name, c in host.get("syncing_calls", {}).items()) or "none"
+                lines.append(f"  - host: {_cell(host.get('self_ms'))} ms of host events; syncing calls: {syncs}")
+                lines += [f"    - {_cell(k['ms'])} ms, x{_cell(k['count'])}: `{k['name'][:80]}`"
+                          for k in host.get("top", [])]
         lines.append("")
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@
 # Env knobs: SUITE_BUDGET_S (default 480: the whole run must fit in 8 minutes on an H100),
 # BENCH_ARGS (extra args for every bench, e.g. "--quick"), BENCH_ARGS_<name> (extra args for one,
 # e.g. BENCH_ARGS_bench_rollout="--batches 128"), SUITE_BENCHES (names to run, default every
-# bench/bench_*.py), SUITE_SKIP_TESTS=1 (no pytest step), PYTEST_WORKERS (default 8 where
+# bench/bench_*.py), SUITE_TESTS (test files for the gpu-marked run, default tests/), SUITE_SKIP_TESTS=1 (no
+# pytest step), PYTEST_WORKERS (default 8 where
 # pytest-xdist is installed: the GPU tests' time is mostly single-threaded Triton JIT compiles),
 # BENCH_TIMEOUT_S (per bench; default: a fair share of what is left). A failing or timed-out step is recorded and the suite goes on;
 # benches write their JSON after every row, so a timeout keeps what was measured.
@@ -98,7 +99,7 @@ fi
 # each, one core each, hence the workers); --durations shows where it went
 if [[ "${SUITE_SKIP_TESTS:-0}" != 1 ]]; then
   run_step pytest_gpu "$(( $(left) < 180 ? ($(left) > 30 ? $(left) : 30) : 180 ))" \
-    "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -p no:logging --tb=short --durations=15 \
+    "$PY" -m pytest -q -m gpu ${SUITE_TESTS:-tests/} -p no:cacheprovider -p no:logging --tb=short --durations=15 \
     "${per_test[@]}" "${workers[@]}"
 fi
 

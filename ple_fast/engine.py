@@ -326,7 +326,7 @@ class RolloutEngine:
                  check_every: int | None = None, prefill_tokens: int | None = None, prefill_attention: str = "auto",
                  fused_sampling: bool | None = None, decode_attention: str = "auto",
                  compile_decode: bool = False, fused_layers: bool | None = None,
-                 concurrent_projections: bool | None = None):
+                 concurrent_projections: bool | None = None, decode_tile: dict | None = None):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -383,6 +383,15 @@ class RolloutEngine:
         if concurrent_projections and not (on_cuda and self.fused_layers):
             raise ValueError("rollout engine: concurrent_projections=True needs the fused layers on a CUDA device")
         use_streams = on_cuda and self.fused_layers if concurrent_projections is None else concurrent_projections
+        # the decode attention kernel's tile (BLOCK, num_stages, num_warps) in the fused step, instead of
+        # kernels/decode_attention.gpu_tile_config's: bench_rollout times the CANDIDATE_TILES in the step
+        if decode_tile is not None:
+            if not self.fused_layers:
+                raise ValueError("rollout engine: decode_tile needs the fused layers (their step launches the kernel)")
+            missing = {"BLOCK", "num_stages", "num_warps"} - set(decode_tile)
+            if missing:
+                raise ValueError(f"rollout engine: decode_tile {decode_tile!r} lacks {sorted(missing)}")
+        self.decode_tile = decode_tile
         self._projection_stream = torch.cuda.Stream(self.device) if use_streams else None
         # a step's bookkeeping (pick, record, EOS, advance) in one Triton kernel wherever the Triton
         # decode attention runs, uncompiled (a compiled step leaves those ops to inductor)
@@ -538,7 +547,8 @@ class RolloutEngine:
         batch = st.tokens.shape[0]
         if self.fused_layers:
             hidden = decode_hidden(self.model, self.cache.keys, self.cache.values, st.tokens, st.positions, kv_length,
-                                   side_stream=self._projection_stream, rope_tables=self.rope_tables)
+                                   side_stream=self._projection_stream, rope_tables=self.rope_tables,
+                                   tile=self.decode_tile)
         else:
             hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch),
                                   kv_length)[:, -1]

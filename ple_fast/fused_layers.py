@@ -155,7 +155,8 @@ def rotary_tables(model: nn.Module, positions: int, dtype: torch.dtype, device) 
 
 
 def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor,
-                  kv_length: int, side_stream=None, rope_tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                  kv_length: int, side_stream=None, rope_tables: tuple[Tensor, Tensor] | None = None,
+                  tile: dict | None = None) -> Tensor:
     """Final-normed hidden states [B, H] of one new token per row.
 
     keys / values: the static cache [layers, B, kv_heads, capacity, D] (ple_fast.engine.StaticKVCache),
@@ -163,7 +164,8 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     first kv_length. tokens, positions: [B] int64. side_stream (CUDA): the k / v projections run on it
     beside the q projection, and the gate projection beside the up projection (side_by_side).
     rope_tables: `rotary_tables` covering every position (the attention kernel reads row positions[b]),
-    for a model with `position_independent_rotary`; None: the rotary module runs in the step."""
+    for a model with `position_independent_rotary`; None: the rotary module runs in the step. tile: the
+    decode attention kernel's (None: its gpu_tile_config)."""
     from ple_fast.kernels.decode_attention import decode_attention
 
     config, trunk = model.config, decoder_of(model)
@@ -181,7 +183,7 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
         q, k = _head_norms(attn, q.view(batch, -1, dim), k.view(batch, -1, dim))
         out = decode_attention(q[:, :, None], keys[attn.layer_idx], values[attn.layer_idx], positions, kv_length,
                                attn.scaling, _window(attn, config), new_keys=k, new_values=v.view(batch, -1, dim),
-                               cos=cos, sin=sin, rope_table=rope_tables is not None)
+                               cos=cos, sin=sin, rope_table=rope_tables is not None, tile=tile)
         x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.view(batch, -1)), stream)
         delta = _mlp(layer.mlp, x, side_stream)
     return _add_norm(trunk.norm, delta, stream)[0]

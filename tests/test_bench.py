@@ -54,6 +54,18 @@ def test_rollout_bench_smoke_run_on_cpu(tmp_path):
     assert "Kernel profiles" in from_summary and "method fast_compiled:" in from_summary
 
 
+def test_rollout_bench_runs_the_methods_named(tmp_path):
+    proc = run_bench("bench_rollout.py", "--allow-cpu", "--quick", "--batches", "2", "--hf-batches", "none",
+                     "--methods", "fast,fast_compiled", "--prompt-len", "8", "--new-tokens", "3",
+                     "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("bench_rollout-*.json")
+    methods = [r["method"] for r in json.loads(result.read_text())["rows"]]
+    assert [m for m in methods if m != "matmuls_alone"] == ["fast", "fast_compiled"]     # no hf, in pass order
+    proc = run_bench("bench_rollout.py", "--allow-cpu", "--quick", "--methods", "fast,fastest", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--methods ['fastest'] unknown" in proc.stderr
+
+
 def test_kernel_profile_reports_the_difference_per_unit():
     """The counts from torch.profiler, exactly; the times only as present (a CPU time of a difference of
     two runs is noise under load: a -n 2 run measured -0.37 ms). The arithmetic on times is checked on
@@ -71,6 +83,24 @@ def test_kernel_profile_reports_the_difference_per_unit():
     assert diff["count"] == 3.5 and diff["busy_ms"] == 5.5            # setup's count did not grow: left out
     assert [(k["name"], k["count"], k["ms"]) for k in diff["top"]] == [("gemm", 2.0, 4.0), ("norm", 1.5, 1.5)]
     assert diff["top"][0]["share"] == 4.0 / 5.5 and diff["idle_fraction"] == 1 - 5.5 / 10.0
+
+
+def test_host_profile_and_its_summary(tmp_path):
+    """host_profile (the dual-prefill bench's view of what the host does while the GPU idles): host
+    events by self time, the synchronising calls named apart; summarize prints both under the row."""
+    sys.path.insert(0, str(BENCH))
+    from common import host_profile, summarize
+
+    a = torch.randn(128, 128)
+    host = host_profile(lambda: [float((a @ a).sum()) for _ in range(3)])
+    mm = {k["name"]: k for k in host["top"]}["aten::mm"]
+    assert mm["count"] == 3 and host["self_ms"] >= mm["ms"] > 0
+    assert host["syncing_calls"] == {}                       # none without CUDA
+    host["syncing_calls"] = {"cudaStreamSynchronize": dict(count=2, ms=1.5)}
+    profile = dict(unit="cuda kernels", count=3, busy_ms=1.0, timed_ms=2.0, idle_fraction=0.5, top=[], host=host)
+    (tmp_path / "b.json").write_text(json.dumps(dict(bench="b", rows=[dict(variant="v", ms=2.0, profile=profile)])))
+    text = summarize(tmp_path)
+    assert "host: " in text and "syncing calls: cudaStreamSynchronize x2 1.5 ms" in text and "`aten::mm`" in text
 
 
 def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):

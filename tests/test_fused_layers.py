@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ple_fast.fused_layers import decode_hidden, position_independent_rotary, rotary_tables, unsupported_reason
 from ple_fast.engine import RolloutEngine
 from ple_fast.models import head_dim
+from ple_fast.kernels.decode_attention import CANDIDATE_TILES
 from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from ple_fast.kernels.rotary import rotary, rotary_reference
 from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
@@ -511,6 +512,10 @@ def test_option_resolution_and_errors():
         RolloutEngine(model, decode_attention="sdpa", fused_layers=True)
     with pytest.raises(ValueError, match="choose one"):
         RolloutEngine(model, decode_attention="triton", compile_decode=True, fused_layers=True)
+    with pytest.raises(ValueError, match="decode_tile needs the fused layers"):
+        RolloutEngine(model, decode_attention="sdpa", decode_tile=CANDIDATE_TILES[0])
+    with pytest.raises(ValueError, match=r"lacks \['num_warps'\]"):
+        RolloutEngine(model, decode_attention="triton", decode_tile=dict(BLOCK=32, num_stages=2))
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
@@ -518,3 +523,17 @@ def test_option_resolution_and_errors():
     assert not RolloutEngine(gpt2, decode_attention="triton").fused_layers
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         RolloutEngine(gpt2, decode_attention="triton", fused_layers=True)
+
+
+@pytest.mark.parametrize("tile", CANDIDATE_TILES[::2])
+def test_every_candidate_tile_decodes_the_same_tokens(tile):
+    """decode_tile (bench_rollout times each CANDIDATE_TILE in the step): another key block and
+    pipeline depth in the fused step's attention leave greedy tokens as the default tile's; prompts
+    longer than the 32- and 128-key blocks, so the kernel's loop runs several blocks."""
+    model = family_model("llama", {}).eval()
+    prompts = random_tokens([40, 3, 150, 70], seed=71)
+    want = RolloutEngine(model, decode_attention="triton").generate(prompts, max_new_tokens=6,
+                                                                    eos_token_ids=[NO_EOS])
+    engine = RolloutEngine(model, decode_attention="triton", decode_tile=tile)
+    assert engine.decode_tile == tile
+    assert engine.generate(prompts, max_new_tokens=6, eos_token_ids=[NO_EOS]) == want
