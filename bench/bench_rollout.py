@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         ap.add_argument("--batches", help="comma-separated batch sizes (default 128,256,32; quick 4,8)")
         ap.add_argument("--hf-batches", help="comma-separated batches to time HF generate at (default: every one; "
                                              "'none' for none)")
-        ap.add_argument("--methods", help="comma-separated methods to run (default: all; 'fast[tiles]' names every "
+        ap.add_argument("--methods", help="comma-separated methods to run (default: all; 'fast_tiles' names every "
                                           "fast[BLOCK=..] row; the step-part rows always run)")
         ap.add_argument("--tile-batches", default="256",
                         help="batches to time the engine at with each CANDIDATE_TILE of the decode attention "
@@ -322,8 +322,8 @@ def main(argv=None) -> int:
               ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
     if args.methods:
         chosen = args.methods.split(",")
-        if "fast[tiles]" in chosen:
-            chosen = [m for m in chosen if m != "fast[tiles]"] + list(tiled)
+        if "fast_tiles" in chosen:
+            chosen = [m for m in chosen if m != "fast_tiles"] + list(tiled)
         unknown = set(chosen) - {m for p in passes for m in p}
         if unknown:
             raise SystemExit(f"{BENCH}: --methods {sorted(unknown)} unknown; choose from "
