@@ -360,10 +360,10 @@ class RolloutEngine:
         self.decode_kernel = on_cuda if decode_attention == "auto" else decode_attention == "triton"
         # torch.compile the decode step, so inductor fuses each layer's elementwise kernels (norms,
         # rotary, SwiGLU, residuals); the CUDA graph is then captured around the compiled step.
-        # Opt-in until measured: on an H200 the eager step of a 1B Llama cost ~3 ms at batch 32
-        # where reading the weights takes 0.6 ms (bench/results/2026-11-28-h200-suite), i.e. mostly
-        # per-kernel cost, which is what fusion removes. Compiles once, on the first step (dynamic=True,
-        # with symbolic batch and length: one compile serves every step and batch size).
+        # Opt-in: on an H200 the compiled step of a 1B Llama was slower than the fused layers' at batch
+        # 32, 128 and 256 (1.58 / 2.17 / 2.75 ms against 1.33 / 1.94 / 2.66 ms; bench/results/
+        # 2026-11-28-h200-session2, run A). Compiles once, on the first step (dynamic=True, with
+        # symbolic batch and length: one compile serves every step and batch size).
         self.compile_decode = compile_decode
         self._decode = torch.compile(self._decode_step, dynamic=True) if compile_decode else self._decode_step
         # decode steps through ple_fast.fused_layers (fused add + RMSNorm, rotary inside the decode
