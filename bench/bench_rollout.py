@@ -18,11 +18,12 @@ For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early deco
 kernels per step, the GPU's busy time per step (sum of kernel durations) against those steps'
 CUDA-event time, and the top kernels: whether a step is launch-bound, and which kernels to fuse
 next. After each batch's engine rows, `attention_kernel[triton]` and `attention_kernel[sdpa]` time
-one layer's decode attention alone at the batch's mid-decode context: its K/V read rate against
-the copy bandwidth (CUDA only), and `attention_kernel[triton BLOCK=.. num_stages=.. num_warps=..]`
-the same kernel with each of its CANDIDATE_TILES (and their largest difference from the default's
-output); and `matmuls_alone` replays one step's matmuls from a CUDA graph:
-TFLOP/s against the bf16 matmul peak measured in the same run. On CUDA, `matmuls_alone[cublaslt]`
+one layer's decode attention alone at the batch's mid-decode context (replayed from a CUDA graph):
+its K/V read rate against the copy bandwidth (CUDA only), and
+`attention_kernel[triton BLOCK=.. num_stages=.. num_warps=..]` the same kernel with each of its
+CANDIDATE_TILES (and their largest difference from the default's output); and `matmuls_alone`
+replays one step's matmuls from a CUDA graph: TFLOP/s against the bf16 matmul peak measured in the
+same run. On CUDA, `matmuls_alone[cublaslt]`
 and the engine row `fast_cublaslt` repeat those with torch's matmuls routed to cuBLASLt
 (torch.backends.cuda.preferred_blas_library), whose heuristics choose other kernels for the skinny
 [batch x hidden] decode matmuls than cuBLAS's: whether the engine should capture its graphs so.
@@ -191,7 +192,10 @@ def attention_bandwidth(model, batch: int, prompt_len: int, new_tokens: int, ban
     nbytes = 2 * batch * kv_heads * context * dim * dtype.itemsize
     rows = []
     for name, call in calls.items():
-        ms = time_cuda(lambda: [call() for _ in range(ATTENTION_CALLS)], warmup=2, iters=5)["ms"] / ATTENTION_CALLS
+        # replayed from a graph: timed alone, a ~50 us launch-heavy call also measures the host (a tile's
+        # standalone time moved by 1.6x between two H200 runs, bench/results/2026-11-28-h200-session2)
+        run = graph_replay(lambda: [call() for _ in range(ATTENTION_CALLS)])
+        ms = time_cuda(run, warmup=2, iters=5)["ms"] / ATTENTION_CALLS
         row = dict(batch=batch, method=f"attention_kernel[{name}]", context=context, ms=ms,
                    kv_gbs=nbytes / ms / 1e6, bandwidth_fraction=nbytes / (ms * 1e-3) / bandwidth)
         if name in tile_of:
@@ -214,6 +218,22 @@ def blas_library(name: str | None):
         torch.backends.cuda.preferred_blas_library(before)
 
 
+def graph_replay(work):
+    """On CUDA, work() captured once in a CUDA graph and its replay returned, as the engine replays its
+    step: no host launch cost in the timing. Elsewhere work itself (smoke runs)."""
+    if not torch.cuda.is_available():
+        return work
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):              # lazy inits (cuBLAS, Triton's compiles) stay out of the graph
+        work()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    return graph.replay
+
+
 def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float, blas: str | None = None) -> dict:
     """One decode step's matmuls alone (every projection and the LM head, on random [batch, in] rows),
     replayed from a CUDA graph as the engine's step is: the GEMMs' share of a step at this batch, as
@@ -229,19 +249,8 @@ def matmuls_alone(model, batch: int, peak_tflops: float, bandwidth: float, blas:
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=g, device=model.device, dtype=model.dtype)
               for w in weights}
     step = lambda: [F.linear(inputs[w.shape[1]], w) for w in weights]
-    if model.device.type == "cuda":
-        with blas_library(blas):               # the kernels are chosen at capture; replays keep them
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):      # cuBLAS's lazy init stays out of the graph
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        run = graph.replay
-    else:
-        run = step
+    with blas_library(blas):                   # the kernels are chosen at capture; replays keep them
+        run = graph_replay(step)
     ms = time_cuda(run, warmup=2, iters=10)["ms"]
     flops = 2 * batch * sum(w.numel() for w in weights)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
