@@ -19,3 +19,20 @@ def test_kernels_compile_for_the_gpu(arch):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count(": ok") >= 28, proc.stdout
+
+
+def test_contracted_fma_count_tells_fusion_from_sm80_emulation():
+    """compile_kernels' guard for the rotary kernels (HF rounds the product and the sum apart): an FMA
+    of two products' worth is counted; sm_80's bf16 mul as fma(a, b, -0) and add as fma(a, 1, b) are
+    not (PTX shapes as Triton emits them; with fusion on, sm_80 and sm_90 both gave the fused form)."""
+    sys.path.insert(0, str(HELPER.parent))
+    from compile_kernels import contracted_fmas
+
+    emulated = ("mov.b16 \t%rs197, 0x8000;\n mov.b16 \t%rs198, 0x3F80;\n"
+                "fma.rn.bf16 \t%rs1, %rs2, %rs3, %rs197;\nfma.rn.bf16 \t%rs4, %rs1, %rs198, %rs5;\n")
+    fused = "fma.rn.bf16 \t%rs6, %rs7, %rs8, %rs9;\n"
+    f32 = ("fma.rn.f32 \t%f1, %f2, %f3, 0f80000000;\nfma.rn.ftz.f32 \t%f4, %f5, %f6, %f7;\n"
+           "mad.lo.s32 \t%r1, %r2, %r3, %r4;\n")
+    assert contracted_fmas(emulated) == 0
+    assert contracted_fmas(emulated + fused) == 1
+    assert contracted_fmas(f32) == 1
