@@ -183,6 +183,25 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: file {value!r} does not exist")
 
 
+_PROCESS_GROUP_DESTROYED = [False]
+
+
+def _leave_without_finalizing() -> None:
+    """End a torchrun rank after its process group is torn down, skipping the interpreter's finalization.
+
+    Gloo's C++ worker threads can outlive destroy_process_group holding tensors, and releasing them
+    while the interpreter shuts down takes the GIL and aborts the process (pytorch/pytorch#179291). CI
+    saw it once: a two-process CPU run finished, saved its model, and then rank 1 died of SIGABRT,
+    so torchrun failed a run that had succeeded. Everything the run writes is closed by now (files
+    are written atomically, metrics logs closed), so only the standard streams need a flush."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")      # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -198,6 +217,7 @@ def main(argv=None) -> dict:
         finally:
             if initialized():
                 torch.distributed.destroy_process_group()
+                _PROCESS_GROUP_DESTROYED[0] = True
     except (ConfigError, FileNotFoundError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -371,3 +391,5 @@ def run(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     main()
+    if _PROCESS_GROUP_DESTROYED[0]:
+        _leave_without_finalizing()
