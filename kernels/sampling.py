@@ -12,9 +12,10 @@ U_i is a pure function of (seed, row, column, step): Philox-4x32 keyed by `seed`
 gives four numbers, and all four are used: column c = 1024 g + 256 k + j (k < 4, j < 256) takes
 output k of counter (256 g + j, row, step, 0). A call costs ten rounds of 32-bit multiplies; on an
 H200 at B = 256, V = 128256 the kernel that kept one output of four took 0.19 ms of a 2.66 ms
-decode step (bench/results/2026-11-28-h200-session2). seed and step are read from device tensors,
-so a captured CUDA graph draws fresh numbers at every replay as the engine advances `step` on the
-device, and a run is reproducible from its seed. `race_uniforms` writes the same U for tests.
+decode step, and this one 0.135 ms (bench/results/2026-11-28-h200-session2). seed and step are
+read from device tensors, so a captured CUDA graph draws fresh numbers at every replay as the
+engine advances `step` on the device, and a run is reproducible from its seed. `race_uniforms`
+writes the same U for tests.
 
 Each program scans SPLIT columns of ROWS rows, GROUP columns at a time, and keeps the best
 (score, column) per lane; a tiny torch reduction over the splits picks each row's winner (in the
@@ -33,6 +34,7 @@ LANES = 256                 # j: counters per Philox call of a [ROWS, LANES] til
 GROUP = 4 * LANES           # columns drawn by one call, four outputs per counter
 INTERPRETED_TILE = dict(ROWS=16, SPLIT=GROUP)            # the interpreter pays per program, not per lane
 GPU_TILE = dict(ROWS=1, SPLIT=8 * GROUP)                 # B * cdiv(V, 8192) programs: 4096 at B=256, V=128256
+assert all(tile["SPLIT"] % GROUP == 0 for tile in (INTERPRETED_TILE, GPU_TILE)), "a split is whole column groups"
 
 
 @triton.jit
