@@ -101,30 +101,14 @@ def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] |
     touch the kernel figures): "host" holds the `top` host events by self time (ops and CUDA runtime
     calls) and the synchronising calls (count and ms): what the host did while the GPU sat idle.
     """
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     cuda = torch.cuda.is_available()
-    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    activities = [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]
     device_type = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-
-    def kernels(call) -> dict[str, list[float]]:
-        if call is None:
-            return {}
-        if cuda:
-            torch.cuda.synchronize()
-        with profile(activities=[activity]) as prof:
-            call()
-            if cuda:
-                torch.cuda.synchronize()
-        by_name: dict[str, list[float]] = {}
-        for event in prof.events():
-            if event.device_type == device_type:
-                stats = by_name.setdefault(event.name, [0, 0.0])
-                stats[0] += 1
-                stats[1] += (event.time_range.elapsed_us() if cuda else event.self_cpu_time_total) / 1e3
-        return by_name
-
-    out = profile_difference(kernels(fn), kernels(baseline), units=units, top=top, timed_ms=timed_ms)
+    work = profile_tally(fn, activities, device_type)
+    base = profile_tally(baseline, activities, device_type) if baseline is not None else {}
+    out = profile_difference(work, base, units=units, top=top, timed_ms=timed_ms)
     result = dict(unit="cuda kernels" if cuda else "cpu ops", **out)
     if host and cuda:
         result["host"] = host_profile(fn, top=top)
@@ -135,23 +119,34 @@ SYNCING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSyn
                  "cudaMemcpyAsync")     # the copies sync when they bring data to the host (e.g. .item())
 
 
-def host_profile(fn: Callable[[], object], top: int = 8) -> dict:
-    """The host side of one fn() call: top host events by self time, and the synchronising calls."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_tally(call: Callable[[], object], activities: list, device_type) -> dict[str, list[float]]:
+    """{name: [count, ms]} of the profiled events of `device_type` in one call(): a kernel's duration
+    on the device, an op's or runtime call's self time on the host."""
+    from torch.profiler import profile
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        fn()
+    with profile(activities=activities) as prof:
+        call()
         if cuda:
             torch.cuda.synchronize()
+    on_host = device_type == torch.autograd.DeviceType.CPU
     by_name: dict[str, list[float]] = {}
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CPU:
+        if event.device_type == device_type:
             stats = by_name.setdefault(event.name, [0, 0.0])
             stats[0] += 1
-            stats[1] += event.self_cpu_time_total / 1e3
+            stats[1] += (event.self_cpu_time_total if on_host else event.time_range.elapsed_us()) / 1e3
+    return by_name
+
+
+def host_profile(fn: Callable[[], object], top: int = 8) -> dict:
+    """The host side of one fn() call: top host events by self time, and the synchronising calls."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    by_name = profile_tally(fn, activities, torch.autograd.DeviceType.CPU)
     ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
     syncs = {name: stats for name, stats in by_name.items() if name in SYNCING_CALLS}
     return dict(self_ms=sum(ms for _, ms in by_name.values()),
