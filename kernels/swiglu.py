@@ -15,9 +15,10 @@ from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
 BLOCK = 1024 if not INTERPRETED else 65536       # the interpreter pays per program, not per lane
 # A GPU build's tl.exp is ex2.approx after a rounded multiply by log2(e), and its fp32 division is
-# approximate: at |gate| ~ 16 that is ~20 units in the last place of an fp32 SiLU away from torch's.
-# libdevice's expf and a correctly rounded division keep fp32 SiLU within a few units of HF's (the
-# interpreter has no libdevice; numpy's exp and division are already correctly rounded there).
+# div.full (approximate): on an H200 fp32 SiLU landed more than 4 units in the last place from
+# torch's (bench/results/2026-11-28-h200-session2, run A). libdevice's expf and a correctly rounded
+# division keep it within them (run B; the interpreter has no libdevice, and numpy's exp and
+# division are already correctly rounded there).
 PRECISE = not INTERPRETED
 
 
