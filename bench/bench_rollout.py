@@ -23,10 +23,10 @@ its K/V read rate against the copy bandwidth (CUDA only), and
 `attention_kernel[triton BLOCK=.. num_stages=.. num_warps=..]` the same kernel with each of its
 CANDIDATE_TILES (and their largest difference from the default's output); and `matmuls_alone`
 replays one step's matmuls from a CUDA graph: TFLOP/s against the bf16 matmul peak measured in the
-same run. On CUDA, `matmuls_alone[cublaslt]`
-and the engine row `fast_cublaslt` repeat those with torch's matmuls routed to cuBLASLt
-(torch.backends.cuda.preferred_blas_library), whose heuristics choose other kernels for the skinny
-[batch x hidden] decode matmuls than cuBLAS's: whether the engine should capture its graphs so.
+same run. On CUDA, `matmuls_alone[cublaslt]` and the engine row `fast_cublaslt` repeat those with
+torch's matmuls routed to cuBLASLt (torch.backends.cuda.preferred_blas_library), whose heuristics
+choose other kernels for the skinny [batch x hidden] decode matmuls than cuBLAS's: whether the
+engine should capture its graphs so.
 
 The issue's floor counts bytes. At large batch a small model's step is also bound by its matmul
 FLOPs (2 per weight per row): each engine row also reports `compute_floor_fraction`, the decode
@@ -283,6 +283,11 @@ def step_parts(model, batch: int, prompt_len: int, new_tokens: int, bandwidth: f
     return rows
 
 
+def batch_set(text: str) -> set[int]:
+    """--hf-batches / --tile-batches: comma-separated batch sizes, or 'none'."""
+    return set() if text == "none" else {int(b) for b in text.split(",")}
+
+
 def time_call(fn, device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -319,11 +324,10 @@ def main(argv=None) -> int:
     prompt_len = args.prompt_len or (32 if quick else 256)
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
-    hf_batches = set(batches if args.hf_batches is None else () if args.hf_batches == "none" else
-                     (int(b) for b in args.hf_batches.split(",")))
+    hf_batches = set(batches) if args.hf_batches is None else batch_set(args.hf_batches)
     # the compiled methods in a pass of their own, after every batch of the eager ones: a first compile can
     # take minutes, and must not push the batch-256 rows (the floor target) past the deadline
-    tile_batches = set() if args.tile_batches == "none" else {int(b) for b in args.tile_batches.split(",")}
+    tile_batches = batch_set(args.tile_batches)
     eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
     # the engine with each other tile of its decode attention kernel (CUDA: the fused step's launch)
     tiled = {f"fast[{tile_label(tile)}]": tile for tile in (CANDIDATE_TILES if device.type == "cuda" else ())}
