@@ -103,9 +103,10 @@ def hf_rotary_rows(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> tup
 def test_rotary_inside_the_kernel_equals_hf_rotation_then_attention(batch, q_heads, kv_heads, dim, capacity,
                                                                     kv_length, window, dtype):
     """cos / sin: the kernel rotates the query and the new key itself. The written key equals HF's
-    apply_rotary_pos_emb arithmetic in the cache dtype, within one unit of its last place (a GPU may
-    fuse fp32's multiply-add; the bf16 / fp16 roundings between the ops are HF's), and the output matches the oracle over HF-rotated inputs.
-    Tables of every position (rope_table=True, read at each row's position) give the same bits."""
+    apply_rotary_pos_emb arithmetic in the cache dtype, within one unit of its last place (the kernel
+    launches without fp fusion, so it rounds each product and the sum as HF does; run A on an H200,
+    with fusion on, failed here), and the output matches the oracle over HF-rotated inputs. Tables of
+    every position (rope_table=True, read at each row's position) give the same bits."""
     g = torch.Generator().manual_seed(11 * batch + dim + kv_length)
     q = torch.randn(batch, q_heads, 1, dim, generator=g).to(dtype).to(DEVICE)
     cache = torch.randn(2, batch, kv_heads, capacity, dim, generator=g).to(dtype).to(DEVICE)
