@@ -103,7 +103,8 @@ def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight:
     programs = max(1, min(programs, rows))
     rows_per_program = triton.cdiv(rows, programs)
     programs = triton.cdiv(rows, rows_per_program) if rows else 1
-    dw_partial = torch.zeros(programs, hidden, dtype=torch.float32, device=summed.device)
+    # every program writes its row of partial sums (no rows: no program runs, the sum is 0)
+    dw_partial = (torch.empty if rows else torch.zeros)(programs, hidden, dtype=torch.float32, device=summed.device)
     ds = summed if grad_sum is None else grad_sum
     if rows:
         _rms_norm_backward_kernel[(programs,)](grad_out, ds, summed, weight, dx, dw_partial, rows, hidden,
@@ -114,25 +115,35 @@ def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight:
 
 
 class _AddRMSNorm(torch.autograd.Function):
-    """(x + residual) -> (rms_norm(sum) * weight, sum), differentiable in x, residual and weight."""
+    """(x + residual) -> (rms_norm(sum) * weight, sum), differentiable in x, residual and weight.
+
+    Without a residual the sum is x itself, returned as a view when return_sum: its gradient then
+    reaches this backward, whose kernel adds it to dx (HAS_DS), where autograd would launch an add
+    of the two gradients (a layer's input feeds both its first norm and its first residual add)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
+    def forward(ctx, x, residual, weight, eps, return_sum):
         out, summed = _forward(x, weight, eps, residual)
         ctx.save_for_backward(summed, weight)
         ctx.eps = eps
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
-        if residual is None:
+        ctx.set_materialize_grads(False)      # an unused output's gradient stays None: no zero tensor
+        if not return_sum:
             return out
-        return out, summed
+        return out, (x.view_as(x) if residual is None else summed)
 
     @staticmethod
     def backward(ctx, grad_out, grad_sum=None):
         summed, weight = ctx.saved_tensors
-        dsum, dw = _backward(grad_out, grad_sum, summed, weight, ctx.eps)
+        if grad_out is None:                  # only the sum was used
+            dsum, dw = grad_sum, torch.zeros_like(weight)
+        else:
+            dsum, dw = _backward(grad_out, grad_sum, summed, weight, ctx.eps)
+        if dsum is None:
+            return None, None, dw, None, None
         x_dtype, res_dtype = ctx.dtypes
         dres = None if res_dtype is None else dsum.to(res_dtype)
-        return dsum.to(x_dtype), dres, dw, None
+        return dsum.to(x_dtype), dres, dw, None, None
 
 
 def _check(x: Tensor, weight: Tensor, residual: Tensor | None, caller: str) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -149,16 +160,14 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None, caller: str) -> t
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF's RMSNorm of x [rows, H]; differentiable. Output dtype promote(x, weight), as HF's."""
     x, weight, _ = _check(x, weight, None, "rms_norm")
-    return _AddRMSNorm.apply(x, None, weight, float(eps))
+    return _AddRMSNorm.apply(x, None, weight, float(eps), False)
 
 
 def add_rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """x [R, H] (+ residual [R, H]) -> (rms_norm(sum) * weight, sum); differentiable. sum is x itself
+    """x [R, H] (+ residual [R, H]) -> (rms_norm(sum) * weight, sum); differentiable. sum is a view of x
     without a residual; its dtype is promote(x, residual), the normed output's promote(sum, weight)."""
     x, weight, residual = _check(x, weight, residual, "add_rms_norm")
-    if residual is None:
-        return _AddRMSNorm.apply(x, None, weight, float(eps)), x
-    return _AddRMSNorm.apply(x, residual, weight, float(eps))
+    return _AddRMSNorm.apply(x, residual, weight, float(eps), True)
 
 
 def add_rms_norm_reference(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None

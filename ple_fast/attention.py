@@ -247,10 +247,10 @@ def _flex_function(device: torch.device) -> Callable:
 
 def _flex(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
     flex = _flex_function(q.device)
-    out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+    out = flex(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                block_mask=tree.block_mask(sliding_window), scale=scale,
                enable_gqa=k.shape[1] != q.shape[1])
-    return out[0].transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)
 
 
 def _flash_varlen_func() -> Callable:
@@ -340,8 +340,9 @@ def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{where()}: {query.shape[1]} query heads are not a multiple of {key.shape[1]} KV heads")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
-    return tree_attention(tree, q, k, v, scale, sliding_window)[None], None
+    # squeeze, not [0]: its backward is a view, where select's writes each gradient into a fresh zero tensor
+    q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
+    return tree_attention(tree, q, k, v, scale, sliding_window).unsqueeze(0), None
 
 
 def _register() -> None:

@@ -219,11 +219,11 @@ def static_kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
             raise NotImplementedError(f"rollout engine: attention with {name!r} "
                                       f"({type(module).__name__}) is not supported; use rollout.backend=hf")
     if isinstance(ple_pass, _PackedPass):
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))        # [N, heads, D]
+        q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))  # [N, heads, D]
         ple_pass.cache.scatter(module.layer_idx, ple_pass.slots, k.index_select(0, ple_pass.sources),
                                v.index_select(0, ple_pass.sources))
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-        return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window)[None], None
+        return tree_attention(ple_pass.tree, q, k, v, scale, sliding_window).unsqueeze(0), None
     cache, rows, length = ple_pass.cache, ple_pass.rows, ple_pass.kv_length
     if ple_pass.decode_kernel and query.shape[2] == 1:    # the kernel writes the new K/V itself
         cache.check(module.layer_idx, key)
