@@ -17,7 +17,9 @@ launch-bound share of a training step. Here, per layer:
     SiLU(gate) * up                  kernels/swiglu.py
     down projection                  the model's own module
 The projections, the embedding and the rotary tables stay the model's modules, so the weights are
-the live ones and LoRA (PEFT) layers work as they are. Every fused kernel rounds as the eager HF op
+the live ones and LoRA (PEFT) layers work as they are; in training, plain nn.Linear projections that
+read the same input run as one autograd node (`project`), whose backward sums their input gradients
+inside the GEMMs. Every fused kernel rounds as the eager HF op
 sequence does, and its backward computes in fp32 (tests/test_fused_layers.py compares hidden
 states, tokens, log-probs and gradients with the stock layers). Covered: the families whose layers
 are exactly this (FAMILIES); anything else runs the stock HF layers.
@@ -34,6 +36,7 @@ import sys
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ple_fast.models import decoder_of
@@ -109,6 +112,63 @@ def _head_norms(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
                  for t, norm in ((q, attn.q_norm), (k, attn.k_norm)))
 
 
+class _SharedInputLinear(torch.autograd.Function):
+    """x W_i^T + b_i for projections reading the same x [T, H] (q, k, v; gate, up), as one autograd node.
+
+    Why: autograd sums the projections' input gradients with an add kernel per extra projection
+    (three for a layer: two for q, k, v and one for gate, up), each a full pass over [T, H]; here
+    the GEMMs accumulate them (addmm_). Under autocast x is cast once, not once per projection, and
+    saved once. Forward bits are F.linear's, as nn.Linear's; weight and bias gradients are the GEMMs
+    and row sums autograd runs, cast to the parameters' dtypes as autocast's casts do."""
+
+    @staticmethod
+    def forward(ctx, x, compute_dtype, count, *params):
+        weights, biases = params[:count], params[count:]
+        x_c = x.to(compute_dtype)
+        w_c = [w.to(compute_dtype) for w in weights]
+        outs = tuple(F.linear(x_c, w, None if b is None else b.to(compute_dtype)) for w, b in zip(w_c, biases))
+        ctx.save_for_backward(x_c, *w_c)
+        ctx.dtypes = (x.dtype, [w.dtype for w in weights], [None if b is None else b.dtype for b in biases])
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x_c, *w_c = ctx.saved_tensors
+        x_dtype, w_dtypes, b_dtypes = ctx.dtypes
+        count = len(w_c)
+        need_w, need_b = ctx.needs_input_grad[3:3 + count], ctx.needs_input_grad[3 + count:]
+        dx, dws, dbs = None, [None] * count, [None] * count
+        with torch.autocast(x_c.device.type, enabled=False):
+            for i, (g, w) in enumerate(zip(grads, w_c)):
+                if g is None:
+                    continue
+                if ctx.needs_input_grad[0]:
+                    dx = g.mm(w) if dx is None else dx.addmm_(g, w)
+                if need_w[i]:
+                    dws[i] = g.t().mm(x_c).to(w_dtypes[i])
+                if need_b[i]:
+                    dbs[i] = g.sum(0).to(b_dtypes[i])
+        return (None if dx is None else dx.to(x_dtype), None, None, *dws, *dbs)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def project(x: Tensor, modules: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    """(module(x) for module in modules): plain nn.Linear layers in a forward that builds a graph go
+    through _SharedInputLinear; anything else (LoRA, quantised or hooked modules) is called as is."""
+    if not torch.is_grad_enabled() or x.dim() != 2 or not all(_plain_linear(m) for m in modules):
+        return tuple(m(x) for m in modules)
+    device_type = x.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    if any(m.weight.dtype != compute_dtype for m in modules) and not torch.is_autocast_enabled(device_type):
+        return tuple(m(x) for m in modules)          # mixed dtypes without autocast: F.linear's error, as HF's
+    return _SharedInputLinear.apply(x, compute_dtype, len(modules), *(m.weight for m in modules),
+                                    *(m.bias for m in modules))
+
+
 def side_by_side(side, main_fn, side_fn):
     """(main_fn(), side_fn()), side_fn queued on CUDA stream `side` so the two run at once (parallel
     branches of the graph when captured); side None: one after the other.
@@ -131,10 +191,14 @@ def side_by_side(side, main_fn, side_fn):
 def _mlp(mlp: nn.Module, x: Tensor, side=None) -> Tensor:
     """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch); gate on the
     side stream, if given, while up runs (side_by_side)."""
+    up, gate = side_by_side(side, lambda: mlp.up_proj(x), lambda: mlp.gate_proj(x))
+    return mlp.down_proj(_activation_mul(mlp, gate, up))
+
+
+def _activation_mul(mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
     from ple_fast.kernels.swiglu import silu_mul
 
-    up, gate = side_by_side(side, lambda: mlp.up_proj(x), lambda: mlp.gate_proj(x))
-    return mlp.down_proj(silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
+    return silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up
 
 
 def position_independent_rotary(model: nn.Module) -> bool:
@@ -202,8 +266,8 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     shape = hidden_states.shape                         # [B, N, H]
     stream = hidden_states.reshape(-1, shape[-1])
     tokens, dim = stream.shape[0], attn.head_dim
-    x, _ = _add_norm(layer.input_layernorm, None, stream)
-    q, k, v = (proj(x).view(tokens, -1, dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    x, stream = _add_norm(layer.input_layernorm, None, stream)    # stream: a view, whose gradient the norm's adds
+    q, k, v = (t.view(tokens, -1, dim) for t in project(x, (attn.q_proj, attn.k_proj, attn.v_proj)))
     cos, sin = (t.expand(shape[0], shape[1], dim).reshape(tokens, dim) for t in position_embeddings)  # [1, N, D] too
     q, k = rotary(*_head_norms(attn, q, k), cos, sin)
     heads = lambda t: t.view(shape[0], shape[1], -1, dim).transpose(1, 2)      # [B, heads, N, D], as HF's
@@ -220,7 +284,9 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
                        dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling,
                        position_ids=position_ids, **kwargs)
     x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.reshape(tokens, -1)), stream)
-    return (stream + _mlp(layer.mlp, x)).view(shape)
+    mlp = layer.mlp
+    gate, up = project(x, (mlp.gate_proj, mlp.up_proj))
+    return (stream + mlp.down_proj(_activation_mul(mlp, gate, up))).view(shape)
 
 
 @contextlib.contextmanager

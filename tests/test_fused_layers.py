@@ -187,6 +187,49 @@ def test_rotary_forward_rounds_like_hf_and_backward_matches_fp64(tokens, q_heads
 
 # ------------------------------------------------------------------------- the training forward
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_shared_input_projections_equal_the_modules(autocast):
+    """project() (one autograd node for q / k / v or gate / up): outputs and the gradients of x, the
+    weights and the biases equal the modules' own forward and autograd; under bf16 autocast (fp32
+    parameters) to bf16 accuracy, in the parameters' dtypes. A frozen weight gets no gradient, an
+    unused output adds nothing, and modules that are not plain nn.Linear are called as they are."""
+    from ple_fast.fused_layers import project
+
+    g = torch.Generator().manual_seed(3)
+    modules = [torch.nn.Linear(24, n, bias=bias).to(DEVICE) for n, bias in ((16, True), (8, False), (8, True))]
+    modules[1].weight.requires_grad_(False)
+    x = torch.randn(7, 24, generator=g).to(DEVICE)
+    grads = [torch.randn(7, m.out_features, generator=g).to(DEVICE) for m in modules]
+    results = []
+    for fused in (True, False):
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            outs = project(leaf, tuple(modules)) if fused else tuple(m(leaf) for m in modules)
+        assert all(o.dtype == (torch.bfloat16 if autocast else torch.float32) for o in outs)
+        torch.autograd.backward([outs[0], outs[1]], [grads[0].to(outs[0].dtype), grads[1].to(outs[1].dtype)])
+        results.append((outs, leaf.grad, [(m.weight.grad, m.bias.grad if m.bias is not None else None)
+                                          for m in modules]))
+    (got_outs, got_dx, got_params), (want_outs, want_dx, want_params) = results
+    tol = 2e-2 if autocast else 1e-6
+    for got, want in zip(got_outs, want_outs):
+        assert rel_err(got, want) < tol
+    assert got_dx.dtype == torch.float32 and rel_err(got_dx, want_dx) < tol
+    for (got_w, got_b), (want_w, want_b), m in zip(got_params, want_params, modules):
+        for got, want in ((got_w, want_w), (got_b, want_b)):
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert got.dtype == torch.float32 and rel_err(got, want) < tol
+    assert modules[1].weight.grad is None and modules[2].weight.grad is None     # frozen; output unused
+    hooked = torch.nn.Linear(24, 4).to(DEVICE)
+    seen = []
+    hooked.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    project(x.clone().requires_grad_(), (modules[0], hooked))
+    assert seen == [torch.Size([7, 4])]
+
+
+
 @pytest.mark.parametrize("family,backend", [("llama", "sdpa"), ("qwen2", "sdpa"), ("mistral", "sdpa"),
                                             ("qwen3", "sdpa"), ("llama", "triton"), ("qwen2", "triton")])
 def test_fused_training_layers_match_padded_hf_forwards(family, backend):
@@ -495,6 +538,67 @@ def test_fused_step_leaves_only_the_projections_to_torch(monkeypatch):
     assert counts[True] == (7 * layers + 3, 4 * layers + 2)
     assert counts[False][1] == layers + 1              # the decode attention kernel and the step record
     assert counts[False][0] - counts[True][0] >= 25 * layers
+
+
+class _CountTrainingOps(TorchDispatchMode):
+    """Kernels a forward + backward launches: aten ops that launch one on a GPU (views and allocations
+    do not), and Triton launches by kernel name, counted where a JIT kernel is launched, so the
+    backward's launches inside autograd Functions count too (the interpreter's own torch ops do not)."""
+
+    def __init__(self, monkeypatch):
+        from ple_fast.kernels.rms_norm import _add_rms_norm_kernel
+
+        super().__init__()
+        self.aten, self.triton, self.paused = {}, {}, 0
+        kernel_type = type(_add_rms_norm_kernel)          # JITFunction, or InterpretedFunction on CPU
+        getitem = kernel_type.__getitem__
+
+        def launcher(kernel, grid):
+            launch = getitem(kernel, grid)
+            name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+
+            def counted(*args, **kwargs):
+                self.triton[name] = self.triton.get(name, 0) + 1
+                self.paused += 1
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    self.paused -= 1
+            return counted
+        monkeypatch.setattr(kernel_type, "__getitem__", launcher)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.paused and name not in _CountOps.FREE | {"promote_types"}:
+            self.aten[name] = self.aten.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_training_layer_kernel_count(monkeypatch):
+    """Per layer, a packed training step (forward + backward, triton tree attention) launches 12 Triton
+    kernels and 32 torch kernels: 21 projection GEMMs (3 of them addmm_, which sum the q / k / v and the
+    gate / up input gradients); the residual add; the K/V gather and its backward (index_select,
+    new_zeros, index_add, each twice); the zeroed dK / dV buffers (2) and the RMSNorm weight gradients'
+    sums (2). A change that adds a kernel to every layer shows here: the layer's input gradient, the
+    squeezed attention inputs, the norms' dW buffers and the projections' input gradients each cost
+    kernels before."""
+    counts = {}
+    for layers in (1, 3):
+        model = test_dual_forward.tiny_model("llama", layers=layers).to(DEVICE)
+        pairs = test_dual_forward.random_pairs(random.Random(2), 3)
+        with monkeypatch.context() as patch, _CountTrainingOps(patch) as ops:
+            rows = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+            rows.hidden.float().square().sum().backward()
+        counts[layers] = ops
+    per_layer = lambda kind: {name: (getattr(counts[3], kind).get(name, 0) - getattr(counts[1], kind).get(name, 0)) / 2
+                              for name in getattr(counts[3], kind)}
+    triton_per_layer, aten_per_layer = per_layer("triton"), per_layer("aten")
+    assert triton_per_layer == {"_add_rms_norm_kernel": 2, "_rms_norm_backward_kernel": 2, "_rotary_kernel": 2,
+                                "_fwd_kernel": 1, "_bwd_delta_kernel": 1, "_bwd_dkdv_kernel": 1, "_bwd_dq_kernel": 1,
+                                "_silu_mul_kernel": 1, "_silu_mul_backward_kernel": 1}
+    assert {name: n for name, n in aten_per_layer.items() if n} == {
+        "mm": 18, "addmm_": 3, "add": 1, "index_select": 2, "new_zeros": 2, "index_add": 2, "zeros_like": 2,
+        "sum": 2}
 
 
 def test_option_resolution_and_errors():
