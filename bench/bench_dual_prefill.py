@@ -16,7 +16,8 @@ SDPA) and flex (timed in a last pass, its compile being slow; a compile failure 
 The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
 log-probs use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
 gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU's busy time against
-the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time.
+the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time;
+host_ms is the host's unprofiled time to issue a step (common.time_cuda): near ms, the host is the limit.
 
 tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
 has the same numerator and the ratios are ratios of step time. model_tflops counts the FLOPs each
@@ -234,7 +235,8 @@ def main() -> None:
                     times[name] = timing["ms"]
                     flops = step_flops(model, layout_tokens, attention_pairs, num_pairs * (o_len + p_len))
                     tflops = flops / (timing["ms"] * 1e-3) / 1e12
-                    row.update(ms=timing["ms"], tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
+                    row.update(ms=timing["ms"], host_ms=timing["host_ms"],
+                               tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
                                model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
@@ -247,7 +249,8 @@ def main() -> None:
                         torch.cuda.empty_cache()
                 payload["rows"].append(row)
                 write_result(path, BENCH, payload)   # after every row: a bench timeout keeps what it measured
-                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms, {row['model_tflops']:.0f} TFLOP/s "
+                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms (host {row['host_ms']:.1f}), "
+                                                             f"{row['model_tflops']:.0f} TFLOP/s "
                                                              f"({row['peak_fraction']:.0%} of matmul peak)"
                                                              if "ms" in row else "failed"),
                       flush=True)

@@ -65,6 +65,9 @@ def device_info() -> dict:
 def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> dict:
     """Median / min milliseconds of fn() between CUDA events, each call timed on its own.
 
+    host_ms: the median wall-clock time fn() took to return, before the wait for the GPU: the host's
+    time to issue the work (plus any sync inside fn). Close to ms, the step is host-bound; well under
+    it, the GPU is the limit. Unlike a profiler's host events it adds no overhead of its own.
     Without CUDA it times wall-clock instead: only for --allow-cpu smoke runs, never a figure."""
     for _ in range(warmup):
         fn()
@@ -74,17 +77,19 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> d
             start = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - start))
-        return dict(ms=statistics.median(times), ms_min=min(times), iters=iters)
+        return dict(ms=statistics.median(times), ms_min=min(times), host_ms=statistics.median(times), iters=iters)
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        issued = time.perf_counter()
         fn()
+        host.append(1e3 * (time.perf_counter() - issued))
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return dict(ms=statistics.median(times), ms_min=min(times), iters=iters)
+    return dict(ms=statistics.median(times), ms_min=min(times), host_ms=statistics.median(host), iters=iters)
 
 
 def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] | None = None,

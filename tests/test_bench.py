@@ -111,6 +111,7 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     timed = [r for r in rows if not r["variant"].startswith("ratios")]
     assert {r["variant"] for r in timed} == {"padded_hf", "packed_shared[segments]", "packed_duplicated[segments]"}
     assert len(timed) == 3 * 2 and all(r["ms"] > 0 and "error" not in r for r in timed)   # 2 quick shapes
+    assert all(r["host_ms"] == r["ms"] for r in timed)          # without CUDA the host time is the time
     assert all(r["profile"]["count"] > 0 and r["profile"]["busy_ms"] > 0 for r in timed)
     peak = json.loads(result.read_text())["matmul_peak_tflops"]
     assert all(r["model_tflops"] > 0 and r["peak_fraction"] == pytest.approx(r["model_tflops"] / peak) for r in timed)
