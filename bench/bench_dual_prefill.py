@@ -1,7 +1,7 @@
 """Dual prefill: a PLE training step (forward + backward) with each query computed once.
 
-For each (query / original / principled) length, P pairs of random tokens through a ~1B Llama
-shape (random weights, bf16), forward + log-probs of both responses + backward:
+For each (query / original / principled) length, P pairs of random tokens (P = 8; --pairs) through a
+~1B Llama shape (random weights, bf16), forward + log-probs of both responses + backward:
   packed_shared[B]      pack_dual: one query per pair, shared by both responses (tree attention B)
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
@@ -177,6 +177,9 @@ def main() -> None:
                                                         help="run without CUDA (quick shapes, fp32: a smoke test)"),
                                         ap.add_argument("--shapes", help="Q/C/R,... (default: "
                                                         + ",".join("/".join(map(str, s)) for s in SHAPES) + ")"),
+                                        ap.add_argument("--pairs", type=int, help=f"pairs per step (default "
+                                                        f"{PAIRS}; {QUICK_PAIRS} quick): more pairs give the GPU more "
+                                                        "work per launch, the same host work"),
                                         ap.add_argument("--backends", help="comma-separated tree-attention backends, "
                                                         f"a {COMPILED!r} suffix for compiled layers, {FUSED!r} for "
                                                         f"fused ones (default: flash if installed, triton{FUSED}, "
@@ -192,7 +195,9 @@ def main() -> None:
     shapes = QUICK_SHAPES if quick else SHAPES
     if args.shapes:
         shapes = [tuple(int(n) for n in shape.split("/")) for shape in args.shapes.split(",")]
-    num_pairs = QUICK_PAIRS if quick else PAIRS
+    num_pairs = args.pairs if args.pairs is not None else (QUICK_PAIRS if quick else PAIRS)
+    if num_pairs < 1:
+        raise SystemExit(f"{BENCH}: --pairs must be at least 1, got {num_pairs}")
     model = build_model(model_shape, device, dtype)
     peak_tflops = matmul_peak_tflops(dtype)
     backends = args.backends.split(",") if args.backends else available_backends(dtype, device)

@@ -139,10 +139,13 @@ def test_dual_prefill_bench_compiled_and_fused_variants_on_cpu(tmp_path, suffix,
     baseline (smoke: one tiny shape, the CPU's sdpa backend)."""
     backend = f"sdpa+{suffix}"
     proc = run_bench("bench_dual_prefill.py", "--allow-cpu", "--shapes", "8/4/4", "--backends", backend,
-                     "--out", str(tmp_path))
+                     "--pairs", "3", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("bench_dual_prefill-*.json")
-    rows = {r["variant"]: r for r in json.loads(result.read_text())["rows"]}
+    payload = json.loads(result.read_text())
+    assert payload["pairs"] == 3 and "3 pairs/step" in proc.stdout
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert rows["padded_hf"]["tokens_per_s"] * rows["padded_hf"]["ms"] == pytest.approx(3 * (2 * 8 + 4 + 4) * 1e3)
     assert set(rows) == {"padded_hf", f"packed_shared[{backend}]", f"packed_duplicated[{backend}]",
                          f"padded_hf[{suffix}]", f"ratios[{backend}]"}
     assert all("error" not in r for r in rows.values())
