@@ -83,18 +83,24 @@ def _visible(seg_q, seg_k, q_idx, kv_idx, pos_q, pos_k, depth, at_depth, sliding
 class TreeAttention:
     """Everything the backends need for one packed batch; built by `tree_attention_metadata`."""
 
-    backend: str                 # resolved: "sdpa" | "flex" | "flash"
+    backend: str                 # resolved: "sdpa" | "segments" | "flex" | "flash" | "triton"
     num_tokens: int
     position_ids: torch.Tensor   # [N] int64
     segment_ids: torch.Tensor    # [N] int64
-    seg_depth: torch.Tensor      # [S] int64
-    seg_at_depth: torch.Tensor   # [S, D+1] int64
+    seg_parent: torch.Tensor     # [S], -1 for a root
     cu_seqlens_q: torch.Tensor   # [S+1] int32
     cu_seqlens_k: torch.Tensor   # [S+1] int32
     kv_index: torch.Tensor       # [K] int64
     max_seqlen_q: int
     max_seqlen_k: int
     _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: dense / block mask
+
+    def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`segment_ancestry` of the batch, built on first use: only the mask backends (sdpa, flex) read
+        it, and building it costs ~25 small kernels and a sync per tree level, every forward."""
+        if "ancestry" not in self._masks:
+            self._masks["ancestry"] = segment_ancestry(self.seg_parent)
+        return self._masks["ancestry"]
 
     def prepare(self, *sliding_windows: int | None) -> "TreeAttention":
         """Build what the backend reads (dense mask, segment gather, block mask) for no window and for
@@ -112,8 +118,7 @@ class TreeAttention:
             rows = torch.arange(self.num_tokens, device=self.segment_ids.device)
             seg, pos = self.segment_ids, self.position_ids
             self._masks[key] = _visible(seg[:, None], seg[None, :], rows[:, None], rows[None, :],
-                                        pos[:, None], pos[None, :], self.seg_depth, self.seg_at_depth,
-                                        sliding_window)
+                                        pos[:, None], pos[None, :], *self.ancestry(), sliding_window)
         return self._masks[key]
 
     def segment_gather(self, sliding_window: int | None = None):
@@ -150,7 +155,7 @@ class TreeAttention:
         if key not in self._masks:
             from torch.nn.attention.flex_attention import create_block_mask
 
-            seg, pos, depth, at_depth = self.segment_ids, self.position_ids, self.seg_depth, self.seg_at_depth
+            (seg, pos), (depth, at_depth) = (self.segment_ids, self.position_ids), self.ancestry()
 
             def mask_mod(b, h, q_idx, kv_idx):
                 # Block padding can ask about indices >= N: clamp for the lookups, then mask them out.
@@ -191,14 +196,12 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
 def tree_attention_metadata(batch, backend: str = "auto", *, dtype: torch.dtype = torch.float32) -> TreeAttention:
     """Per-batch metadata for `batch` (a PackedBatch, already on the model's device)."""
     device = batch.input_ids.device
-    depth, at_depth = segment_ancestry(batch.seg_parent)
     return TreeAttention(
         backend=resolve_backend(backend, device, dtype),
         num_tokens=batch.input_ids.numel(),
         position_ids=batch.position_ids.long(),
         segment_ids=batch.segment_ids.long(),
-        seg_depth=depth,
-        seg_at_depth=at_depth,
+        seg_parent=batch.seg_parent,
         cu_seqlens_q=batch.cu_seqlens_q.to(torch.int32),
         cu_seqlens_k=batch.cu_seqlens_k.to(torch.int32),
         kv_index=batch.kv_index.long(),

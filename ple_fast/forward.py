@@ -131,9 +131,10 @@ def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile
     device = next(model.parameters()).device
     batch = batch.to(device)
     hidden = dual_forward(model, batch, backend, compile=compile, fused=fused)
-    keep = batch.seq_index >= 0
+    scored = (batch.seq_index >= 0).nonzero().squeeze(1)      # one sync, where three boolean masks take three
     weight, softcap = output_head(model)
-    return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap, num_seqs)
+    return ResponseRows(hidden.index_select(0, scored), batch.labels.index_select(0, scored),
+                        batch.seq_index.index_select(0, scored), weight, softcap, num_seqs)
 
 
 def packed_dual_response_rows(model, queries: Sequence[Sequence[int]], originals: Sequence[Sequence[int]],
