@@ -25,8 +25,9 @@ states, tokens, log-probs and gradients with the stock layers). Covered: the fam
 are exactly this (FAMILIES); anything else runs the stock HF layers.
 
 `decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
-`fused_decoder_layers` swaps the layers' forward for `layer_forward` in the packed training forwards
-(ple_fast.forward, `ple.layer_impl`).
+`fused_decoder_layers` swaps the layers' forward for `layer_forward`, and the final norm's for
+`final_norm_forward`, in the packed training forwards (ple_fast.forward, `ple.layer_impl`) and the
+rollout engine's packed prefill.
 """
 from __future__ import annotations
 
@@ -289,18 +290,30 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     return (stream + mlp.down_proj(_activation_mul(mlp, gate, up))).view(shape)
 
 
+def final_norm_forward(norm: nn.Module, hidden_states: Tensor) -> Tensor:
+    """The decoder's final RMSNorm module's forward as one kernel each way (HF's runs ~7 forward, more
+    backward), rounding as the module does."""
+    from ple_fast.kernels.rms_norm import rms_norm
+
+    shape = hidden_states.shape
+    return rms_norm(hidden_states.reshape(-1, shape[-1]), norm.weight, norm.variance_epsilon).view(shape)
+
+
 @contextlib.contextmanager
 def fused_decoder_layers(model: nn.Module) -> Iterator[None]:
-    """Run the model's decoder layers through `layer_forward` for the block (their own forward again on
-    exit; a backward after the block needs nothing of it)."""
+    """Run the model's decoder layers through `layer_forward`, and its final norm through
+    `final_norm_forward`, for the block (their own forward again on exit; a backward after the block
+    needs nothing of it)."""
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(f"fused decoder layers: {reason}")
-    layers = decoder_of(model).layers
-    for layer in layers:
+    trunk = decoder_of(model)
+    swapped = [*trunk.layers, trunk.norm]
+    for layer in trunk.layers:
         layer.forward = functools.partial(layer_forward, layer)
+    trunk.norm.forward = functools.partial(final_norm_forward, trunk.norm)
     try:
         yield
     finally:
-        for layer in layers:
-            del layer.forward        # the instance attribute: the class's forward again
+        for module in swapped:
+            del module.forward        # the instance attribute: the class's forward again

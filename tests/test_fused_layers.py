@@ -241,7 +241,7 @@ def test_fused_training_layers_match_padded_hf_forwards(family, backend):
     for trial in range(3):
         test_dual_forward.check_against_padded(model, test_dual_forward.random_pairs(rng, [1, 3, 5][trial]),
                                                backend, seed=trial, fused=True, tol=FP32_FORWARD_TOL)
-    assert not any("forward" in vars(layer) for layer in model.model.layers)
+    assert not any("forward" in vars(module) for module in [*model.model.layers, model.model.norm])
 
 
 def test_fused_training_layers_under_bf16_autocast():
@@ -599,6 +599,40 @@ def test_fused_training_layer_kernel_count(monkeypatch):
     assert {name: n for name, n in aten_per_layer.items() if n} == {
         "mm": 18, "addmm_": 3, "add": 1, "index_select": 2, "new_zeros": 2, "index_add": 2, "zeros_like": 2,
         "sum": 2}
+
+
+class _HostReads(TorchDispatchMode):
+    """The ops that read device data on the host (on a GPU, each waits for the queue to drain)."""
+    READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_packed_training_step_reads_the_device_once(backend):
+    """From a packed batch, the fused training forward + backward reads device data on the host once:
+    the scored rows (one nonzero). The tree ancestry (a sync per tree level) is built only for the
+    mask backends, here sdpa."""
+    from ple_fast.forward import _scored_rows
+    from ple_fast.layout import pack_dual
+
+    model = test_dual_forward.tiny_model("llama", layers=2).to(DEVICE)
+    pairs = test_dual_forward.random_pairs(random.Random(4), 3)
+    batch = pack_dual(*pairs, device=DEVICE)
+    with _HostReads() as host:
+        rows = _scored_rows(model, batch, 6, backend, False, True)
+        rows.hidden.float().square().sum().backward()
+    if backend == "triton":
+        assert host.reads == ["nonzero"]
+    else:
+        assert host.reads.count("nonzero") == 1 and "_local_scalar_dense" in host.reads
 
 
 def test_option_resolution_and_errors():
