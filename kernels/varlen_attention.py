@@ -13,8 +13,16 @@ FlashAttention-2's algorithm: the forward streams key blocks through an online s
 the per-row logsumexp; the backward recomputes probabilities from it, with one kernel per KV head
 and key block accumulating dK, dV over every query head of its group (no atomics), and one per
 query block accumulating dQ. fp32 accumulation throughout; inputs fp16, bf16 or fp32.
+
+A tree layout's keys repeat rows (a query's rows are keys of the query and of both its responses).
+Given the gather (`kv_gather`), the kernels read those rows in place through the index, where an
+index_select per layer would copy K and V, and the backward sums each row's copies with one more
+kernel (`_gather_grad_kernel`, fp32, fixed order), where index_select's backward would zero two
+buffers and index_add into them: six torch kernels a layer, and atomics.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -95,6 +103,46 @@ def _load_rows(ptr, start, rows, stride_n, head, stride_h, ds, row_limit, head_d
 
 
 @triton.jit
+def _load_keys(K, V, KV_INDEX, k_start, cols, stride_kn, stride_kh, stride_vn, stride_vh, kh, ds, k_len, head_dim,
+               UPCAST: tl.constexpr, GATHER: tl.constexpr):
+    """Key / value rows k_start + cols of the segment's key list: rows of K, V themselves, or with GATHER
+    the rows KV_INDEX[k_start + cols] (the gather a tree layout asks for, done by the loads)."""
+    row_ok = cols < k_len
+    if GATHER:
+        src = tl.load(KV_INDEX + k_start + cols, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = (k_start + cols).to(tl.int64)
+    mask = row_ok[:, None] & (ds < head_dim)[None, :]
+    k = tl.load(K + src[:, None] * stride_kn + kh * stride_kh + ds[None, :], mask=mask, other=0.0)
+    v = tl.load(V + src[:, None] * stride_vn + kh * stride_vh + ds[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _gather_grad_kernel(dKg, dVg, ORDER, OFFSETS, dK, dV, num_rows, row_elems,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """dK[r] = sum of dKg[g] over the gathered rows g that copied row r (ORDER[OFFSETS[r]:OFFSETS[r+1]],
+    in kv_index order), the same for dV: the gather's backward in fp32, in a fixed order (an index_add
+    would sum duplicates with atomics, in the dtype, in any order), every row written (zeros if none)."""
+    cols = tl.arange(0, BLOCK)
+    ok = cols < row_elems
+    for i in range(ROWS):
+        r = tl.program_id(0) * ROWS + i
+        if r < num_rows:
+            acc_k = tl.zeros((BLOCK,), tl.float32)
+            acc_v = tl.zeros((BLOCK,), tl.float32)
+            for j in range(tl.load(OFFSETS + r), tl.load(OFFSETS + r + 1)):
+                g = tl.load(ORDER + j).to(tl.int64)
+                acc_k += tl.load(dKg + g * row_elems + cols, mask=ok, other=0.0).to(tl.float32)
+                acc_v += tl.load(dVg + g * row_elems + cols, mask=ok, other=0.0).to(tl.float32)
+            out = r.to(tl.int64) * row_elems + cols
+            tl.store(dK + out, acc_k.to(dK.dtype.element_ty), mask=ok)
+            tl.store(dV + out, acc_v.to(dV.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _bwd_delta_kernel(O, dO, Delta, stride_on, stride_oh, stride_dn, stride_dh, num_rows, head_dim,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Delta[h, i] = sum_d O[i, h, d] * dO[i, h, d] in fp32: the backward's preprocess, one pass over
@@ -110,10 +158,10 @@ def _bwd_delta_kernel(O, dO, Delta, stride_on, stride_oh, stride_dn, stride_dh, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-                stride_on, stride_oh, num_q_rows, groups, head_dim, scale, window,
+def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, KV_INDEX, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn,
+                stride_vh, stride_on, stride_oh, num_q_rows, groups, head_dim, scale, window,
                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
     m_block = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -130,8 +178,8 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, st
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
-            v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+            k, v = _load_keys(K, V, KV_INDEX, k_start, cols, stride_kn, stride_kh, stride_vn, stride_vh, kh, ds, k_len,
+                             head_dim, UPCAST, GATHER)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(_visible(rows, cols, q_len, k_len, offset, window, HAS_WINDOW), s, float("-inf"))
             m_i, l_i, acc = _online_softmax_step(s, m_i, l_i, acc, v, PRECISION)
@@ -144,11 +192,11 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_q, cu_k, stride_qn, stride_qh, stride_kn, st
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh,
-                     stride_vn, stride_vh, stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-                     num_q_rows, groups, head_dim, scale, window,
+def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, KV_INDEX, stride_qn, stride_qh, stride_kn,
+                     stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dkn, stride_dkh, stride_dvn,
+                     stride_dvh, num_q_rows, groups, head_dim, scale, window,
                      HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
     n_block = tl.program_id(0)
     seg = tl.program_id(1)
     kh = tl.program_id(2)
@@ -156,8 +204,8 @@ def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, stride_qn, str
     if n_block * BLOCK_N < k_len:
         cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         ds = tl.arange(0, BLOCK_D)
-        k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
-        v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+        k, v = _load_keys(K, V, KV_INDEX, k_start, cols, stride_kn, stride_kh, stride_vn, stride_vh, kh, ds, k_len,
+                         head_dim, UPCAST, GATHER)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         # queries i that see key j: j <= i + offset (and i + offset - W < j)
@@ -183,11 +231,11 @@ def _bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV, cu_q, cu_k, stride_qn, str
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh, stride_kn, stride_kh,
-                   stride_vn, stride_vh, stride_don, stride_doh, stride_dqn, stride_dqh,
+def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, KV_INDEX, stride_qn, stride_qh, stride_kn,
+                   stride_kh, stride_vn, stride_vh, stride_don, stride_doh, stride_dqn, stride_dqh,
                    num_q_rows, groups, head_dim, scale, window,
                    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATHER: tl.constexpr):
     m_block = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2)
@@ -205,8 +253,8 @@ def _bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ, cu_q, cu_k, stride_qn, stride_qh
                             HAS_WINDOW, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(K, k_start, cols, stride_kn, kh, stride_kh, ds, k_len, head_dim, UPCAST)
-            v = _load_rows(V, k_start, cols, stride_vn, kh, stride_vh, ds, k_len, head_dim, UPCAST)
+            k, v = _load_keys(K, V, KV_INDEX, k_start, cols, stride_kn, stride_kh, stride_vn, stride_vh, kh, ds, k_len,
+                             head_dim, UPCAST, GATHER)
             _, dsc = _probs_and_dscores(q, k, v, do, lse, delta, rows, cols, q_len, k_len, offset, window,
                                         scale, HAS_WINDOW, PRECISION)
             dq += tl.dot(dsc.to(k.dtype), k, input_precision=PRECISION)
@@ -241,10 +289,33 @@ def _window_arg(sliding_window: int | None) -> dict:
     return dict(window=int(sliding_window or 0), HAS_WINDOW=sliding_window is not None)
 
 
+class KVGather(NamedTuple):
+    """Keys gathered by row index (a tree layout's kv_index: segment s's keys are the rows
+    index[cu_k[s]:cu_k[s+1]] of k / v, and index has exactly cu_k[-1] entries), with its inverse for
+    the backward: order, index's positions sorted by row (stably), and offsets [Nk + 1], so that row
+    r's copies are order[offsets[r]:offsets[r + 1]]. Built once per batch by `kv_gather`."""
+    index: Tensor
+    order: Tensor
+    offsets: Tensor
+
+
+def kv_gather(kv_index: Tensor, num_rows: int) -> KVGather:
+    """The KVGather of kv_index over num_rows key rows: a few kernels, no host sync; built once per
+    packed batch (ple_fast.attention) and read by every layer."""
+    index = kv_index.to(torch.int32)
+    order = torch.sort(index, stable=True).indices
+    offsets = torch.searchsorted(index[order], torch.arange(num_rows + 1, dtype=torch.int32, device=index.device))
+    return KVGather(index, order.to(torch.int32), offsets.to(torch.int32))
+
+
+def _gather_args(gather: KVGather | None, cu_k: Tensor) -> dict:
+    return dict(KV_INDEX=cu_k if gather is None else gather.index, GATHER=gather is not None)
+
+
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
-                   scale: float, sliding_window: int | None) -> tuple[Tensor, Tensor]:
+                   scale: float, sliding_window: int | None, gather: KVGather | None = None) -> tuple[Tensor, Tensor]:
     """(out [N, H, D], lse [H, N] fp32): the forward launch, shared by the autograd Function and the
-    torch.library op of compiled regions (ple_fast.ops)."""
+    torch.library op of compiled regions (ple_fast.ops). With gather, the keys are k / v rows by index."""
     num_rows, heads, dim = q.shape
     groups = heads // k.shape[1]
     out = torch.empty_like(q)
@@ -253,21 +324,29 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     cfg = _config(q)
     if num_rows and segments:
         grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
-        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          v.stride(0), v.stride(1), out.stride(0), out.stride(1), num_rows, groups, dim,
-                          float(scale), **_window_arg(sliding_window), **cfg)
+        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, stride_qn=q.stride(0), stride_qh=q.stride(1),
+                          stride_kn=k.stride(0), stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1),
+                          stride_on=out.stride(0), stride_oh=out.stride(1), num_q_rows=num_rows, groups=groups,
+                          head_dim=dim, scale=float(scale), **_gather_args(gather, cu_k),
+                          **_window_arg(sliding_window), **cfg)
     return out, lse
 
 
 def varlen_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
                     cu_k: Tensor, max_q: int, max_k: int, scale: float,
-                    sliding_window: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv): the backward launches, given the forward's out and lse."""
+                    sliding_window: int | None, gather: KVGather | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv): the backward launches, given the forward's out and lse. With gather, dK / dV are
+    computed per gathered row (each written once: index covers every segment's keys) and summed back
+    onto k / v's rows by `_gather_grad_kernel`."""
     grad_out = grad_out.contiguous()
     num_rows, heads, dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq = torch.empty_like(q)
+    if gather is None:
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    else:
+        dk, dv = (torch.empty(gather.index.numel(), kv_heads, dim, dtype=t.dtype, device=t.device) for t in (k, v))
     segments = cu_q.numel() - 1
     cfg = _config(q)
     window = _window_arg(sliding_window)
@@ -276,34 +355,52 @@ def varlen_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
         _bwd_delta_kernel[(triton.cdiv(num_rows, DELTA_ROWS), heads)](
             out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), num_rows,
             dim, BLOCK_M=DELTA_ROWS, BLOCK_D=cfg["BLOCK_D"])
-        common = (cu_q, cu_k, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                  grad_out.stride(0), grad_out.stride(1))
+        common = dict(cu_q=cu_q, cu_k=cu_k, stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0),
+                      stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1),
+                      stride_don=grad_out.stride(0), stride_doh=grad_out.stride(1), num_q_rows=num_rows,
+                      groups=groups, head_dim=dim, scale=float(scale), **_gather_args(gather, cu_k), **window, **cfg)
         grid = (triton.cdiv(max(max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
-        _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1),
-                               dv.stride(0), dv.stride(1), num_rows, groups, dim, float(scale),
-                               **window, **cfg)
+        _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, stride_dkn=dk.stride(0),
+                               stride_dkh=dk.stride(1), stride_dvn=dv.stride(0), stride_dvh=dv.stride(1), **common)
         grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
-        _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
-                             num_rows, groups, dim, float(scale), **window, **cfg)
+        _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, stride_dqn=dq.stride(0), stride_dqh=dq.stride(1),
+                             **common)
     else:
         dq.zero_()
+    if gather is not None:
+        dk, dv = _sum_gathered(dk, dv, gather, k)
     return dq, dk, dv
+
+
+GATHER_ROWS_INTERPRETED = 16     # rows per program of `_gather_grad_kernel` under the interpreter
+
+
+def _sum_gathered(dk_rows: Tensor, dv_rows: Tensor, gather: KVGather, k: Tensor) -> tuple[Tensor, Tensor]:
+    """dK, dV [Nk, Hkv, D] (k's dtype, contiguous) from the gathered rows' gradients."""
+    dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    rows, row_elems = k.shape[0], k.shape[1] * k.shape[2]
+    per_program = GATHER_ROWS_INTERPRETED if INTERPRETED else 1
+    if rows:
+        _gather_grad_kernel[(triton.cdiv(rows, per_program),)](
+            dk_rows, dv_rows, gather.order, gather.offsets, dk, dv, rows, row_elems, ROWS=per_program,
+            BLOCK=triton.next_power_of_2(row_elems), num_warps=4 if row_elems <= 2048 else 8)
+    return dk, dv
 
 
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window):
-        out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window)
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window, gather):
+        out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window, gather)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.max_q, ctx.max_k, ctx.scale, ctx.sliding_window = max_q, max_k, scale, sliding_window
+        ctx.max_q, ctx.max_k, ctx.scale, ctx.sliding_window, ctx.gather = max_q, max_k, scale, sliding_window, gather
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
-                                     ctx.sliding_window)
-        return dq, dk, dv, None, None, None, None, None, None
+                                     ctx.sliding_window, ctx.gather)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
@@ -320,9 +417,13 @@ def varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                     sliding_window: int | None = None) -> Tensor:
+                     sliding_window: int | None = None, gather: KVGather | None = None) -> Tensor:
     """q [Nq, H, D], k / v [Nk, Hkv, D] (H a multiple of Hkv), int32 cu_seqlens with k_len >= q_len
     per segment -> [Nq, H, D]; differentiable in q, k, v. flash_attn_varlen_func's causal,
-    bottom-right semantics; sliding_window W = its window_size (W - 1, 0)."""
+    bottom-right semantics; sliding_window W = its window_size (W - 1, 0).
+
+    gather (`kv_gather`): the keys are rows gather.index of k / v, the same as passing
+    k.index_select(0, gather.index) (and v's) without the copies, and with their backward summed in
+    fp32 in a fixed order instead of index_add's atomics."""
     return _VarlenAttention.apply(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), int(max_seqlen_q),
-                                  int(max_seqlen_k), scale, sliding_window)
+                                  int(max_seqlen_k), scale, sliding_window, gather)

@@ -20,12 +20,14 @@ Backends, all computing the same function of (q, k, v):
   flash     flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
             ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
   triton    the same call on our own Triton kernel (ple_fast.kernels.varlen_attention, forward and
-            backward): no padding, no repeated KV heads. The CUDA default when flash-attn is not
-            installed, chosen over `segments` by measurement: a bf16 training step of a 1.1B Llama
-            at the (512/128/128) bench shape took 126-135 ms with `triton` and 342-347 ms with
-            `segments` (H200, bench/results/2026-11-28-h200-suite), which pads 24 segments to 512
-            query rows (2x the real rows) and repeats the 4 KV heads 8x. Should the kernel fail to
-            launch on some GPU, it warns once and runs `segments` from then on.
+            backward): no padding, no repeated KV heads, and no gathered copies: its loads read the
+            keys through kv_index, and its backward sums each row's copies in a fixed order. The
+            CUDA default when flash-attn is not installed, chosen over `segments` by measurement: a
+            bf16 training step of a 1.1B Llama at the (512/128/128) bench shape took 126-135 ms with
+            `triton` and 342-347 ms with `segments` (H200, bench/results/2026-11-28-h200-suite),
+            which pads 24 segments to 512 query rows (2x the real rows) and repeats the 4 KV heads
+            8x. Should the kernel fail to launch on some GPU, it warns once and runs `segments`
+            from then on.
 """
 from __future__ import annotations
 
@@ -102,9 +104,20 @@ class TreeAttention:
             self._masks["ancestry"] = segment_ancestry(self.seg_parent)
         return self._masks["ancestry"]
 
+    def kv_gather(self):
+        """The `triton` backend's keys: kv_index read by the kernels' loads (KVGather), built on first use
+        and shared by every layer."""
+        if "kv_gather" not in self._masks:
+            from ple_fast.kernels.varlen_attention import kv_gather
+
+            self._masks["kv_gather"] = kv_gather(self.kv_index, self.num_tokens)
+        return self._masks["kv_gather"]
+
     def prepare(self, *sliding_windows: int | None) -> "TreeAttention":
         """Build what the backend reads (dense mask, segment gather, block mask) for no window and for
         each given one, ahead of a torch.compile'd forward, which then only looks them up."""
+        if self.backend == "triton":
+            self.kv_gather()
         build = {"sdpa": self.dense_mask, "segments": self.segment_gather, "flex": self.block_mask}.get(self.backend)
         if build is not None:
             for window in {None, *sliding_windows}:
@@ -290,9 +303,9 @@ def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | No
         return _segments(tree, q, k, v, scale, sliding_window)
     from ple_fast.ops import varlen_attention
 
-    kv_k, kv_v = k.index_select(0, tree.kv_index), v.index_select(0, tree.kv_index)
-    attend = lambda: varlen_attention(q, kv_k, kv_v, tree.cu_seqlens_q, tree.cu_seqlens_k,  # noqa: E731
-                                      tree.max_seqlen_q, tree.max_seqlen_k, scale, sliding_window)
+    attend = lambda: varlen_attention(q, k, v, tree.cu_seqlens_q, tree.cu_seqlens_k,  # noqa: E731
+                                      tree.max_seqlen_q, tree.max_seqlen_k, scale, sliding_window,
+                                      gather=tree.kv_gather())
     if torch.compiler.is_compiling():     # a launch failure surfaces at the compiled graph's first run
         return attend()
     try:

@@ -139,14 +139,17 @@ _varlen_op.register_autograd(_varlen_grad, setup_context=_varlen_setup_context)
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                     sliding_window: int | None = None) -> Tensor:
+                     sliding_window: int | None = None, gather=None) -> Tensor:
     """ple_fast.kernels.varlen_attention.varlen_attention; the op (same kernels, same backward) while
-    torch.compile traces."""
+    torch.compile traces, where a gather (KVGather) is an index_select of k and v in front of it."""
     from ple_fast.kernels.varlen_attention import varlen_attention as eager
     from ple_fast.kernels.varlen_attention import varlen_inputs
 
     if not torch.compiler.is_compiling():
-        return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, sliding_window)
+        return eager(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, sliding_window,
+                     gather)
+    if gather is not None:
+        k, v = k.index_select(0, gather.index), v.index_select(0, gather.index)
     out, _ = _varlen_op(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), max_seqlen_q, max_seqlen_k,
                         float(scale), sliding_window)
     return out

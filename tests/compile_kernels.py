@@ -174,18 +174,24 @@ def launches(arch: int):
                                     (FP32, 256, False)):
         t = "*" + TRITON_DTYPE[dtype]
         cfg = varlen_attention.gpu_tile_config(dtype, head_dim)
+        gather = head_dim == 64 or window           # the gathered keys of tree layouts, in half the configs
         const = dict(HAS_WINDOW=window, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                     PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False)
-        rows = dict(Q=t, K=t, V=t, cu_q="*i32", cu_k="*i32")
+                     PRECISION="ieee" if dtype == FP32 else "tf32", UPCAST=False, GATHER=gather)
+        rows = dict(Q=t, K=t, V=t, cu_q="*i32", cu_k="*i32", KV_INDEX="*i32")
         for name, kernel, pointers in (
                 ("forward", varlen_attention._fwd_kernel, dict(rows, O=t, LSE="*fp32")),
                 ("dK dV", varlen_attention._bwd_dkdv_kernel, dict(rows, dO=t, LSE="*fp32", Delta="*fp32", dK=t, dV=t)),
                 ("dQ", varlen_attention._bwd_dq_kernel, dict(rows, dO=t, LSE="*fp32", Delta="*fp32", dQ=t))):
-            yield (f"varlen attention {name} {dtype} head_dim={head_dim} window={window}", kernel, pointers,
-                   const, cfg["num_warps"], cfg["num_stages"])
+            yield (f"varlen attention {name} {dtype} head_dim={head_dim} window={window} gather={gather}", kernel,
+                   pointers, const, cfg["num_warps"], cfg["num_stages"])
         yield (f"varlen attention delta {dtype} head_dim={head_dim}", varlen_attention._bwd_delta_kernel,
                dict(O=t, dO=t, Delta="*fp32"), dict(BLOCK_M=varlen_attention.DELTA_ROWS, BLOCK_D=cfg["BLOCK_D"]),
                4, 1)
+    for dtype, row_elems in ((BF16, 4 * 64), (FP32, 8 * 128), (FP16, 8 * 256)):
+        t = "*" + TRITON_DTYPE[dtype]
+        yield (f"varlen attention gathered dK dV sum {dtype} row={row_elems}", varlen_attention._gather_grad_kernel,
+               dict(dKg=t, dVg=t, ORDER="*i32", OFFSETS="*i32", dK=t, dV=t),
+               dict(ROWS=1, BLOCK=triton.next_power_of_2(row_elems)), 4 if row_elems <= 2048 else 8, 3)
 
 
 def main(arch: int) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from ple_fast import attention
 from ple_fast.attention import tree_attention, tree_attention_metadata
-from ple_fast.kernels.varlen_attention import varlen_attention
+from ple_fast.kernels.varlen_attention import kv_gather, varlen_attention
 from ple_fast.layout import pack_dual, pack_prefill
 
 pytestmark = pytest.mark.gpu
@@ -78,6 +78,41 @@ def test_forward_and_gradients_match_the_fp64_reference(q_lens, extra, heads, kv
     assert rel_err(out, want_out) < TOLERANCE[dtype]
     for name, a, b in zip("qkv", got, want):
         assert rel_err(a, b) < TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, None), (torch.float32, 4), (torch.bfloat16, None)])
+def test_gathered_keys_equal_gathering_first(dtype, window):
+    """gather=kv_gather(index): the same attention as k.index_select(0, index) and v's passed in, with
+    gradients summed back onto k / v (fp64 reference: gather, then the segment loop). The index repeats
+    rows up to 4 times, leaves rows out (their gradient is exactly 0), and has a 1-key segment."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, rows = 4, 2, 16, 23
+    q_lens, k_lens = [6, 1, 9, 3], [6, 1, 14, 20]
+    index = torch.cat([torch.randint(0, rows - 3, (n,), generator=g) for n in k_lens])   # rows 20..22: unseen
+    index[:4] = 5                                                                          # one row 4+ times
+    q = torch.randn(sum(q_lens), heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(rows, kv_heads, dim, generator=g).to(dtype).to(DEVICE).requires_grad_() for _ in "kv")
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+                  for n in (q_lens, k_lens))
+    index = index.to(DEVICE)
+    plan = kv_gather(index, rows)
+    assert plan.offsets.tolist() == [int((index < r).sum()) for r in range(rows + 1)]
+    assert torch.equal(index[plan.order.long()], index.sort(stable=True).values)
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), 0.3, window, gather=plan)
+    first = varlen_attention(q, k.index_select(0, index), v.index_select(0, index), cu_q, cu_k, max(q_lens),
+                             max(k_lens), 0.3, window)
+    assert torch.equal(out, first)                          # the same loads, from other addresses
+    grad_out = torch.randn(out.shape, generator=g).to(dtype).to(DEVICE)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want_out = reference(leaves[0], leaves[1][index], leaves[2][index], q_lens, k_lens, 0.3, window)
+    want = torch.autograd.grad(want_out, leaves, grad_out.double())
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype and rel_err(a, b) < TOLERANCE[dtype], name
+    assert not got[1][20:].any() and not got[2][20:].any()
+    again = torch.autograd.grad(varlen_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), 0.3, window,
+                                                 gather=plan), (k, v), grad_out)
+    assert torch.equal(again[0], got[1]) and torch.equal(again[1], got[2])     # a fixed summation order
 
 
 @pytest.mark.parametrize("seed", range(6))
