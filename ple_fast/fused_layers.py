@@ -19,10 +19,10 @@ launch-bound share of a training step. Here, per layer:
 The projections, the embedding and the rotary tables stay the model's modules, so the weights are
 the live ones and LoRA (PEFT) layers work as they are; in training, plain nn.Linear projections that
 read the same input run as one autograd node (`project`), whose backward sums their input gradients
-inside the GEMMs. Every fused kernel rounds as the eager HF op
-sequence does, and its backward computes in fp32 (tests/test_fused_layers.py compares hidden
-states, tokens, log-probs and gradients with the stock layers). Covered: the families whose layers
-are exactly this (FAMILIES); anything else runs the stock HF layers.
+inside the GEMMs. Every fused kernel rounds as the eager HF op sequence does, and its backward
+computes in fp32 (tests/test_fused_layers.py compares hidden states, tokens, log-probs and
+gradients with the stock layers). Covered: the families whose layers are exactly this (FAMILIES);
+anything else runs the stock HF layers.
 
 `decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
 `fused_decoder_layers` swaps the layers' forward for `layer_forward`, and the final norm's for
