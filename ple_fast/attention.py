@@ -378,15 +378,16 @@ def use_tree_attention(decoder: nn.Module) -> Iterator[None]:
     concurrently, and HF gradient checkpointing (which re-runs attention in backward, after the
     swap is undone) is refused rather than silently recomputed with the wrong mask.
     """
-    if decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+    configs, checkpointing = {}, False
+    for module in decoder.modules():        # one walk: it is host time in every packed forward
+        checkpointing = checkpointing or bool(getattr(module, "gradient_checkpointing", False))
+        config = getattr(module, "config", None)
+        if config is not None and id(config) not in configs and hasattr(config, "_attn_implementation"):
+            configs[id(config)] = config
+    if decoder.training and checkpointing:
         raise NotImplementedError(
             "dual_forward does not support Hugging Face gradient checkpointing: the recomputed attention "
             "would run with the model's own implementation; disable it (model.gradient_checkpointing_disable())")
-    configs = {}
-    for module in decoder.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            configs[id(config)] = config
     saved = {key: config._attn_implementation for key, config in configs.items()}
     try:
         for config in configs.values():
