@@ -491,6 +491,19 @@ def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
         assert two_streams.concurrent_projections and two_streams.last_stats.graphs
 
 
+def _launch_counted(counter, launch, count):
+    """launch, calling count() first and pausing counter's torch-op count while it runs: a launch is one
+    kernel, whatever torch ops the interpreter runs inside it."""
+    def counted(*args, **kwargs):
+        count()
+        counter.paused += 1
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            counter.paused -= 1
+    return counted
+
+
 class _CountOps(TorchDispatchMode):
     """aten ops that launch a kernel on a GPU (views and allocations do not), and Triton launches
     (the host functions below, whose insides the interpreter would otherwise show as aten ops)."""
@@ -503,17 +516,11 @@ class _CountOps(TorchDispatchMode):
         super().__init__()
         self.aten = self.triton = self.paused = 0
         for module, name in self.LAUNCHERS:
-            monkeypatch.setattr(f"{module}.{name}", self._launcher(getattr(__import__(module, fromlist=[name]), name)))
+            fn = getattr(__import__(module, fromlist=[name]), name)
+            monkeypatch.setattr(f"{module}.{name}", _launch_counted(self, fn, self._count_launch))
 
-    def _launcher(self, fn):
-        def launch(*args, **kwargs):
-            self.triton += 1
-            self.paused += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.paused -= 1
-        return launch
+    def _count_launch(self):
+        self.triton += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused and func.overloadpacket.__name__ not in self.FREE:
@@ -554,17 +561,9 @@ class _CountTrainingOps(TorchDispatchMode):
         getitem = kernel_type.__getitem__
 
         def launcher(kernel, grid):
-            launch = getitem(kernel, grid)
             name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-
-            def counted(*args, **kwargs):
-                self.triton[name] = self.triton.get(name, 0) + 1
-                self.paused += 1
-                try:
-                    return launch(*args, **kwargs)
-                finally:
-                    self.paused -= 1
-            return counted
+            return _launch_counted(self, getitem(kernel, grid),
+                                   lambda: self.triton.__setitem__(name, self.triton.get(name, 0) + 1))
         monkeypatch.setattr(kernel_type, "__getitem__", launcher)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
