@@ -376,8 +376,9 @@ GATHER_ROWS_INTERPRETED = 16     # rows per program of `_gather_grad_kernel` und
 
 
 def _sum_gathered(dk_rows: Tensor, dv_rows: Tensor, gather: KVGather, k: Tensor) -> tuple[Tensor, Tensor]:
-    """dK, dV [Nk, Hkv, D] (k's dtype, contiguous) from the gathered rows' gradients."""
-    dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    """dK, dV [Nk, Hkv, D] (contiguous, in k's and v's dtypes, as the gathered rows') from the gathered
+    rows' gradients."""
+    dk, dv = (torch.empty(k.shape, dtype=rows.dtype, device=rows.device) for rows in (dk_rows, dv_rows))
     rows, row_elems = k.shape[0], k.shape[1] * k.shape[2]
     per_program = GATHER_ROWS_INTERPRETED if INTERPRETED else 1
     if rows:

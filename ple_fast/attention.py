@@ -95,7 +95,7 @@ class TreeAttention:
     kv_index: torch.Tensor       # [K] int64
     max_seqlen_q: int
     max_seqlen_k: int
-    _masks: dict = field(default_factory=dict, repr=False)  # per sliding window: dense / block mask
+    _masks: dict = field(default_factory=dict, repr=False)  # built on first use: masks per window, ancestry, gather
 
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`segment_ancestry` of the batch, built on first use: only the mask backends (sdpa, flex) read

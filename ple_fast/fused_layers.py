@@ -163,8 +163,9 @@ def project(x: Tensor, modules: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
     if not torch.is_grad_enabled() or x.dim() != 2 or not all(_plain_linear(m) for m in modules):
         return tuple(m(x) for m in modules)
     device_type = x.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    if any(m.weight.dtype != compute_dtype for m in modules) and not torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+    if not autocast and any(m.weight.dtype != compute_dtype for m in modules):
         return tuple(m(x) for m in modules)          # mixed dtypes without autocast: F.linear's error, as HF's
     return _SharedInputLinear.apply(x, compute_dtype, len(modules), *(m.weight for m in modules),
                                     *(m.bias for m in modules))
