@@ -13,8 +13,10 @@ in the stock HF layers) and triton+compile (the stock layers torch.compile'd, pl
 HF's padded forward through the same layers. --backends names others: segments (varlen on stock
 SDPA) and flex (timed in a last pass, its compile being slow; a compile failure is recorded per row).
 --allow-cpu runs a smoke test on CPU (fp32, tiny shapes, segments unless --backends; no figures).
-The packed layouts are built before timing (the layout op is timed separately, pack_ms); the
-log-probs use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
+The packed layouts are built on the CPU before timing, as the trainer builds them (the layout op is
+timed separately, pack_ms); each step moves its layout to the GPU and picks the scored rows as the
+trainer does (ple_fast.forward.packed_rows: no host sync once the forward is queued). The log-probs
+use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
 gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU's busy time against
 the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time;
 host_ms is the host's unprofiled time to issue a step (common.time_cuda): near ms, the host is the limit.
@@ -112,27 +114,20 @@ FUSED = "+fused"          # ... with this one: the decoder layers of ple_fast.fu
 def variants(model, queries, originals, principled, backends: list[str], device: str):
     """variant name -> (zero-arg ResponseRows builder, rows its layout runs through the model, the
     (query, key) pairs its attention covers)."""
-    from ple_fast.forward import ResponseRows, compiled_layers, dual_forward, padded_response_rows
+    from ple_fast.forward import compiled_layers, packed_rows, padded_response_rows
     from ple_fast.fused_layers import fused_decoder_layers
     from ple_fast.layout import pack_dual, pack_sequences
-    from ple_fast.models import decoder_of, output_head
+    from ple_fast.models import decoder_of
 
     prompts = [q for q in queries for _ in (0, 1)]
     responses = [r for pair in zip(originals, principled) for r in pair]
-    shared = pack_dual(queries, originals, principled, device=device)
-    duplicated = pack_sequences(prompts, responses, device=device)
-    weight, softcap = output_head(model)
+    shared = pack_dual(queries, originals, principled)          # on the CPU, as the trainer builds them
+    duplicated = pack_sequences(prompts, responses)
 
     def packed(batch, backend):
-        keep = batch.seq_index >= 0
         compile, fused = backend.endswith(COMPILED), backend.endswith(FUSED)
         backend = backend.removesuffix(COMPILED).removesuffix(FUSED)
-
-        def rows():
-            hidden = dual_forward(model, batch, backend, compile=compile, fused=fused)
-            return ResponseRows(hidden[keep], batch.labels[keep], batch.seq_index[keep], weight, softcap,
-                                len(prompts))
-        return rows
+        return lambda: packed_rows(model, batch, len(prompts), backend, compile=compile, fused=fused)
 
     def padded_compiled():
         with compiled_layers(decoder_of(model)):
@@ -259,7 +254,7 @@ def main() -> None:
                                                              f"({row['peak_fraction']:.0%} of matmul peak)"
                                                              if "ms" in row else "failed"),
                       flush=True)
-            pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled, device=device))["ms"]
+            pack_ms = time_cuda(lambda: pack_dual(queries, originals, principled))["host_ms"]   # a CPU op
             for backend in pass_backends:
                 shared, dup = times.get(f"packed_shared[{backend}]"), times.get(f"packed_duplicated[{backend}]")
                 padded = times.get("padded_hf")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ple_fast.attention import METADATA_KWARG, tree_attention_metadata, use_tree_attention
 from ple_fast.fused_layers import fused_decoder_layers
-from ple_fast.layout import PackedBatch, pack_dual, pack_sequences
+from ple_fast.layout import PackedBatch, pack_dual, pack_sequences, to_device
 from ple_fast.models import decoder_of, output_head
 
 
@@ -53,12 +53,14 @@ def padded_response_rows(model, prompts: Sequence[Sequence[int]], responses: Seq
             first = len(prompt) - 1
             labels[i, first:first + len(response)] = torch.as_tensor(list(response))
             seq_index[i, first:first + len(response)] = i
-    keep = (seq_index >= 0).flatten().to(device)
-    hidden = decoder_of(model)(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               use_cache=False).last_hidden_state
+    scored = (seq_index >= 0).flatten().nonzero().squeeze(1)      # on the host, as the tensors are built
+    input_ids, attention_mask, labels, seq_index = (
+        to_device(t, device) for t in (input_ids, attention_mask, labels.flatten()[scored], seq_index.flatten()[scored]))
+    scored = to_device(scored, device)
+    hidden = decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     weight, softcap = output_head(model)
-    return ResponseRows(hidden.flatten(0, 1)[keep], labels.flatten().to(device)[keep],
-                        seq_index.flatten().to(device)[keep], weight, softcap, len(prompts))
+    return ResponseRows(hidden.flatten(0, 1).index_select(0, scored), labels, seq_index, weight, softcap,
+                        len(prompts))
 
 
 _COMPILED_FORWARDS: dict[type, Callable] = {}
@@ -127,11 +129,18 @@ def dual_forward(model, batch: PackedBatch, backend: str = "auto", *, compile: b
     return out.last_hidden_state[0]
 
 
-def _scored_rows(model, batch: PackedBatch, num_seqs: int, backend: str, compile: bool, fused: bool) -> ResponseRows:
+def packed_rows(model, batch: PackedBatch, num_seqs: int, backend: str = "auto", *, compile: bool = False,
+                fused: bool = False) -> ResponseRows:
+    """The scored rows (seq_index >= 0) of `dual_forward` over a packed batch of num_seqs sequences.
+
+    Which rows are scored is read (one nonzero) before the forward is queued, and a batch built on the
+    CPU moves over without a sync (`to_device`): a read of device data after the forward would hold
+    the host until the GPU had run it, so the loss and backward would start from an empty queue."""
     device = next(model.parameters()).device
-    batch = batch.to(device)
+    scored = (batch.seq_index >= 0).nonzero().squeeze(1)      # one nonzero, where three boolean masks take three
+    if batch.input_ids.device != device:
+        batch, scored = batch.to(device, non_blocking=True), to_device(scored, device)
     hidden = dual_forward(model, batch, backend, compile=compile, fused=fused)
-    scored = (batch.seq_index >= 0).nonzero().squeeze(1)      # one sync, where three boolean masks take three
     weight, softcap = output_head(model)
     return ResponseRows(hidden.index_select(0, scored), batch.labels.index_select(0, scored),
                         batch.seq_index.index_select(0, scored), weight, softcap, num_seqs)
@@ -145,12 +154,12 @@ def packed_dual_response_rows(model, queries: Sequence[Sequence[int]], originals
     Same sequences, row order, labels and seq_index as
     padded_response_rows(model, [q for q in queries for _ in (0, 1)], [o0, p0, o1, p1, ...]).
     """
-    batch = pack_dual(queries, originals, principled, device=next(model.parameters()).device)
-    return _scored_rows(model, batch, 2 * len(queries), backend, compile, fused)
+    batch = pack_dual(queries, originals, principled)        # built where the token ids are (lists: the CPU)
+    return packed_rows(model, batch, 2 * len(queries), backend, compile=compile, fused=fused)
 
 
 def packed_response_rows(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                          *, backend: str = "auto", compile: bool = False, fused: bool = False) -> ResponseRows:
     """Padding-free padded_response_rows: prompt_i + response_i back to back, nothing shared."""
     batch = pack_sequences(prompts, responses)
-    return _scored_rows(model, batch, len(prompts), backend, compile, fused)
+    return packed_rows(model, batch, len(prompts), backend, compile=compile, fused=fused)

@@ -53,8 +53,11 @@ class PackedBatch:
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        """The batch on `device`; non_blocking: CPU tensors bound for a GPU go through pinned memory, so
+        the move does not wait for the GPU (`to_device`)."""
+        move = to_device if non_blocking else (lambda t, d: t.to(d))
         moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            f.name: move(getattr(self, f.name), device)
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
@@ -85,6 +88,18 @@ class PackedBatch:
         return same_segment_causal | ancestor[seg[:, None], seg[None, :]]
 
 
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """tensor on `device`; a CPU tensor bound for a GPU goes through pinned memory, without a sync.
+
+    Why: copying pageable memory to the GPU waits for the stream's queued work to finish (torch's
+    blocking copy syncs the stream), so a copy made after a forward is queued stalls the host until
+    the GPU has run it, and the backward's launches then trickle out behind an idle GPU. The pinned
+    block is not reused before the copy has run (torch's caching host allocator records it)."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _check_pairs(queries: Sequence[TokenIds], originals: Sequence[TokenIds],
                  principled: Sequence[TokenIds]) -> None:
     if not (len(queries) == len(originals) == len(principled)):
@@ -106,6 +121,7 @@ def _flatten(seqs: Sequence[TokenIds], what: str) -> tuple[torch.Tensor, torch.T
                 raise ValueError(f"pack_dual: {what}[{k}] must be a 1-D integer tensor, "
                                  f"got shape {tuple(s.shape)} dtype {s.dtype}")
         ids = torch.cat([s.long() for s in seqs])
+        negative = ids.numel() and bool((ids < 0).any())
     else:
         flat = list(itertools.chain.from_iterable(
             s.tolist() if isinstance(s, torch.Tensor) else s for s in seqs))
@@ -113,8 +129,9 @@ def _flatten(seqs: Sequence[TokenIds], what: str) -> tuple[torch.Tensor, torch.T
         if ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"pack_dual: {what} must hold integer token ids, got {ids.dtype}")
         ids = ids.long()
+        negative = bool(flat) and min(flat) < 0           # on the list: no tensor op to dispatch
     lengths = torch.tensor(lens, dtype=torch.long, device=ids.device)
-    if ids.numel() and bool((ids < 0).any()):
+    if negative:
         first = int((ids < 0).nonzero()[0, 0])
         pair = int(torch.searchsorted(lengths.cumsum(0), first, right=True))
         raise ValueError(f"pack_dual: {what}[{pair}] holds a negative token id; token ids must be "

@@ -30,6 +30,7 @@ import torch
 from ple_fast.config import Config
 from ple_fast.distributed import Dist
 from ple_fast.forward import packed_dual_response_rows, packed_response_rows, padded_response_rows
+from ple_fast.layout import to_device
 from ple_fast.loss import ple_loss, sequence_logprobs
 from ple_fast.reward import RewardFunction, RewardNormalizer
 from ple_fast.rollout import generate, generate_dual
@@ -446,7 +447,7 @@ class Trainer:
             batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
             n_tokens = sum(len(b[1]) for b in batch)
             local, _ = self.dist.shard(batch)      # sft.batch_size is a multiple of the world size
-            loss_value = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once (alignment_loss)
             for micro in _chunks(local, sc.grad_accum):
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
@@ -455,8 +456,8 @@ class Trainer:
                                               fused=self.fused_layers)
                 loss = -logps.sum() / max(n_tokens, 1) * self.dist.world_size
                 loss.backward()
-                loss_value += loss.item()
-            loss_value = self.dist.sum(loss_value) / self.dist.world_size
+                loss_sum += loss.detach()
+            loss_value = self.dist.sum(loss_sum.item()) / self.dist.world_size
             self.apply_update(loss_value)
             self.state.sft_step += 1
             tokens += n_tokens
@@ -614,9 +615,17 @@ class Trainer:
         if global_valid == 0:
             return None
         scale = self.dist.world_size / global_valid
-        total = 0.0
+        # summed on the device and read once, after the last backward: a read per micro-batch (or a
+        # copy to the GPU after its forward) would stall the host until the GPU caught up, every time
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        ranked = torch.zeros((), dtype=torch.int64, device=self.device)
+        device_rewards, valid = rewards.to(self.device), valid.cpu()
+        valid_flags = valid.tolist()
+        if pc.algo == "raft":      # each query's best sample: the target of its SFT loss
+            scores = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
+            best = scores.argmax(dim=1).tolist()
         for micro in _chunks(list(range(len(q_ids))), pc.grad_accum):
-            n_valid = int(valid[micro].sum())
+            n_valid = sum(valid_flags[k] for k in micro)
             with self.autocast():
                 if pc.algo == "ple":
                     if self.attention is not None:     # each query computed once for both responses
@@ -629,27 +638,28 @@ class Trainer:
                         responses = [r for k in micro for r in (first[k], second[k])]
                         rows = padded_response_rows(self.model, prompts, responses, pad_token_id=self.pad_id)
                     out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index,
-                                   rewards[micro].to(self.device), self.state.tau, rank_loss=pc.rank_loss,
+                                   device_rewards[micro], self.state.tau, rank_loss=pc.rank_loss,
                                    weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
                                    length_normalize=pc.length_normalize, beta=pc.beta, impl=pc.loss_impl,
                                    softcap=rows.softcap)
                     loss = out.loss * (n_valid * scale)      # micro mean -> share of the global mean
-                    t["ranked"] += int((out.ranked & out.valid).sum())
+                    ranked += (out.ranked & out.valid).sum()
                 else:
                     if pc.algo == "raft":
-                        scores = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
-                        best = scores.argmax(dim=1).tolist()
                         targets = [drawn[k * pc.raft_samples + best[k]] for k in micro]
                     else:
                         targets = [second[k] for k in micro]
+                    # moved before the forward is queued (a copy after it would wait for the GPU)
+                    counts = to_device(torch.tensor([max(len(r), 1) for r in targets]), self.device)
+                    weights = to_device(valid[micro], self.device)
                     logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
                                               impl=pc.loss_impl, pad_token_id=self.pad_id,
                                               attention=self.attention, compile=self.compile_layers,
                                               fused=self.fused_layers)
-                    counts = torch.tensor([len(r) for r in targets], device=logps.device)
-                    per_seq = logps / counts.clamp(min=1) if pc.length_normalize else logps
-                    weights = valid[micro].to(per_seq.device, per_seq.dtype)
-                    loss = -(per_seq * weights).sum() * scale
+                    per_seq = logps / counts if pc.length_normalize else logps
+                    loss = -(per_seq * weights.to(per_seq.dtype)).sum() * scale
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
+        total, ranked = torch.stack([total, ranked.double()]).tolist()
+        t["ranked"] += int(ranked)
         return self.dist.sum(total) / self.dist.world_size

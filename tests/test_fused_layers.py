@@ -599,37 +599,62 @@ def test_fused_training_layer_kernel_count(monkeypatch):
 
 
 class _HostReads(TorchDispatchMode):
-    """The ops that read device data on the host (on a GPU, each waits for the queue to drain)."""
+    """The ops that read device data on the host (on a GPU, each waits for the queue to drain), each with
+    the number of ops dispatched before it, and where the model's first op (the embedding) came."""
     READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose"}
 
     def __init__(self):
         super().__init__()
-        self.reads = []
+        self.reads, self.ops, self.forward_starts = [], 0, None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.READS:
-            self.reads.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name in self.READS:
+            self.reads.append((name, self.ops))
+        if name == "embedding" and self.forward_starts is None:
+            self.forward_starts = self.ops
+        self.ops += 1
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
-def test_packed_training_step_reads_the_device_once(backend):
-    """From a packed batch, the fused training forward + backward reads device data on the host once:
-    the scored rows (one nonzero). The tree ancestry (a sync per tree level) is built only for the
-    mask backends, here sdpa."""
-    from ple_fast.forward import _scored_rows
+def test_packed_training_step_reads_the_device_only_before_its_forward(backend, monkeypatch):
+    """The trainer's step from a layout built on the CPU (packed_rows, ple_loss, backward) reads device
+    data on the host once, the scored rows' nonzero, and before the forward's first op: on a GPU a read
+    after the forward is queued holds the host until the GPU has run it, and the loss and backward then
+    launch behind an idle GPU. The tree ancestry (a sync per tree level) is built only for the mask
+    backends, here sdpa. On CUDA, torch's sync debug mode checks the whole step (pinned copies too)."""
+    from ple_fast import loss
+    from ple_fast.forward import packed_rows
     from ple_fast.layout import pack_dual
 
+    # its range checks read the indices on the CPU only, and are skipped on CUDA for this very reason
+    monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)
     model = test_dual_forward.tiny_model("llama", layers=2).to(DEVICE)
-    pairs = test_dual_forward.random_pairs(random.Random(4), 3)
-    batch = pack_dual(*pairs, device=DEVICE)
+    batch = pack_dual(*test_dual_forward.random_pairs(random.Random(4), 3))
+    assert batch.input_ids.device.type == "cpu"
+    rewards = torch.tensor([[0.1, 0.9], [0.5, 0.2], [-1.0, 1.0]], device=DEVICE)
+
+    def step():
+        rows = packed_rows(model, batch, 6, backend, fused=True)
+        out = loss.ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index, rewards, 0.3)
+        out.loss.backward()
+
+    step()                    # compiles the kernels on a GPU, outside what is checked
     with _HostReads() as host:
-        rows = _scored_rows(model, batch, 6, backend, False, True)
-        rows.hidden.float().square().sum().backward()
+        step()
+    names = [name for name, _ in host.reads]
     if backend == "triton":
-        assert host.reads == ["nonzero"]
+        assert names == ["nonzero"] and host.reads[0][1] < host.forward_starts
     else:
-        assert host.reads.count("nonzero") == 1 and "_local_scalar_dense" in host.reads
+        assert names.count("nonzero") == 1 and "_local_scalar_dense" in names
+    if DEVICE == "cuda" and backend == "triton":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def test_option_resolution_and_errors():

@@ -376,3 +376,45 @@ def test_layer_impl_choices_and_conflicts(tmp_path):
     assert not small_trainer(tmp_path / "c", "ple.layer_impl=fused", "ple.packed=false").fused_layers
     with pytest.raises(ValueError, match="ple.layer_impl"):
         build_config(None, ["ple.layer_impl=on"])
+
+
+@pytest.mark.parametrize("algo", ["ple", "raft", "distill"])
+def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_path, monkeypatch, algo):
+    """After a micro-batch's forward is queued, nothing reads device data on the host until the last
+    backward is: each such read (a loss.item(), a count, a copy of rewards to the GPU) would hold the
+    host until the GPU caught up, and the next launches would trickle out behind an idle GPU. The loss
+    and the ranked count are summed on the device and read once; each micro-batch's scored rows are
+    picked (one nonzero, on the CPU-built layout) before its forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ple_fast import loss
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.events = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("_local_scalar_dense", "nonzero", "is_nonzero", "embedding"):
+                self.events.append(name)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)     # CPU-only checks
+    trainer = small_trainer(tmp_path, f"ple.algo={algo}", "ple.grad_accum=3", "ple.attention=triton",
+                            "ple.layer_impl=fused")
+    trainer.model.train()
+    trainer.state.totals = {"ranked": 0, "dropped": 0}
+    rng = torch.Generator().manual_seed(0)
+    draw = lambda n: torch.randint(3, 50, (n,), generator=rng).tolist()  # noqa: E731
+    q_ids, first, second = [draw(5) for _ in range(6)], [draw(4) for _ in range(6)], [draw(3) for _ in range(6)]
+    samples = trainer.cfg.ple.raft_samples if algo == "raft" else 2
+    drawn = [draw(4) for _ in range(6 * samples)] if algo == "raft" else None
+    rewards = torch.randn(6, samples, generator=rng)
+    with Reads() as host:
+        value = trainer.alignment_loss(q_ids, first, second, drawn, rewards, [True] * 6)
+    assert math.isfinite(value)
+    queued = host.events[host.events.index("embedding"):]
+    between = [e for e in queued if e != "embedding"]
+    assert between == ["nonzero", "nonzero"], queued        # micro-batches 2 and 3, before their forwards
+    assert queued.count("embedding") == 3
