@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import cdiv, next_power_of_2
 from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
 from ple_fast.kernels.rotary import FP_FUSION as ROTARY_FP_FUSION, _rotary, _rotate_half_partners
 from ple_fast.kernels.varlen_attention import _online_softmax_step
@@ -138,10 +139,10 @@ def _splits(rows: int, kv_heads: int, kv_length: int, device: torch.device) -> i
     two-wave rule chose made the 1B Llama's decode step slower than masked SDPA, 3.23 against
     2.96 ms (bench/results/2026-11-28-h200-suite); 256 programs already fill 132 SMs."""
     if device.type != "cuda":     # the interpreter: one split for few keys, else exercise the merge
-        return min(2, triton.cdiv(kv_length, BLOCK_L))
+        return min(2, cdiv(kv_length, BLOCK_L))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(sms, max(1, rows * kv_heads))
-    return max(1, min(want, triton.cdiv(kv_length, BLOCK_L)))
+    want = cdiv(sms, max(1, rows * kv_heads))
+    return max(1, min(want, cdiv(kv_length, BLOCK_L)))
 
 
 def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Tensor, kv_length: int,
@@ -188,11 +189,11 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     groups = q_heads // kv_heads
     q = query.reshape(batch, kv_heads, groups, dim)
     q = q.contiguous()      # the FINAL store writes the output with q's strides
-    block_g = max(16, triton.next_power_of_2(groups))
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_g = max(16, next_power_of_2(groups))
+    block_d = max(16, next_power_of_2(dim))
     splits = _splits(batch, kv_heads, kv_length, query.device)
     tile = tile or gpu_tile_config(query.dtype)
-    keys_per_split = triton.cdiv(triton.cdiv(kv_length, splits), tile["BLOCK"]) * tile["BLOCK"]
+    keys_per_split = cdiv(cdiv(kv_length, splits), tile["BLOCK"]) * tile["BLOCK"]
     final = splits == 1
     out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
     if final:     # out shares q's contiguous [B, Hkv, G, D] strides; the partial buffers go unused

@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from ple_fast.kernels.host import cdiv
 
 # Bytes of one [N, cv] dz chunk in backward; read at call time so tests and benches can shrink it.
 DZ_CHUNK_BYTES = 256 * 2**20
@@ -245,13 +246,13 @@ def logsumexp_and_target(x: Tensor, w: Tensor, labels: Tensor, softcap, temperat
     num_rows, hidden_size = x.shape
     vocab = w.shape[0]
     cfg = tile_config(x.device, x.dtype)
-    v_tiles = triton.cdiv(vocab, cfg["BLOCK_V"])
+    v_tiles = cdiv(vocab, cfg["BLOCK_V"])
     part_max = torch.empty(v_tiles, num_rows, dtype=torch.float32, device=x.device)
     part_sum = torch.empty_like(part_max)
     target = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return target, target.clone()
-    grid = (triton.cdiv(num_rows, cfg["BLOCK_N"]) * v_tiles,)
+    grid = (cdiv(num_rows, cfg["BLOCK_N"]) * v_tiles,)
     _lse_partials_kernel[grid](
         x, w, labels, part_max, part_sum, target, num_rows, vocab, hidden_size,
         x.stride(0), w.stride(0), v_tiles, **_launch_args(x, w, softcap, temperature, cfg),
@@ -269,9 +270,9 @@ def dlogits_chunk(x: Tensor, w: Tensor, labels: Tensor, lse: Tensor, v_start: in
     vocab = w.shape[0]
     width = min(out.shape[1], vocab - v_start)
     cfg = tile_config(x.device, x.dtype)
-    v_tiles = triton.cdiv(width, cfg["BLOCK_V"])
+    v_tiles = cdiv(width, cfg["BLOCK_V"])
     if num_rows > 0 and width > 0:
-        grid = (triton.cdiv(num_rows, cfg["BLOCK_N"]) * v_tiles,)
+        grid = (cdiv(num_rows, cfg["BLOCK_N"]) * v_tiles,)
         _dlogits_kernel[grid](
             x, w, labels, lse, out, num_rows, vocab, hidden_size, x.stride(0), w.stride(0),
             out.stride(0), v_start, v_tiles, **_launch_args(x, w, softcap, temperature, cfg),
@@ -294,7 +295,7 @@ def _dz_chunk_cols(num_rows: int, vocab: int, itemsize: int, block_v: int) -> in
     """Columns per dz chunk: a multiple of BLOCK_V within DZ_CHUNK_BYTES, at least one block."""
     cols = DZ_CHUNK_BYTES // max(1, num_rows * itemsize)
     cols = max(block_v, cols // block_v * block_v)
-    return min(cols, triton.cdiv(vocab, block_v) * block_v)
+    return min(cols, cdiv(vocab, block_v) * block_v)
 
 
 def _as_rowmajor(t: Tensor, dtype: torch.dtype) -> Tensor:

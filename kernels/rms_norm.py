@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import cdiv, next_power_of_2
 from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
 
@@ -82,9 +83,9 @@ def _forward(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> 
     res = x if residual is None else residual
     if rows:
         per_program = INTERPRETED_ROWS if INTERPRETED else 1
-        _add_rms_norm_kernel[(triton.cdiv(rows, per_program),)](
+        _add_rms_norm_kernel[(cdiv(rows, per_program),)](
             x, res, weight, out, summed, rows, hidden, x.stride(0), res.stride(0), out.stride(0), summed.stride(0),
-            float(eps), HAS_RESIDUAL=residual is not None, ROWS=per_program, BLOCK=triton.next_power_of_2(hidden),
+            float(eps), HAS_RESIDUAL=residual is not None, ROWS=per_program, BLOCK=next_power_of_2(hidden),
             num_warps=_warps(hidden))
     return out, summed
 
@@ -97,12 +98,12 @@ def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight:
         grad_sum = grad_sum.contiguous()
     dx = torch.empty_like(summed)
     if INTERPRETED or summed.device.type != "cuda":
-        programs = triton.cdiv(rows, 256)              # the interpreter pays per program
+        programs = cdiv(rows, 256)              # the interpreter pays per program
     else:                                              # a few programs per SM: dW partials stay few
         programs = 4 * torch.cuda.get_device_properties(summed.device).multi_processor_count
     programs = max(1, min(programs, rows))
-    rows_per_program = triton.cdiv(rows, programs)
-    programs = triton.cdiv(rows, rows_per_program) if rows else 1
+    rows_per_program = cdiv(rows, programs)
+    programs = cdiv(rows, rows_per_program) if rows else 1
     # every program writes its row of partial sums (no rows: no program runs, the sum is 0)
     dw_partial = (torch.empty if rows else torch.zeros)(programs, hidden, dtype=torch.float32, device=summed.device)
     ds = summed if grad_sum is None else grad_sum
@@ -110,7 +111,7 @@ def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight:
         _rms_norm_backward_kernel[(programs,)](grad_out, ds, summed, weight, dx, dw_partial, rows, hidden,
                                                rows_per_program, grad_out.stride(0), ds.stride(0), summed.stride(0),
                                                dx.stride(0), float(eps), HAS_DS=grad_sum is not None,
-                                               BLOCK=triton.next_power_of_2(hidden), num_warps=_warps(hidden))
+                                               BLOCK=next_power_of_2(hidden), num_warps=_warps(hidden))
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 

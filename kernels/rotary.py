@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import cdiv, next_power_of_2
 from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
 FP_FUSION = False         # the launch option of every kernel that calls _rotary (see there)
@@ -91,14 +92,14 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, q_rows,
 def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, k_out: Tensor, backward: bool) -> None:
     tokens, q_heads, dim = q.shape
     kv_heads = k.shape[1]
-    rows = INTERPRETED_ROWS if INTERPRETED else max(1, 2048 // triton.next_power_of_2(dim))   # ~2K elements
-    q_programs = triton.cdiv(tokens * q_heads, rows)
-    grid = q_programs + triton.cdiv(tokens * kv_heads, rows)
+    rows = INTERPRETED_ROWS if INTERPRETED else max(1, 2048 // next_power_of_2(dim))   # ~2K elements
+    q_programs = cdiv(tokens * q_heads, rows)
+    grid = q_programs + cdiv(tokens * kv_heads, rows)
     if tokens:
         _rotary_kernel[(grid,)](q, k, cos, sin, q_out, k_out, tokens * q_heads, tokens * kv_heads, q_programs,
                                 q_heads, kv_heads, dim, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
-                                sin.stride(0), BACKWARD=backward, ROWS=rows, BLOCK_D=triton.next_power_of_2(dim),
+                                sin.stride(0), BACKWARD=backward, ROWS=rows, BLOCK_D=next_power_of_2(dim),
                                 num_warps=4, enable_fp_fusion=FP_FUSION)
 
 

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import cdiv
 from ple_fast.kernels.logprob import INTERPRETED, _tanh, require_runnable
 
 LANES = 256                 # j: counters per Philox call of a [ROWS, LANES] tile
@@ -133,11 +134,11 @@ def race_candidates(logits: Tensor, seed: Tensor, step: Tensor, temperature: flo
         logits = logits.contiguous()
     rows, vocab = logits.shape
     tile = _tile(logits.device)
-    splits = max(1, triton.cdiv(vocab, tile["SPLIT"]))
+    splits = max(1, cdiv(vocab, tile["SPLIT"]))
     best_score = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     best_col = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
     if rows:
-        _race_kernel[(triton.cdiv(rows, tile["ROWS"]), splits)](
+        _race_kernel[(cdiv(rows, tile["ROWS"]), splits)](
             logits, seed, step, best_score, best_col, rows, vocab, logits.stride(0), splits,
             1.0 / temperature, float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, LANES=LANES, **tile,
             num_warps=4,
@@ -159,7 +160,7 @@ def race_uniforms(rows: int, vocab: int, seed: Tensor, step: Tensor) -> Tensor:
     out = torch.empty(rows, vocab, dtype=torch.float32, device=seed.device)
     tile = _tile(seed.device)
     if rows and vocab:
-        grid = (triton.cdiv(rows, tile["ROWS"]), triton.cdiv(vocab, GROUP))
+        grid = (cdiv(rows, tile["ROWS"]), cdiv(vocab, GROUP))
         _uniforms_kernel[grid](out, seed, step, rows, vocab, ROWS=tile["ROWS"], LANES=LANES)
     return out
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import next_power_of_2
 from ple_fast.kernels.logprob import require_runnable
 
 _NO_TOKEN = tl.constexpr(2147483647)     # an int32 column above any vocabulary
@@ -108,8 +109,8 @@ def record_step(tokens: Tensor, positions: Tensor, done: Tensor, out: Tensor, st
     _record_kernel[(1,)](
         sampled.contiguous(), score, col, tokens, positions, done.view(torch.uint8), out, step, pad, eos_arg,
         batch, splits, eos.numel(), out.stride(0),
-        RACE=candidates is not None, ADVANCE=advance, BLOCK=max(16, min(256, triton.next_power_of_2(batch))),
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_E=max(2, triton.next_power_of_2(eos.numel())),
+        RACE=candidates is not None, ADVANCE=advance, BLOCK=max(16, min(256, next_power_of_2(batch))),
+        BLOCK_S=max(2, next_power_of_2(splits)), BLOCK_E=max(2, next_power_of_2(eos.numel())),
         num_warps=8,
     )
 

@@ -11,6 +11,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from ple_fast.kernels.host import cdiv
 from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
 
 BLOCK = 1024 if not INTERPRETED else 65536       # the interpreter pays per program, not per lane
@@ -60,7 +61,7 @@ class _SiluMul(torch.autograd.Function):
         out = torch.empty_like(gate)
         n = gate.numel()
         if n:
-            _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
+            _silu_mul_kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
         ctx.save_for_backward(gate, up)
         return out
 
@@ -71,7 +72,7 @@ class _SiluMul(torch.autograd.Function):
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _silu_mul_backward_kernel[(triton.cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
+            _silu_mul_backward_kernel[(cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
                                                                 PRECISE=PRECISE, num_warps=4)
         return dgate, dup
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ple_fast.kernels.host import cdiv, next_power_of_2
 from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
 
 
@@ -269,7 +270,7 @@ DELTA_ROWS = 64      # rows per program of the backward's preprocess
 def _config(q: Tensor) -> dict:
     common = dict(PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     if q.device.type != "cuda" or INTERPRETED:
-        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        block_d = max(16, next_power_of_2(q.shape[-1]))
         return dict(common, BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
     return dict(common, **gpu_tile_config(q.dtype, q.shape[-1]))
 
@@ -277,7 +278,7 @@ def _config(q: Tensor) -> dict:
 def gpu_tile_config(dtype: torch.dtype, head_dim: int) -> dict:
     """Compiled tiles: 64 x 64 for half inputs up to head_dim 128, half that for fp32 or wider heads,
     unpipelined for both (shared memory); tests/compile_kernels.py checks they fit on sm_80 and sm_90."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     if dtype == torch.float32 and block_d > 128:
         return dict(BLOCK_D=block_d, BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if dtype == torch.float32 or block_d > 128:
@@ -323,7 +324,7 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
     segments = cu_q.numel() - 1
     cfg = _config(q)
     if num_rows and segments:
-        grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
+        grid = (cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
         _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, stride_qn=q.stride(0), stride_qh=q.stride(1),
                           stride_kn=k.stride(0), stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1),
                           stride_on=out.stride(0), stride_oh=out.stride(1), num_q_rows=num_rows, groups=groups,
@@ -352,17 +353,17 @@ def varlen_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     window = _window_arg(sliding_window)
     if num_rows and segments:
         delta = torch.empty(heads, num_rows, dtype=torch.float32, device=q.device)      # [H, N]
-        _bwd_delta_kernel[(triton.cdiv(num_rows, DELTA_ROWS), heads)](
+        _bwd_delta_kernel[(cdiv(num_rows, DELTA_ROWS), heads)](
             out, grad_out, delta, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1), num_rows,
             dim, BLOCK_M=DELTA_ROWS, BLOCK_D=cfg["BLOCK_D"])
         common = dict(cu_q=cu_q, cu_k=cu_k, stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0),
                       stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1),
                       stride_don=grad_out.stride(0), stride_doh=grad_out.stride(1), num_q_rows=num_rows,
                       groups=groups, head_dim=dim, scale=float(scale), **_gather_args(gather, cu_k), **window, **cfg)
-        grid = (triton.cdiv(max(max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
+        grid = (cdiv(max(max_k, 1), cfg["BLOCK_N"]), segments, kv_heads)
         _bwd_dkdv_kernel[grid](q, k, v, grad_out, lse, delta, dk, dv, stride_dkn=dk.stride(0),
                                stride_dkh=dk.stride(1), stride_dvn=dv.stride(0), stride_dvh=dv.stride(1), **common)
-        grid = (triton.cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
+        grid = (cdiv(max(max_q, 1), cfg["BLOCK_M"]), segments, heads)
         _bwd_dq_kernel[grid](q, k, v, grad_out, lse, delta, dq, stride_dqn=dq.stride(0), stride_dqh=dq.stride(1),
                              **common)
     else:
@@ -382,9 +383,9 @@ def _sum_gathered(dk_rows: Tensor, dv_rows: Tensor, gather: KVGather, k: Tensor)
     rows, row_elems = k.shape[0], k.shape[1] * k.shape[2]
     per_program = GATHER_ROWS_INTERPRETED if INTERPRETED else 1
     if rows:
-        _gather_grad_kernel[(triton.cdiv(rows, per_program),)](
+        _gather_grad_kernel[(cdiv(rows, per_program),)](
             dk_rows, dv_rows, gather.order, gather.offsets, dk, dv, rows, row_elems, ROWS=per_program,
-            BLOCK=triton.next_power_of_2(row_elems), num_warps=4 if row_elems <= 2048 else 8)
+            BLOCK=next_power_of_2(row_elems), num_warps=4 if row_elems <= 2048 else 8)
     return dk, dv
 
 

@@ -378,12 +378,15 @@ def use_tree_attention(decoder: nn.Module) -> Iterator[None]:
     concurrently, and HF gradient checkpointing (which re-runs attention in backward, after the
     swap is undone) is refused rather than silently recomputed with the wrong mask.
     """
-    configs, checkpointing = {}, False
-    for module in decoder.modules():        # one walk: it is host time in every packed forward
-        checkpointing = checkpointing or bool(getattr(module, "gradient_checkpointing", False))
-        config = getattr(module, "config", None)
+    configs, checkpointing, stack = {}, False, [decoder]
+    while stack:    # parents before children; plain attributes read from __dict__ (this is host time in
+        module = stack.pop()    # every packed forward: 0.9 ms through modules() and getattr, 22 layers)
+        attributes = module.__dict__
+        checkpointing = checkpointing or bool(attributes.get("gradient_checkpointing", False))
+        config = attributes.get("config")
         if config is not None and id(config) not in configs and hasattr(config, "_attn_implementation"):
             configs[id(config)] = config
+        stack.extend(child for child in module._modules.values() if child is not None)
     if decoder.training and checkpointing:
         raise NotImplementedError(
             "dual_forward does not support Hugging Face gradient checkpointing: the recomputed attention "
