@@ -447,7 +447,7 @@ class Trainer:
             batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
             n_tokens = sum(len(b[1]) for b in batch)
             local, _ = self.dist.shard(batch)      # sft.batch_size is a multiple of the world size
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once (alignment_loss)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once, as in alignment_loss
             for micro in _chunks(local, sc.grad_accum):
                 with self.autocast():
                     logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],

@@ -401,8 +401,8 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)     # CPU-only checks
-    trainer = small_trainer(tmp_path, f"ple.algo={algo}", "ple.grad_accum=3", "ple.attention=triton",
-                            "ple.layer_impl=fused")
+    # segments: a packed backend with no host reads of its own that runs on CPU tensors on any machine
+    trainer = small_trainer(tmp_path, f"ple.algo={algo}", "ple.grad_accum=3", "ple.attention=segments")
     trainer.model.train()
     trainer.state.totals = {"ranked": 0, "dropped": 0}
     rng = torch.Generator().manual_seed(0)
