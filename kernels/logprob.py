@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
 from ple_fast.kernels.host import cdiv
 
 # Bytes of one [N, cv] dz chunk in backward; read at call time so tests and benches can shrink it.

@@ -98,7 +98,7 @@ def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight:
         grad_sum = grad_sum.contiguous()
     dx = torch.empty_like(summed)
     if INTERPRETED or summed.device.type != "cuda":
-        programs = cdiv(rows, 256)              # the interpreter pays per program
+        programs = cdiv(rows, 256)                     # the interpreter pays per program
     else:                                              # a few programs per SM: dW partials stay few
         programs = 4 * torch.cuda.get_device_properties(summed.device).multi_processor_count
     programs = max(1, min(programs, rows))

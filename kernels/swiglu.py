@@ -73,7 +73,7 @@ class _SiluMul(torch.autograd.Function):
         n = gate.numel()
         if n:
             _silu_mul_backward_kernel[(cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
-                                                                PRECISE=PRECISE, num_warps=4)
+                                                         PRECISE=PRECISE, num_warps=4)
         return dgate, dup
 
 

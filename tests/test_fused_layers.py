@@ -17,6 +17,7 @@ from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
 from ple_fast.rollout import generate, generate_dual
 from test_rollout import NO_EOS, random_tokens, tiny_model
 import test_dual_forward
+from host_reads import HostReads
 from test_decode_attention import hf_rotary_rows
 
 pytestmark = pytest.mark.gpu
@@ -598,25 +599,6 @@ def test_fused_training_layer_kernel_count(monkeypatch):
     assert {name: n for name, n in aten_per_layer.items() if n} == {"mm": 18, "addmm_": 3, "add": 1, "sum": 2}
 
 
-class _HostReads(TorchDispatchMode):
-    """The ops that read device data on the host (on a GPU, each waits for the queue to drain), each with
-    the number of ops dispatched before it, and where the model's first op (the embedding) came."""
-    READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose"}
-
-    def __init__(self):
-        super().__init__()
-        self.reads, self.ops, self.forward_starts = [], 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.READS:
-            self.reads.append((name, self.ops))
-        if name == "embedding" and self.forward_starts is None:
-            self.forward_starts = self.ops
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
 def test_packed_training_step_reads_the_device_only_before_its_forward(backend, monkeypatch):
     """The trainer's step from a layout built on the CPU (packed_rows, ple_loss, backward) reads device
@@ -641,7 +623,7 @@ def test_packed_training_step_reads_the_device_only_before_its_forward(backend, 
         out.loss.backward()
 
     step()                    # compiles the kernels on a GPU, outside what is checked
-    with _HostReads() as host:
+    with HostReads() as host:
         step()
     names = [name for name, _ in host.reads]
     if backend == "triton":

@@ -385,20 +385,9 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
     host until the GPU caught up, and the next launches would trickle out behind an idle GPU. The loss
     and the ranked count are summed on the device and read once; each micro-batch's scored rows are
     picked (one nonzero, on the CPU-built layout) before its forward."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from host_reads import HostReads
 
     from ple_fast import loss
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.events = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name in ("_local_scalar_dense", "nonzero", "is_nonzero", "embedding"):
-                self.events.append(name)
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)     # CPU-only checks
     # segments: a packed backend with no host reads of its own that runs on CPU tensors on any machine
@@ -411,10 +400,11 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
     samples = trainer.cfg.ple.raft_samples if algo == "raft" else 2
     drawn = [draw(4) for _ in range(6 * samples)] if algo == "raft" else None
     rewards = torch.randn(6, samples, generator=rng)
-    with Reads() as host:
+    with HostReads() as host:
         value = trainer.alignment_loss(q_ids, first, second, drawn, rewards, [True] * 6)
     assert math.isfinite(value)
-    queued = host.events[host.events.index("embedding"):]
+    names = [name for name, _ in host.events]
+    queued = names[names.index("embedding"):]
     between = [e for e in queued if e != "embedding"]
     assert between == ["nonzero", "nonzero"], queued        # micro-batches 2 and 3, before their forwards
     assert queued.count("embedding") == 3
