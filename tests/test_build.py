@@ -12,6 +12,10 @@ IMPORT_ALL = """
 import ple_fast, ple_fast._C, ple_fast.kernels, ple_fast.layout
 import torch
 assert ple_fast.kernels.__name__ == "ple_fast.kernels"
+import transformers.modeling_utils       # imports the hub's `kernels` package where it is installed
+import importlib.util                    # the source tree's kernels/ (no __init__.py) never shadows it
+spec = importlib.util.find_spec("kernels")
+assert spec is None or spec.origin is None or not spec.origin.startswith(REPO), spec.origin
 assert hasattr(torch.ops.ple_fast, "dual_layout")
 print("ok", ple_fast._C.__file__)
 """
@@ -25,7 +29,7 @@ def run_python(args, cwd):
 @pytest.mark.parametrize("where", ["repo_root", "elsewhere"])
 def test_extension_and_kernels_import(where, tmp_path):
     cwd = REPO if where == "repo_root" else tmp_path
-    result = run_python(["-c", IMPORT_ALL], cwd)
+    result = run_python(["-c", f"REPO = {str(REPO)!r}\n" + IMPORT_ALL], cwd)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok ")
 

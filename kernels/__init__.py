@@ -1,1 +1,0 @@
-"""Triton kernels of ple_fast (installed as ple_fast.kernels)."""
