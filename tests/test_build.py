@@ -15,7 +15,7 @@ assert ple_fast.kernels.__name__ == "ple_fast.kernels"
 import transformers.modeling_utils       # imports the hub's `kernels` package where it is installed
 import importlib.util                    # the source tree's kernels/ (no __init__.py) never shadows it
 spec = importlib.util.find_spec("kernels")
-assert spec is None or spec.origin is None or not spec.origin.startswith(REPO), spec.origin
+assert spec is None or spec.origin is None or not spec.origin.startswith(REPO + "/kernels/"), spec.origin
 assert hasattr(torch.ops.ple_fast, "dual_layout")
 print("ok", ple_fast._C.__file__)
 """
