@@ -298,6 +298,23 @@ def _gpu_launch_failure(err: Exception, device: torch.device) -> bool:
     return device.type == "cuda" and type(err).__module__.startswith("triton")
 
 
+def triton_kernel_usable() -> bool:
+    """Whether the `triton` backend still runs its own kernel (no launch has failed on this GPU)."""
+    return not _triton_failed
+
+
+def fall_back_from_triton(err: Exception, device: torch.device) -> bool:
+    """After an exception in a `triton` tree attention: True when it was a Triton launch failure on a GPU,
+    which is then recorded and warned about once (every later call runs `segments`); False when it is
+    a bug to raise. Shared with the one-node training layer of ple_fast.fused_layers."""
+    if not _gpu_launch_failure(err, device):
+        return False
+    _triton_failed.append(repr(err))
+    warnings.warn(f"tree attention: the Triton kernel failed on this GPU ({err!r}); using the "
+                  "'segments' backend from now on", RuntimeWarning)
+    return True
+
+
 def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
     if _triton_failed:
         return _segments(tree, q, k, v, scale, sliding_window)
@@ -311,21 +328,33 @@ def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | No
     try:
         return attend()
     except Exception as err:  # noqa: BLE001 - e.g. triton's OutOfResources on a smaller GPU
-        if not _gpu_launch_failure(err, q.device):
+        if not fall_back_from_triton(err, q.device):
             raise
-        _triton_failed.append(repr(err))
-        warnings.warn(f"tree attention: the Triton kernel failed on this GPU ({err!r}); using the "
-                      "'segments' backend from now on", RuntimeWarning)
         return _segments(tree, q, k, v, scale, sliding_window)
 
 
 _BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flex": _flex, "flash": _flash, "triton": _triton}
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The attention inputs as SDPA takes them under autocast: fp32 cast to the autocast dtype.
+
+    Why: under autocast a Llama layer's rotary promotes q and k to fp32 (bf16 projections times fp32
+    cos / sin) while v stays bf16. SDPA, the `sdpa` and `segments` backends' kernel, casts all three
+    to bf16, as HF's flash-attention path does; the `triton` kernels and flash-attn would get mixed
+    dtypes (whose backward cannot run), so every backend gets the same cast here."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
+
+
 def tree_attention(tree: TreeAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                    sliding_window: int | None = None) -> torch.Tensor:
-    """q [N, H, D], k / v [N, Hkv, D] -> [N, H, D] under the tree mask, by tree.backend."""
-    return _BACKEND_FUNCTIONS[tree.backend](tree, q, k, v, scale, sliding_window)
+    """q [N, H, D], k / v [N, Hkv, D] -> [N, H, D] under the tree mask, by tree.backend (under autocast
+    in its dtype, as SDPA: `autocast_inputs`)."""
+    return _BACKEND_FUNCTIONS[tree.backend](tree, *autocast_inputs(q, k, v), scale, sliding_window)
 
 
 def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

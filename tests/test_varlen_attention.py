@@ -140,6 +140,26 @@ def test_triton_backend_equals_the_dense_mask(seed):
             assert rel_err(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "segments", "triton"])
+def test_under_autocast_every_backend_attends_in_the_autocast_dtype(backend):
+    """Under bf16 autocast a layer hands the attention fp32 q / k (the rotary promotes them) and a bf16 v:
+    every backend computes on all three cast to bf16, as SDPA's autocast does, forward and backward, and
+    returns bf16 (the triton backward once failed on the mixed dtypes)."""
+    batch = pack_dual([[1, 2, 3, 4]], [[5, 6]], [[7]], device=DEVICE)
+    tree = tree_attention_metadata(batch, backend)
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(batch.num_tokens, h, 16, generator=gen).to(DEVICE).requires_grad_() for h in (4, 2))
+    v = torch.randn(batch.num_tokens, 2, 16, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    device_type = "cuda" if DEVICE == "cuda" else "cpu"
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        got = tree_attention(tree, q, k, v, 0.25)
+    got.float().square().sum().backward()
+    want = tree_attention(tree, q.detach().bfloat16(), k.detach().bfloat16(), v.detach(), 0.25)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in (q.grad, k.grad, v.grad))
+
+
 def test_a_gpu_launch_failure_falls_back_to_segments_once(monkeypatch):
     batch = pack_dual([[1, 2, 3]], [[4, 5]], [[6]], device=DEVICE)
     tree = tree_attention_metadata(batch, "triton")
