@@ -75,7 +75,9 @@ def _warps(hidden: int) -> int:
     return 4 if hidden <= 4096 else 8
 
 
-def _forward(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+def add_rms_norm_forward(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(out, sum): the forward launch, without autograd (the Function below, and the one-node training
+    layer of ple_fast.fused_layers). x, residual: [R, H] with unit-stride rows."""
     rows, hidden = x.shape
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = torch.empty(rows, hidden, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
@@ -90,8 +92,9 @@ def _forward(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None) -> 
     return out, summed
 
 
-def _backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight: Tensor,
-              eps: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm_backward(grad_out: Tensor, grad_sum: Tensor | None, summed: Tensor, weight: Tensor,
+                          eps: float) -> tuple[Tensor, Tensor]:
+    """(d sum, d weight) given the normed output's gradient and the sum's own (None: unused)."""
     rows, hidden = summed.shape
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     if grad_sum is not None and grad_sum.stride(-1) != 1:
@@ -124,7 +127,7 @@ class _AddRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps, return_sum):
-        out, summed = _forward(x, weight, eps, residual)
+        out, summed = add_rms_norm_forward(x, weight, eps, residual)
         ctx.save_for_backward(summed, weight)
         ctx.eps = eps
         ctx.dtypes = (x.dtype, None if residual is None else residual.dtype)
@@ -139,7 +142,7 @@ class _AddRMSNorm(torch.autograd.Function):
         if grad_out is None:                  # only the sum was used
             dsum, dw = grad_sum, torch.zeros_like(weight)
         else:
-            dsum, dw = _backward(grad_out, grad_sum, summed, weight, ctx.eps)
+            dsum, dw = add_rms_norm_backward(grad_out, grad_sum, summed, weight, ctx.eps)
         if dsum is None:
             return None, None, dw, None, None
         x_dtype, res_dtype = ctx.dtypes

@@ -103,24 +103,36 @@ def _launch(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_out: Tensor, k_out
                                 num_warps=4, enable_fp_fusion=FP_FUSION)
 
 
+def rotary_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotated (q, k), without autograd (the Function below, and the one-node training layer of
+    ple_fast.fused_layers); inputs as `rotary` takes them, unit-stride head dims."""
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
+    _launch(q, k, cos, sin, q_out, k_out, backward=False)
+    return q_out, k_out
+
+
+def rotary_backward(grad_q: Tensor, grad_k: Tensor, cos: Tensor, sin: Tensor, q_dtype: torch.dtype,
+                    k_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(dq, dk) in the unrotated inputs' dtypes: the rotation by -angle."""
+    grad_q, grad_k = (g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k))
+    dq = torch.empty(grad_q.shape, dtype=q_dtype, device=grad_q.device)
+    dk = torch.empty(grad_k.shape, dtype=k_dtype, device=grad_k.device)
+    _launch(grad_q, grad_k, cos, sin, dq, dk, backward=True)
+    return dq, dk
+
+
 class _Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
-        k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
-        _launch(q, k, cos, sin, q_out, k_out, backward=False)
         ctx.save_for_backward(cos, sin)
         ctx.dtypes = (q.dtype, k.dtype)
-        return q_out, k_out
+        return rotary_forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        grad_q, grad_k = (g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k))
-        dq = torch.empty(grad_q.shape, dtype=ctx.dtypes[0], device=grad_q.device)
-        dk = torch.empty(grad_k.shape, dtype=ctx.dtypes[1], device=grad_k.device)
-        _launch(grad_q, grad_k, cos, sin, dq, dk, backward=True)
-        return dq, dk, None, None
+        return (*rotary_backward(grad_q, grad_k, cos, sin, *ctx.dtypes), None, None)
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

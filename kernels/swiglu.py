@@ -55,26 +55,36 @@ def _silu_mul_backward_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, B
     tl.store(dgate_ptr + offs, (dy * u * sig * (1.0 + g * (1.0 - sig))).to(dgate_ptr.dtype.element_ty), mask=ok)
 
 
+def silu_mul_forward(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up of two contiguous tensors, without autograd (the Function below, and the one-node
+    training layer of ple_fast.fused_layers)."""
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _silu_mul_kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
+    return out
+
+
+def silu_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gate, d up) of silu(gate) * up."""
+    grad_out = grad_out.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _silu_mul_backward_kernel[(cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
+                                                     PRECISE=PRECISE, num_warps=4)
+    return dgate, dup
+
+
 class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        out = torch.empty_like(gate)
-        n = gate.numel()
-        if n:
-            _silu_mul_kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
         ctx.save_for_backward(gate, up)
-        return out
+        return silu_mul_forward(gate, up)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        if n:
-            _silu_mul_backward_kernel[(cdiv(n, BLOCK),)](grad_out, gate, up, dgate, dup, n, BLOCK=BLOCK,
-                                                         PRECISE=PRECISE, num_warps=4)
-        return dgate, dup
+        return silu_mul_backward(grad_out, *ctx.saved_tensors)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:

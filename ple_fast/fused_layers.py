@@ -24,6 +24,10 @@ computes in fp32 (tests/test_fused_layers.py compares hidden states, tokens, log
 gradients with the stock layers). Covered: the families whose layers are exactly this (FAMILIES);
 anything else runs the stock HF layers.
 
+A packed training forward on the `triton` tree attention, with plain projections and one dtype,
+runs each layer as one autograd node (`_PackedTrainingLayer`, its backward written out over the
+same kernels): the per-op layer's bits for a fraction of its host-side bookkeeping.
+
 `decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
 `fused_decoder_layers` swaps the layers' forward for `layer_forward`, and the final norm's for
 `final_norm_forward`, in the packed training forwards (ple_fast.forward, `ple.layer_impl`) and the
@@ -34,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -255,15 +259,198 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     return _add_norm(trunk.norm, delta, stream)[0]
 
 
+class _LayerPlan(NamedTuple):
+    """What the one-node layer reads besides tensors: epsilons, head size, the attention's arguments."""
+    eps_in: float
+    eps_post: float
+    eps_head: tuple[float, float] | None      # Qwen3's q / k head norms, else None
+    head_dim: int
+    scale: float
+    window: int | None
+    tree: object                               # the batch's ple_fast.attention.TreeAttention
+    compute_dtype: torch.dtype | None          # the projections' autocast dtype, None without autocast
+
+
+def _one_node_params(layer: nn.Module) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    norms = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
+    return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *norms,
+            *(m.weight for m in linears), *(m.bias for m in linears))
+
+
+class _PackedTrainingLayer(torch.autograd.Function):
+    """A decoder layer of the packed training forward as ONE autograd node, its backward written out.
+
+    Why: the per-op fused layer records ~20 autograd nodes a layer (the glue Functions, each linear's
+    mm / t / view nodes, the attention interface's squeezes and transposes) and dispatches ~130 aten
+    ops, most of them views; on a GPU each costs host time, and a packed step of a 1B model at 8 pairs
+    was host-bound (bench/results/2026-11-28-h200-session2: GPU idle 22-25% of the shared step). Here
+    the same kernels run in the same order, with autocast's casts where it puts them (the projections
+    in compute_dtype, their gradients cast back to each input's dtype) and the GEMMs as autograd's
+    linear backward runs them (dX = dY W, dW = dY^T X), so values and gradients are the per-op layer's
+    bits; only the bookkeeping goes. Inputs: hidden [T, H], cos / sin [T, D], the plan, then
+    `_one_node_params`."""
+
+    @staticmethod
+    def forward(ctx, hidden, cos, sin, plan, *params):
+        from ple_fast.attention import autocast_inputs
+        from ple_fast.kernels.rms_norm import add_rms_norm_forward
+        from ple_fast.kernels.rotary import rotary_forward
+        from ple_fast.kernels.swiglu import silu_mul_forward
+        from ple_fast.kernels.varlen_attention import varlen_forward
+
+        dtype = plan.compute_dtype
+        cast = (lambda t: t) if dtype is None else (lambda t: t if t is None else t.to(dtype))  # noqa: E731
+        w_in, w_post, w_qn, w_kn, *linear = params
+        wq, wk, wv, wo, wg, wu, wd, bq, bk, bv, bo, bg, bu, bd = (cast(t) for t in linear)
+        tokens, dim, tree = hidden.shape[0], plan.head_dim, plan.tree
+        x_in = add_rms_norm_forward(hidden, w_in, plan.eps_in, None)[0]
+        x_in_c = cast(x_in)
+        q, k, v = (F.linear(x_in_c, w, b).view(tokens, -1, dim) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        q_pre = k_pre = None                   # the head norms' inputs, kept for their backward only
+        if plan.eps_head is not None:
+            q_pre, k_pre = q, k
+            q, k = (add_rms_norm_forward(t.view(-1, dim), w, eps, None)[0].view(t.shape)
+                    for t, w, eps in ((q, w_qn, plan.eps_head[0]), (k, w_kn, plan.eps_head[1])))
+        q_rot, k_rot, v = autocast_inputs(*rotary_forward(q, k, cos, sin), v)       # as the tree attention's
+        attn, lse = varlen_forward(q_rot, k_rot, v, tree.cu_seqlens_q, tree.cu_seqlens_k, tree.max_seqlen_q,
+                                   tree.max_seqlen_k, plan.scale, plan.window, tree.kv_gather())
+        attn_c = cast(attn.view(tokens, -1))
+        o = F.linear(attn_c, wo, bo)
+        x_post, stream = add_rms_norm_forward(o, w_post, plan.eps_post, hidden)
+        x_post_c = cast(x_post)
+        gate, up = F.linear(x_post_c, wg, bg), F.linear(x_post_c, wu, bu)
+        act = silu_mul_forward(gate, up)
+        down = F.linear(act, wd, bd)
+        out = stream + down
+        ctx.save_for_backward(hidden, cos, sin, x_in_c, q_pre, k_pre, q_rot, k_rot, v, attn, attn_c, lse, stream,
+                              x_post_c, gate, up, act, w_in, w_post, w_qn, w_kn, wq, wk, wv, wo, wg, wu, wd)
+        ctx.plan = plan
+        ctx.dtypes = (q.dtype, k.dtype, x_in.dtype, o.dtype, x_post.dtype, down.dtype,
+                      *(None if t is None else t.dtype for t in params))
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        with torch.autocast(d_out.device.type, enabled=False):
+            return _PackedTrainingLayer._backward(ctx, d_out)
+
+    @staticmethod
+    def _backward(ctx, d_out):
+        from ple_fast.kernels.rms_norm import add_rms_norm_backward
+        from ple_fast.kernels.rotary import rotary_backward
+        from ple_fast.kernels.swiglu import silu_mul_backward
+        from ple_fast.kernels.varlen_attention import varlen_backward
+
+        (hidden, cos, sin, x_in_c, q_pre, k_pre, q_rot, k_rot, v, attn, attn_c, lse, stream, x_post_c, gate, up,
+         act, w_in, w_post, w_qn, w_kn, wq, wk, wv, wo, wg, wu, wd) = ctx.saved_tensors
+        q_dtype, k_dtype, x_in_dtype, o_dtype, x_post_dtype, down_dtype, *param_dtypes = ctx.dtypes
+        names = ("w_in", "w_post", "w_qn", "w_kn", "wq", "wk", "wv", "wo", "wg", "wu", "wd",
+                 "bq", "bk", "bv", "bo", "bg", "bu", "bd")
+        wants, dtypes = dict(zip(names, ctx.needs_input_grad[4:])), dict(zip(names, param_dtypes))
+        grads = dict.fromkeys(names)
+        plan, tree, tokens = ctx.plan, ctx.plan.tree, hidden.shape[0]
+
+        def linear_grads(name: str, d_y: Tensor, x: Tensor) -> None:      # as autograd's linear backward
+            if wants["w" + name]:
+                grads["w" + name] = d_y.t().mm(x).to(dtypes["w" + name])
+            if wants["b" + name]:
+                grads["b" + name] = d_y.sum(0).to(dtypes["b" + name])
+
+        d_out = d_out.contiguous()
+        d_down = d_out.to(down_dtype)          # the residual add's gradient, in each input's dtype
+        d_act = d_down.mm(wd)
+        linear_grads("d", d_down, act)
+        d_gate, d_up = silu_mul_backward(d_act, gate, up)
+        d_post = d_gate.mm(wg).addmm_(d_up, wu).to(x_post_dtype)
+        linear_grads("g", d_gate, x_post_c)
+        linear_grads("u", d_up, x_post_c)
+        d_stream, grads["w_post"] = add_rms_norm_backward(d_post, d_out, stream, w_post, plan.eps_post)
+        d_o = d_stream.to(o_dtype)
+        d_attn = d_o.mm(wo).to(attn.dtype)
+        linear_grads("o", d_o, attn_c)
+        dq, dk, dv = varlen_backward(d_attn.view(attn.shape), q_rot, k_rot, v, attn, lse, tree.cu_seqlens_q,
+                                     tree.cu_seqlens_k, tree.max_seqlen_q, tree.max_seqlen_k, plan.scale,
+                                     plan.window, tree.kv_gather())
+        dq, dk = rotary_backward(dq, dk, cos, sin, q_dtype, k_dtype)
+        if plan.eps_head is not None:
+            dim = plan.head_dim
+            (dq, grads["w_qn"]), (dk, grads["w_kn"]) = (
+                add_rms_norm_backward(d.view(-1, dim), None, pre.reshape(-1, dim), w, eps)
+                for d, pre, w, eps in ((dq, q_pre, w_qn, plan.eps_head[0]), (dk, k_pre, w_kn, plan.eps_head[1])))
+            dq, dk = dq.to(q_pre.dtype), dk.to(k_pre.dtype)
+        dq, dk, dv = (t.reshape(tokens, -1) for t in (dq, dk, dv))
+        d_in = dq.mm(wq).addmm_(dk, wk).addmm_(dv, wv).to(x_in_dtype)
+        for name, d_y in (("q", dq), ("k", dk), ("v", dv)):
+            linear_grads(name, d_y, x_in_c)
+        d_hidden, grads["w_in"] = add_rms_norm_backward(d_in, d_stream, hidden, w_in, plan.eps_in)
+        return (d_hidden.to(hidden.dtype), None, None, None,
+                *(grads[name] if wants[name] else None for name in names))
+
+
+def _one_node_reason(layer: nn.Module, hidden_states: Tensor, position_embeddings, past_key_values,
+                     kwargs: dict) -> str | None:
+    """Why `_PackedTrainingLayer` cannot run this call (the per-op fused layer does), or None: it covers
+    the packed forward on the `triton` tree attention with plain nn.Linear projections, under autocast
+    or in one dtype throughout."""
+    from ple_fast.attention import ATTENTION_NAME, METADATA_KWARG, TreeAttention, triton_kernel_usable
+
+    attn, mlp = layer.self_attn, layer.mlp
+    tree = kwargs.get(METADATA_KWARG)
+    if attn.config._attn_implementation != ATTENTION_NAME or not isinstance(tree, TreeAttention):
+        return "not a packed tree-attention forward"
+    if tree.backend != "triton" or not triton_kernel_usable():
+        return f"tree attention backend {tree.backend!r}"
+    if past_key_values is not None or kwargs.get("cache") is not None or position_embeddings is None:
+        return "a KV cache, or no rotary embedding given"
+    if hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or (attn.training and attn.attention_dropout):
+        return "not one packed sequence, or attention dropout"
+    if not _is_silu(mlp.act_fn):
+        return "an activation other than SiLU"
+    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(_plain_linear(m) for m in linears):
+        return "a projection that is not a plain nn.Linear (LoRA, hooks)"
+    dtype = hidden_states.dtype
+    if not torch.is_autocast_enabled(hidden_states.device.type) and any(
+            t is not None and t.dtype != dtype for t in (*_one_node_params(layer), *position_embeddings)):
+        return "mixed dtypes without autocast"
+    return None
+
+
+def _one_node_layer(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                    tree) -> Tensor:
+    attn, config = layer.self_attn, layer.self_attn.config
+    shape, dim = hidden_states.shape, attn.head_dim
+    tokens = shape[0] * shape[1]
+    cos, sin = (t.expand(shape[0], shape[1], dim).reshape(tokens, dim) for t in position_embeddings)
+    eps_head = (attn.q_norm.variance_epsilon, attn.k_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
+    device_type = hidden_states.device.type
+    plan = _LayerPlan(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon,
+                      eps_head, dim, attn.scaling, None if config.model_type == "llama" else _window(attn, config),
+                      tree, torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
+    out = _PackedTrainingLayer.apply(hidden_states.reshape(tokens, shape[-1]), cos.contiguous(), sin.contiguous(),
+                                     plan, *_one_node_params(layer))
+    return out.view(shape)
+
+
 def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
                   position_ids: Tensor | None = None, past_key_values=None, use_cache: bool | None = False,
                   position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
     """The HF decoder layer's forward (same arguments, same output) with the glue fused; differentiable.
-    Attention goes through the model's attention interface, as in HF's own layer."""
+    A packed forward on the `triton` tree attention runs as one autograd node (`_PackedTrainingLayer`);
+    anything else per op, with attention through the model's attention interface, as in HF's own layer."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from ple_fast.attention import METADATA_KWARG, fall_back_from_triton
     from ple_fast.kernels.rotary import rotary
 
+    if _one_node_reason(layer, hidden_states, position_embeddings, past_key_values, kwargs) is None:
+        try:
+            return _one_node_layer(layer, hidden_states, position_embeddings, kwargs[METADATA_KWARG])
+        except Exception as err:  # noqa: BLE001 - a Triton launch failure on a GPU: per op, on `segments`
+            if not fall_back_from_triton(err, hidden_states.device):
+                raise
     attn, config = layer.self_attn, layer.self_attn.config
     shape = hidden_states.shape                         # [B, N, H]
     stream = hidden_states.reshape(-1, shape[-1])

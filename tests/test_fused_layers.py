@@ -245,10 +245,13 @@ def test_fused_training_layers_match_padded_hf_forwards(family, backend):
     assert not any("forward" in vars(module) for module in [*model.model.layers, model.model.norm])
 
 
-def test_fused_training_layers_under_bf16_autocast():
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_fused_training_layers_under_bf16_autocast(backend):
     """fp32 weights under bf16 autocast (the trainer's CUDA setting): the fp32 residual stream, bf16
     projections and fp32 rotary tables promote as in HF's layers; log-probs and gradients agree with
-    the stock layers to bf16 accuracy."""
+    the stock layers to bf16 accuracy. With `triton` (the CUDA default) the fused layers run as one
+    node each, and the attention gets bf16 q / k / v as SDPA would (its backward once failed on the
+    fp32 q / k the rotary promotes to)."""
     model = test_dual_forward.tiny_model("llama", hidden=64).to(DEVICE)
     queries, originals, principled = test_dual_forward.random_pairs(random.Random(5), 4)
     weights = torch.randn(8, generator=torch.Generator().manual_seed(5))
@@ -257,7 +260,7 @@ def test_fused_training_layers_under_bf16_autocast():
     for fused in (True, False):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             rows = test_dual_forward.packed_dual_response_rows(model, queries, originals, principled,
-                                                               backend="sdpa", fused=fused)
+                                                               backend=backend, fused=fused)
         results.append(test_dual_forward.logps_and_grads(model, rows, weights))
     (got_logps, got_grads), (want_logps, want_grads) = results
     assert rel_err(got_logps, want_logps) < 2e-2
@@ -597,6 +600,110 @@ def test_fused_training_layer_kernel_count(monkeypatch):
                                 "_fwd_kernel": 1, "_bwd_delta_kernel": 1, "_bwd_dkdv_kernel": 1, "_bwd_dq_kernel": 1,
                                 "_silu_mul_kernel": 1, "_silu_mul_backward_kernel": 1, "_gather_grad_kernel": 1}
     assert {name: n for name, n in aten_per_layer.items() if n} == {"mm": 18, "addmm_": 3, "add": 1, "sum": 2}
+
+
+def _packed_step(model, pairs, weights, monkeypatch, one_node: bool, autocast: bool = False):
+    """(log-probs, gradients, one-node layer forwards, bytes the graph saved for backward) of a packed
+    fused step on the triton tree attention, its forward under bf16 autocast if asked (backward outside,
+    as the trainer runs it); one_node False forces the per-op layer."""
+    import ple_fast.fused_layers as fused_layers
+
+    calls, saved = [], {}
+    forward = fused_layers._PackedTrainingLayer.forward
+
+    def counted(ctx, *args):
+        calls.append(1)
+        return forward(ctx, *args)
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_layers._PackedTrainingLayer, "forward", staticmethod(counted))
+        if not one_node:
+            patch.setattr(fused_layers, "_one_node_reason", lambda *args: "forced")
+        precision = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
+            rows = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+        logps, grads = test_dual_forward.logps_and_grads(model, rows, weights)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return logps, grads, len(calls), sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["fp32", "bf16", "fp32 weights, bf16 autocast"])
+def test_one_node_training_layer_equals_the_per_op_layer(family, dtype, autocast, monkeypatch):
+    """A packed forward on the triton tree attention runs each layer as one autograd node
+    (_PackedTrainingLayer): the same kernels in the same order as the per-op fused layer, with
+    autocast's casts in the same places (the trainer's CUDA setting), so the same bits, log-probs and
+    every gradient (Qwen2's q / k / v biases, Qwen3's head norms, sliding windows), and no more memory
+    saved for backward."""
+    model = test_dual_forward.tiny_model(family, layers=3).to(dtype).to(DEVICE)
+    pairs = test_dual_forward.random_pairs(random.Random(7), 4)
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(7))
+    got_logps, got_grads, nodes, got_saved = _packed_step(model, pairs, weights, monkeypatch, True, autocast)
+    want_logps, want_grads, none, want_saved = _packed_step(model, pairs, weights, monkeypatch, False, autocast)
+    assert (nodes, none) == (3, 0)
+    assert torch.equal(got_logps, want_logps) and not torch.isnan(got_logps).any()
+    assert got_grads.keys() == want_grads.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, want in want_grads.items():
+        assert torch.equal(got_grads[name], want), name
+    assert 0 < got_saved <= want_saved
+
+
+def test_one_node_training_layer_covers_only_its_case():
+    """What the one-node layer leaves to the per-op layer: other attention backends, LoRA or hooked
+    projections, mixed dtypes without autocast, a cache."""
+    from ple_fast.attention import ATTENTION_NAME, METADATA_KWARG, tree_attention_metadata
+    from ple_fast.fused_layers import _one_node_reason
+    from ple_fast.layout import pack_dual
+
+    model = test_dual_forward.tiny_model("llama").to(DEVICE)
+    layer = model.model.layers[0]
+    batch = pack_dual([[1, 2, 3]], [[4]], [[5, 6]], device=DEVICE)
+    hidden = torch.randn(1, batch.num_tokens, 32, device=DEVICE)
+    rope = model.model.rotary_emb(hidden, batch.position_ids[None])
+    reason = lambda backend="triton", h=hidden, cache=None: _one_node_reason(   # noqa: E731
+        layer, h, rope, cache, {METADATA_KWARG: tree_attention_metadata(batch, backend)})
+    model.config._attn_implementation = ATTENTION_NAME
+    assert reason() is None
+    assert reason("sdpa") == "tree attention backend 'sdpa'"
+    assert reason(cache=object()) is not None
+    assert reason(h=hidden.double()) == "mixed dtypes without autocast"
+    with torch.autocast("cpu" if DEVICE == "cpu" else "cuda", dtype=torch.bfloat16):
+        assert reason() is None and reason(h=hidden.double()) is None
+    handle = layer.mlp.up_proj.register_forward_hook(lambda *args: None)
+    assert "plain nn.Linear" in reason()
+    handle.remove()
+    model.config._attn_implementation = "sdpa"
+    assert reason() == "not a packed tree-attention forward"
+
+
+def test_one_node_layer_falls_back_per_op_after_a_gpu_launch_failure(monkeypatch):
+    """A Triton launch failure on a GPU inside the one-node layer: warned once, then that layer and every
+    later one run per op on the `segments` backend, with the same log-probs (a CPU error is raised)."""
+    import ple_fast.attention as attention
+    import ple_fast.kernels.varlen_attention as kernel_module
+
+    model = test_dual_forward.tiny_model("llama").to(DEVICE)
+    pairs = test_dual_forward.random_pairs(random.Random(8), 2)
+    want = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="segments", fused=True).hidden
+
+    def out_of_resources(*args, **kwargs):
+        raise RuntimeError("simulated: out of shared memory")
+
+    monkeypatch.setattr(kernel_module, "varlen_forward", out_of_resources)
+    monkeypatch.setattr(attention, "_triton_failed", [])
+    monkeypatch.setattr(attention, "_gpu_launch_failure", lambda err, device: False)
+    with pytest.raises(RuntimeError, match="simulated"):
+        test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+    monkeypatch.setattr(attention, "_gpu_launch_failure", lambda err, device: True)
+    with pytest.warns(RuntimeWarning, match="using the 'segments' backend from now on"):
+        got = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True).hidden
+    assert len(attention._triton_failed) == 1
+    torch.testing.assert_close(got, want, rtol=FP32_FORWARD_TOL, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["triton", "sdpa"])
