@@ -178,6 +178,23 @@ def test_bf16_autocast_trains(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_cuda_defaults_train_under_bf16_autocast(tmp_path):
+    """The trainer's CUDA defaults, on this CPU: fp32 weights under bf16 autocast, the triton tree
+    attention and the fused layers (one autograd node each). The first alignment update's gradient
+    agrees with the stock layers on the sdpa attention to bf16 accuracy; before the tree attention cast
+    q / k / v to the autocast dtype, its backward failed on mixed dtypes."""
+    grads = {}
+    for name, overrides in (("defaults", ("ple.attention=triton", "ple.layer_impl=fused")),
+                            ("stock", ("ple.attention=sdpa", "ple.layer_impl=stock"))):
+        trainer = small_trainer(tmp_path / name, "run.precision=bf16", "sft.steps=1", *overrides)
+        assert trainer.autocast_dtype == torch.bfloat16 and trainer.fused_layers == (name == "defaults")
+        grads[name], loss = first_update(trainer, "ple")
+        assert math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads[name])
+    assert len(grads["defaults"]) == len(grads["stock"])
+    for got, want in zip(grads["defaults"], grads["stock"]):
+        assert float((got - want).abs().max()) <= 5e-2 * float(want.abs().max()) + 1e-6
+
+
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
     import ple_fast.trainer as trainer_module
 
