@@ -24,8 +24,8 @@ computes in fp32 (tests/test_fused_layers.py compares hidden states, tokens, log
 gradients with the stock layers). Covered: the families whose layers are exactly this (FAMILIES);
 anything else runs the stock HF layers.
 
-A packed training forward on the `triton` tree attention, with plain projections and one dtype,
-runs each layer as one autograd node (`_PackedTrainingLayer`, its backward written out over the
+A packed training forward on the `triton` tree attention, with plain projections in one dtype or
+under autocast, runs each layer as one autograd node (`_PackedTrainingLayer`, its backward written out over the
 same kernels): the per-op layer's bits for a fraction of its host-side bookkeeping.
 
 `decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
@@ -271,9 +271,13 @@ class _LayerPlan(NamedTuple):
     compute_dtype: torch.dtype | None          # the projections' autocast dtype, None without autocast
 
 
-def _one_node_params(layer: nn.Module) -> tuple:
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
     attn, mlp = layer.self_attn, layer.mlp
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
+
+def _one_node_params(layer: nn.Module) -> tuple:
+    attn, linears = layer.self_attn, _projections(layer)
     norms = (attn.q_norm.weight, attn.k_norm.weight) if hasattr(attn, "q_norm") else (None, None)
     return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *norms,
             *(m.weight for m in linears), *(m.bias for m in linears))
@@ -390,13 +394,13 @@ class _PackedTrainingLayer(torch.autograd.Function):
 
 
 def _one_node_reason(layer: nn.Module, hidden_states: Tensor, position_embeddings, past_key_values,
-                     kwargs: dict) -> str | None:
+                     kwargs: dict, params: tuple) -> str | None:
     """Why `_PackedTrainingLayer` cannot run this call (the per-op fused layer does), or None: it covers
     the packed forward on the `triton` tree attention with plain nn.Linear projections, under autocast
-    or in one dtype throughout."""
+    or in one dtype throughout. params: `_one_node_params(layer)`."""
     from ple_fast.attention import ATTENTION_NAME, METADATA_KWARG, TreeAttention, triton_kernel_usable
 
-    attn, mlp = layer.self_attn, layer.mlp
+    attn = layer.self_attn
     tree = kwargs.get(METADATA_KWARG)
     if attn.config._attn_implementation != ATTENTION_NAME or not isinstance(tree, TreeAttention):
         return "not a packed tree-attention forward"
@@ -406,20 +410,19 @@ def _one_node_reason(layer: nn.Module, hidden_states: Tensor, position_embedding
         return "a KV cache, or no rotary embedding given"
     if hidden_states.dim() != 3 or hidden_states.shape[0] != 1 or (attn.training and attn.attention_dropout):
         return "not one packed sequence, or attention dropout"
-    if not _is_silu(mlp.act_fn):
+    if not _is_silu(layer.mlp.act_fn):
         return "an activation other than SiLU"
-    linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if not all(_plain_linear(m) for m in linears):
+    if not all(_plain_linear(m) for m in _projections(layer)):
         return "a projection that is not a plain nn.Linear (LoRA, hooks)"
     dtype = hidden_states.dtype
     if not torch.is_autocast_enabled(hidden_states.device.type) and any(
-            t is not None and t.dtype != dtype for t in (*_one_node_params(layer), *position_embeddings)):
+            t is not None and t.dtype != dtype for t in (*params, *position_embeddings)):
         return "mixed dtypes without autocast"
     return None
 
 
 def _one_node_layer(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                    tree) -> Tensor:
+                    tree, params: tuple) -> Tensor:
     attn, config = layer.self_attn, layer.self_attn.config
     shape, dim = hidden_states.shape, attn.head_dim
     tokens = shape[0] * shape[1]
@@ -430,7 +433,7 @@ def _one_node_layer(layer: nn.Module, hidden_states: Tensor, position_embeddings
                       eps_head, dim, attn.scaling, None if config.model_type == "llama" else _window(attn, config),
                       tree, torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
     out = _PackedTrainingLayer.apply(hidden_states.reshape(tokens, shape[-1]), cos.contiguous(), sin.contiguous(),
-                                     plan, *_one_node_params(layer))
+                                     plan, *params)
     return out.view(shape)
 
 
@@ -445,9 +448,10 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     from ple_fast.attention import METADATA_KWARG, fall_back_from_triton
     from ple_fast.kernels.rotary import rotary
 
-    if _one_node_reason(layer, hidden_states, position_embeddings, past_key_values, kwargs) is None:
+    params = _one_node_params(layer)          # read once: the check's dtypes, then the node's inputs
+    if _one_node_reason(layer, hidden_states, position_embeddings, past_key_values, kwargs, params) is None:
         try:
-            return _one_node_layer(layer, hidden_states, position_embeddings, kwargs[METADATA_KWARG])
+            return _one_node_layer(layer, hidden_states, position_embeddings, kwargs[METADATA_KWARG], params)
         except Exception as err:  # noqa: BLE001 - a Triton launch failure on a GPU: per op, on `segments`
             if not fall_back_from_triton(err, hidden_states.device):
                 raise

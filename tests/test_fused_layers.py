@@ -657,7 +657,7 @@ def test_one_node_training_layer_covers_only_its_case():
     """What the one-node layer leaves to the per-op layer: other attention backends, LoRA or hooked
     projections, mixed dtypes without autocast, a cache."""
     from ple_fast.attention import ATTENTION_NAME, METADATA_KWARG, tree_attention_metadata
-    from ple_fast.fused_layers import _one_node_reason
+    from ple_fast.fused_layers import _one_node_params, _one_node_reason
     from ple_fast.layout import pack_dual
 
     model = test_dual_forward.tiny_model("llama").to(DEVICE)
@@ -666,7 +666,7 @@ def test_one_node_training_layer_covers_only_its_case():
     hidden = torch.randn(1, batch.num_tokens, 32, device=DEVICE)
     rope = model.model.rotary_emb(hidden, batch.position_ids[None])
     reason = lambda backend="triton", h=hidden, cache=None: _one_node_reason(   # noqa: E731
-        layer, h, rope, cache, {METADATA_KWARG: tree_attention_metadata(batch, backend)})
+        layer, h, rope, cache, {METADATA_KWARG: tree_attention_metadata(batch, backend)}, _one_node_params(layer))
     model.config._attn_implementation = ATTENTION_NAME
     assert reason() is None
     assert reason("sdpa") == "tree attention backend 'sdpa'"
