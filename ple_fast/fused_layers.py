@@ -269,6 +269,7 @@ class _LayerPlan(NamedTuple):
     window: int | None
     tree: object                               # the batch's ple_fast.attention.TreeAttention
     compute_dtype: torch.dtype | None          # the projections' autocast dtype, None without autocast
+    shape: torch.Size                          # the layer's output shape, [B, N, H]
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
@@ -327,7 +328,7 @@ class _PackedTrainingLayer(torch.autograd.Function):
         gate, up = F.linear(x_post_c, wg, bg), F.linear(x_post_c, wu, bu)
         act = silu_mul_forward(gate, up)
         down = F.linear(act, wd, bd)
-        out = stream + down
+        out = torch.add(stream.view(plan.shape), down.view(plan.shape))   # a fresh tensor, no view (see layer_forward)
         ctx.save_for_backward(hidden, cos, sin, x_in_c, q_pre, k_pre, q_rot, k_rot, v, attn, attn_c, lse, stream,
                               x_post_c, gate, up, act, w_in, w_post, w_qn, w_kn, wq, wk, wv, wo, wg, wu, wd)
         ctx.plan = plan
@@ -362,7 +363,7 @@ class _PackedTrainingLayer(torch.autograd.Function):
             if wants["b" + name]:
                 grads["b" + name] = d_y.sum(0).to(dtypes["b" + name])
 
-        d_out = d_out.contiguous()
+        d_out = d_out.reshape(tokens, -1).contiguous()
         d_down = d_out.to(down_dtype)          # the residual add's gradient, in each input's dtype
         d_act = d_down.mm(wd)
         linear_grads("d", d_down, act)
@@ -431,10 +432,10 @@ def _one_node_layer(layer: nn.Module, hidden_states: Tensor, position_embeddings
     device_type = hidden_states.device.type
     plan = _LayerPlan(layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon,
                       eps_head, dim, attn.scaling, None if config.model_type == "llama" else _window(attn, config),
-                      tree, torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None)
-    out = _PackedTrainingLayer.apply(hidden_states.reshape(tokens, shape[-1]), cos.contiguous(), sin.contiguous(),
-                                     plan, *params)
-    return out.view(shape)
+                      tree, torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None,
+                      shape)
+    return _PackedTrainingLayer.apply(hidden_states.reshape(tokens, shape[-1]), cos.contiguous(), sin.contiguous(),
+                                      plan, *params)
 
 
 def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tensor | None = None,
@@ -442,7 +443,9 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
                   position_embeddings: tuple[Tensor, Tensor] | None = None, **kwargs) -> Tensor:
     """The HF decoder layer's forward (same arguments, same output) with the glue fused; differentiable.
     A packed forward on the `triton` tree attention runs as one autograd node (`_PackedTrainingLayer`);
-    anything else per op, with attention through the model's attention interface, as in HF's own layer."""
+    anything else per op, with attention through the model's attention interface, as in HF's own layer.
+    The output is a fresh tensor, as HF's layer returns: FSDP2 hooks its pre-backward all-gather on a
+    layer's outputs and warns of a view, whose in-place update would drop that hook."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from ple_fast.attention import METADATA_KWARG, fall_back_from_triton
@@ -479,7 +482,7 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.reshape(tokens, -1)), stream)
     mlp = layer.mlp
     gate, up = project(x, (mlp.gate_proj, mlp.up_proj))
-    return (stream + mlp.down_proj(_activation_mul(mlp, gate, up))).view(shape)
+    return stream.view(shape) + mlp.down_proj(_activation_mul(mlp, gate, up)).view(shape)
 
 
 def final_norm_forward(norm: nn.Module, hidden_states: Tensor) -> Tensor:

@@ -118,6 +118,22 @@ def test_two_process_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert all(torch.equal(a[name], again[name]) for name in a)
 
 
+def test_fsdp2_sharded_layers_run_the_one_node_fused_layer():
+    """The CUDA training default (fused layers, triton tree attention) under torchrun's FSDP2, on two CPU
+    processes: each sharded layer runs as one autograd node on the weights FSDP2 gathered, with the
+    log-probs and gradients of an unsharded copy, before and after an SGD step, and returns no view
+    (FSDP2's warning made an error). The ranks (tests/fsdp_fused_worker.py) assert; this checks they did."""
+    worker = Path(__file__).with_name("fsdp_fused_worker.py")
+    families = ("llama", "qwen2", "qwen3")     # plain, q / k / v biases + sliding window, head norms
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                           *families], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    done = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
+    assert [line.split()[1].rstrip(":") for line in done] == list(families), proc.stdout[-2000:]
+    assert all("one-node layer ran 8 times" in line for line in done)
+
+
 def test_shard_and_gather_round_trip():
     items = list(range(7))
     shards = [Dist(rank, 3).shard(items) for rank in range(3)]
