@@ -11,14 +11,16 @@ import pytest
 HELPER = Path(__file__).with_name("compile_kernels.py")
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernels_compile_for_the_gpu(arch):
+def test_kernels_compile_for_the_gpu():
+    """sm_80 and sm_90 at once, one process each: compiling is single-threaded, and CI has two cores."""
     pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(HELPER), str(arch)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count(": ok") >= 28, proc.stdout
+    procs = {arch: subprocess.Popen([sys.executable, str(HELPER), str(arch)], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for arch in (80, 90)}
+    for arch, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"sm_{arch}: " + out[-3000:] + err[-3000:]
+        assert out.count(": ok") >= 60, out
 
 
 def test_contracted_fma_count_tells_fusion_from_sm80_emulation():
