@@ -9,7 +9,9 @@ row's context, at the device-to-device copy bandwidth measured in the same run. 
 with one of them swapped for the plain path, to show what each saves: `fast_one_stream` (the fused
 step's projections on one stream, not q beside k / v and up beside gate), `fast_stock_layers` (the HF
 layers' own norms, rotary and SwiGLU around the same attention kernel), `fast_torch_sampling` (softmax
-sampling with a noise tensor), `fast_sdpa_decode` (masked SDPA over the cache, stock layers) and
+sampling with a noise tensor), `fast_sdpa_decode` (masked SDPA over the cache, stock layers),
+`fast_merged` (the other way: q / k / v and gate / up as one matmul each, over weights laid out back to
+back by ple_fast.merged_projections; CUDA) and
 `fast[BLOCK=.. num_stages=.. num_warps=..]` (the decode attention kernel with each of its other
 CANDIDATE_TILES, in the step; at --tile-batches, default 256); and `fast_compiled`, the defaults with
 the decode step torch.compile'd (RolloutEngine(compile_decode=True): inductor fuses each layer's
@@ -127,7 +129,7 @@ def run_hf(model, input_ids, new_tokens: int, static: bool):
 
 
 PROFILED_STEPS = 16
-PROFILED_METHODS = ("fast", "fast_stock_layers", "fast_compiled")
+PROFILED_METHODS = ("fast", "fast_stock_layers", "fast_compiled", "fast_merged")
 
 
 def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
@@ -331,7 +333,7 @@ def main(argv=None) -> int:
     eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
     # the engine with each other tile of its decode attention kernel (CUDA: the fused step's launch)
     tiled = {f"fast[{tile_label(tile)}]": tile for tile in (CANDIDATE_TILES if device.type == "cuda" else ())}
-    passes = [eager + (("fast_cublaslt",) if device.type == "cuda" else ()) + tuple(tiled),
+    passes = [eager + (("fast_cublaslt", "fast_merged") if device.type == "cuda" else ()) + tuple(tiled),
               ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
     if args.methods:
         chosen = args.methods.split(",")
@@ -354,6 +356,8 @@ def main(argv=None) -> int:
                "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
                "fast_compiled": RolloutEngine(model, compile_decode=True),
                "fast_cublaslt": RolloutEngine(model),      # its graphs captured with cuBLASLt matmuls
+               # q / k / v and gate / up as one matmul each (its first call lays the weights out so)
+               **({"fast_merged": RolloutEngine(model, merged_projections=True)} if device.type == "cuda" else {}),
                **{name: RolloutEngine(model, decode_tile=tile) for name, tile in tiled.items()}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")

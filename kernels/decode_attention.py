@@ -57,7 +57,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
                              cos_ptr, sin_ptr,
                              stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kl,
                              stride_vb, stride_vh, stride_vl, stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-                             stride_cos, stride_sin,
+                             stride_cos, stride_sin, stride_ob, stride_oh, stride_og,
                              kv_heads, groups, head_dim, kv_length, keys_per_split, window, scale,
                              HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -122,7 +122,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr
         m, l, acc = _online_softmax_step(s, m, l, acc, v, PRECISION)
     if FINAL:   # one split: normalise here, in the query's layout and dtype (no merge kernels)
         l_safe = tl.where(l > 0, l, 1.0)
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + gs[:, None] * stride_qg + ds[None, :]
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + gs[:, None] * stride_og + ds[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         out = (bh * num_splits + split).to(tl.int64)
@@ -187,8 +187,9 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     else:
         new_keys = new_values = keys        # unused (WRITE=False)
     groups = q_heads // kv_heads
-    q = query.reshape(batch, kv_heads, groups, dim)
-    q = q.contiguous()      # the FINAL store writes the output with q's strides
+    q = query.reshape(batch, kv_heads, groups, dim)       # a view where it can be (a merged q / k / v output)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     block_g = max(16, next_power_of_2(groups))
     block_d = max(16, next_power_of_2(dim))
     splits = _splits(batch, kv_heads, kv_length, query.device)
@@ -196,7 +197,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
     keys_per_split = cdiv(cdiv(kv_length, splits), tile["BLOCK"]) * tile["BLOCK"]
     final = splits == 1
     out = torch.empty(batch, kv_heads, groups, dim, dtype=query.dtype, device=query.device)
-    if final:     # out shares q's contiguous [B, Hkv, G, D] strides; the partial buffers go unused
+    if final:     # the kernel writes out ([B, Hkv, G, D], contiguous) itself; the partial buffers go unused
         m = l = acc = out
     else:
         m = torch.empty(batch * kv_heads, splits, block_g, dtype=torch.float32, device=query.device)
@@ -208,7 +209,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             new_keys.stride(0), new_keys.stride(1), new_values.stride(0), new_values.stride(1),
-            cos.stride(0), sin.stride(0),
+            cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), out.stride(2),
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
             PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,

@@ -32,11 +32,17 @@ def _over_one_plus_exp_neg(x, g, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, width, row_stride, BLOCK: tl.constexpr, PRECISE: tl.constexpr,
+                     STRIDED: tl.constexpr):
+    """out (contiguous, n elements) = silu(gate) * up; STRIDED: gate / up rows of `width` elements lie
+    `row_stride` apart (the halves of a merged [gate; up] projection's output), else contiguous."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
-    g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    src = offs
+    if STRIDED:
+        src = (offs // width) * row_stride + offs % width
+    g = tl.load(gate_ptr + src, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=ok, other=0.0).to(tl.float32)
     act = _round_to(_over_one_plus_exp_neg(g, g, PRECISE), gate_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + offs, _round_to(act * u, out_ptr.dtype.element_ty), mask=ok)
 
@@ -56,12 +62,20 @@ def _silu_mul_backward_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, B
 
 
 def silu_mul_forward(gate: Tensor, up: Tensor) -> Tensor:
-    """silu(gate) * up of two contiguous tensors, without autograd (the Function below, and the one-node
-    training layer of ple_fast.fused_layers)."""
-    out = torch.empty_like(gate)
+    """silu(gate) * up, without autograd (the Function below, the one-node training layer and the decode
+    step of ple_fast.fused_layers). gate / up: contiguous, or [rows, width] with unit column stride and
+    one row stride (the two halves of a merged gate / up matmul's output, read in place); the output
+    is contiguous."""
     n = gate.numel()
+    strided = not (gate.is_contiguous() and up.is_contiguous())
+    if strided and (gate.dim() != 2 or gate.shape != up.shape or gate.stride(1) != 1 or up.stride(1) != 1
+                    or gate.stride(0) != up.stride(0)):
+        gate, up, strided = gate.contiguous(), up.contiguous(), False
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if n:
-        _silu_mul_kernel[(cdiv(n, BLOCK),)](gate, up, out, n, BLOCK=BLOCK, PRECISE=PRECISE, num_warps=4)
+        width = gate.shape[-1] if gate.dim() else 1
+        _silu_mul_kernel[(cdiv(n, BLOCK),)](gate, up, out, n, width, gate.stride(0) if strided else width,
+                                            BLOCK=BLOCK, PRECISE=PRECISE, STRIDED=strided, num_warps=4)
     return out
 
 

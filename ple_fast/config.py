@@ -98,6 +98,7 @@ class RolloutConfig:
     backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
     compile_decode: bool = False     # fast: torch.compile the decode step (opt-in: slower than fused layers, H200)
     layer_impl: str = "auto"         # fast: fused (ple_fast.fused_layers) | stock (HF's) | auto (fused where supported)
+    merged_projections: bool = False  # fast, fused layers: q/k/v and gate/up as one matmul each (opt-in: not yet timed)
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0

@@ -58,6 +58,7 @@ from ple_fast.fused_layers import (decode_hidden, fused_decoder_layers, position
 from ple_fast.kernels.sampling import race_candidates
 from ple_fast.kernels.step_record import record_step, record_step_reference
 from ple_fast.layout import pack_prefill
+from ple_fast.merged_projections import merge_projection_storage
 from ple_fast.models import decoder_of, head_dim
 
 ENGINE_ATTENTION = "ple_fast_static_kv"
@@ -326,7 +327,8 @@ class RolloutEngine:
                  check_every: int | None = None, prefill_tokens: int | None = None, prefill_attention: str = "auto",
                  fused_sampling: bool | None = None, decode_attention: str = "auto",
                  compile_decode: bool = False, fused_layers: bool | None = None,
-                 concurrent_projections: bool | None = None, decode_tile: dict | None = None):
+                 concurrent_projections: bool | None = None, decode_tile: dict | None = None,
+                 merged_projections: bool = False):
         model = unwrap_causal_lm(model)
         self._model_ref = weakref.ref(model)     # the engine must not keep the policy alive
         config = model.config
@@ -392,6 +394,13 @@ class RolloutEngine:
             if missing:
                 raise ValueError(f"rollout engine: decode_tile {decode_tile!r} lacks {sorted(missing)}")
         self.decode_tile = decode_tile
+        # q / k / v, and gate / up, as one matmul each in the fused decode step: each call first lays the
+        # model's projection weights out back to back (ple_fast.merged_projections; once, then a check), so
+        # the training weights stay the weights read. Opt-in until a GPU run times it against the second
+        # stream's separate matmuls (bench_rollout's `fast_merged` row).
+        if merged_projections and not self.fused_layers:
+            raise ValueError("rollout engine: merged_projections=True needs the fused layers (their step runs them)")
+        self.merged_projections = merged_projections
         self._projection_stream = torch.cuda.Stream(self.device) if use_streams else None
         # a step's bookkeeping (pick, record, EOS, advance) in one Triton kernel wherever the Triton
         # decode attention runs, uncompiled (a compiled step leaves those ops to inductor)
@@ -548,7 +557,7 @@ class RolloutEngine:
         if self.fused_layers:
             hidden = decode_hidden(self.model, self.cache.keys, self.cache.values, st.tokens, st.positions, kv_length,
                                    side_stream=self._projection_stream, rope_tables=self.rope_tables,
-                                   tile=self.decode_tile)
+                                   tile=self.decode_tile, merged_projections=self.merged_projections)
         else:
             hidden = self._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch),
                                   kv_length)[:, -1]
@@ -634,6 +643,8 @@ class RolloutEngine:
         else:
             sampling = (0.0, 0, 1.0, False)
         draws_noise = sampling[0] > 0 and not sampling[3]
+        if self.merged_projections:             # before the storage check: a merge moves the weights once
+            merge_projection_storage(self.model)
         self._ensure_buffers(batch, capacity, max_new_tokens)
         st = self.state
         st.use_noise(noise_width(vocab, top_k, top_p) if draws_noise else 1)

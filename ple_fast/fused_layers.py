@@ -194,11 +194,33 @@ def side_by_side(side, main_fn, side_fn):
     return main_out, side_out
 
 
-def _mlp(mlp: nn.Module, x: Tensor, side=None) -> Tensor:
+def _mlp(mlp: nn.Module, x: Tensor, side=None, merged: bool = False) -> Tensor:
     """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch); gate on the
-    side stream, if given, while up runs (side_by_side)."""
+    side stream, if given, while up runs (side_by_side). merged (no autograd): gate and up as one
+    matmul where merge_projection_storage laid their weights out so, its halves read in place."""
+    from ple_fast.kernels.swiglu import silu_mul_forward
+    from ple_fast.merged_projections import merged_projection
+
+    gate_up = merged_projection((mlp.gate_proj, mlp.up_proj)) if merged else None
+    if gate_up is not None:
+        weight, bias, sizes = gate_up
+        gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
+        return mlp.down_proj(silu_mul_forward(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up)
     up, gate = side_by_side(side, lambda: mlp.up_proj(x), lambda: mlp.gate_proj(x))
     return mlp.down_proj(_activation_mul(mlp, gate, up))
+
+
+def _qkv(attn: nn.Module, x: Tensor, side=None, merged: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The q, k, v projections of x: one matmul where merged and merge_projection_storage laid their
+    weights out so (views of its output, no autograd), else k / v on the side stream beside q."""
+    from ple_fast.merged_projections import merged_projection
+
+    qkv = merged_projection((attn.q_proj, attn.k_proj, attn.v_proj)) if merged else None
+    if qkv is not None:
+        weight, bias, sizes = qkv
+        return F.linear(x, weight, bias).split(sizes, dim=-1)
+    q, (k, v) = side_by_side(side, lambda: attn.q_proj(x), lambda: (attn.k_proj(x), attn.v_proj(x)))
+    return q, k, v
 
 
 def _activation_mul(mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
@@ -226,7 +248,7 @@ def rotary_tables(model: nn.Module, positions: int, dtype: torch.dtype, device) 
 
 def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor, positions: Tensor,
                   kv_length: int, side_stream=None, rope_tables: tuple[Tensor, Tensor] | None = None,
-                  tile: dict | None = None) -> Tensor:
+                  tile: dict | None = None, merged_projections: bool = False) -> Tensor:
     """Final-normed hidden states [B, H] of one new token per row.
 
     keys / values: the static cache [layers, B, kv_heads, capacity, D] (ple_fast.engine.StaticKVCache),
@@ -235,7 +257,9 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     beside the q projection, and the gate projection beside the up projection (side_by_side).
     rope_tables: `rotary_tables` covering every position (the attention kernel reads row positions[b]),
     for a model with `position_independent_rotary`; None: the rotary module runs in the step. tile: the
-    decode attention kernel's (None: its gpu_tile_config)."""
+    decode attention kernel's (None: its gpu_tile_config). merged_projections: q / k / v, and gate / up,
+    as one matmul each in the layers whose weights ple_fast.merged_projections laid out back to back
+    (the side stream then serves only the layers that are not)."""
     from ple_fast.kernels.decode_attention import decode_attention
 
     config, trunk = model.config, decoder_of(model)
@@ -249,13 +273,13 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     for layer in trunk.layers[: config.num_hidden_layers]:
         attn, dim = layer.self_attn, layer.self_attn.head_dim
         x, stream = _add_norm(layer.input_layernorm, delta, stream)
-        q, (k, v) = side_by_side(side_stream, lambda: attn.q_proj(x), lambda: (attn.k_proj(x), attn.v_proj(x)))
+        q, k, v = _qkv(attn, x, side_stream, merged_projections)
         q, k = _head_norms(attn, q.view(batch, -1, dim), k.view(batch, -1, dim))
         out = decode_attention(q[:, :, None], keys[attn.layer_idx], values[attn.layer_idx], positions, kv_length,
                                attn.scaling, _window(attn, config), new_keys=k, new_values=v.view(batch, -1, dim),
                                cos=cos, sin=sin, rope_table=rope_tables is not None, tile=tile)
         x, stream = _add_norm(layer.post_attention_layernorm, attn.o_proj(out.view(batch, -1)), stream)
-        delta = _mlp(layer.mlp, x, side_stream)
+        delta = _mlp(layer.mlp, x, side_stream, merged_projections)
     return _add_norm(trunk.norm, delta, stream)[0]
 
 

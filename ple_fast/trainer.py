@@ -224,13 +224,16 @@ class Trainer:
         engine_options = {"compile_decode": True} if cfg.rollout.compile_decode else {}
         if cfg.rollout.layer_impl != "auto":
             engine_options["fused_layers"] = cfg.rollout.layer_impl == "fused"
+        if cfg.rollout.merged_projections:
+            engine_options["merged_projections"] = True
         if cfg.rollout.backend == "fast" and engine_options:
             from ple_fast.engine import engine_for
             try:
                 engine_for(model, **engine_options)  # cached: every later rollout and evaluation uses it
             except ValueError as err:
                 raise ValueError(f"rollout.layer_impl={cfg.rollout.layer_impl}, rollout.compile_decode="
-                                 f"{str(cfg.rollout.compile_decode).lower()}: {err}") from err
+                                 f"{str(cfg.rollout.compile_decode).lower()}, rollout.merged_projections="
+                                 f"{str(cfg.rollout.merged_projections).lower()}: {err}") from err
         precision = cfg.run.precision
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"

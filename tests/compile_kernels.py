@@ -154,8 +154,9 @@ def launches(arch: int):
                dict(HAS_DS=residual, BLOCK=block), warps, 3)
     for dtype in (BF16, FP16, FP32):
         t = "*" + TRITON_DTYPE[dtype]
-        yield (f"silu_mul {dtype}", swiglu._silu_mul_kernel, dict(gate_ptr=t, up_ptr=t, out_ptr=t),
-               dict(BLOCK=swiglu.BLOCK, PRECISE=True), 4, 3)
+        for strided in (False, True):
+            yield (f"silu_mul {dtype} strided={strided}", swiglu._silu_mul_kernel,
+                   dict(gate_ptr=t, up_ptr=t, out_ptr=t), dict(BLOCK=swiglu.BLOCK, PRECISE=True, STRIDED=strided), 4, 3)
         yield (f"silu_mul backward {dtype}", swiglu._silu_mul_backward_kernel,
                dict(dy_ptr=t, gate_ptr=t, up_ptr=t, dgate_ptr=t, dup_ptr=t), dict(BLOCK=swiglu.BLOCK, PRECISE=True),
                4, 3)

@@ -320,6 +320,13 @@ def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
     assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
 
 
+def test_merged_projections_key_reaches_the_engine(tmp_path):
+    """Refused where the engine's fused layers do not run (this CPU), naming the key; the engine and
+    its merged step are tested in test_merged_projections."""
+    with pytest.raises(ValueError, match="rollout.merged_projections=true: .*needs the fused layers"):
+        small_trainer(tmp_path, "rollout.merged_projections=true")
+
+
 def test_layer_impl_key_reaches_the_engine(tmp_path):
     """stock: the HF layers; fused: refused where the Triton decode attention is not the engine's
     (this CPU), naming the key. The GPU default (auto) is covered by the engine tests."""
