@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ple_fast.merged_projections import merged_projection, plain_linear
 from ple_fast.models import decoder_of
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -157,14 +158,10 @@ class _SharedInputLinear(torch.autograd.Function):
         return (None if dx is None else dx.to(x_dtype), None, None, *dws, *dbs)
 
 
-def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
-
-
 def project(x: Tensor, modules: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
     """(module(x) for module in modules): plain nn.Linear layers in a forward that builds a graph go
     through _SharedInputLinear; anything else (LoRA, quantised or hooked modules) is called as is."""
-    if not torch.is_grad_enabled() or x.dim() != 2 or not all(_plain_linear(m) for m in modules):
+    if not torch.is_grad_enabled() or x.dim() != 2 or not all(plain_linear(m) for m in modules):
         return tuple(m(x) for m in modules)
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
@@ -199,8 +196,6 @@ def _mlp(mlp: nn.Module, x: Tensor, side=None, merged: bool = False) -> Tensor:
     side stream, if given, while up runs (side_by_side). merged (no autograd): gate and up as one
     matmul where merge_projection_storage laid their weights out so, its halves read in place."""
     from ple_fast.kernels.swiglu import silu_mul_forward
-    from ple_fast.merged_projections import merged_projection
-
     gate_up = merged_projection((mlp.gate_proj, mlp.up_proj)) if merged else None
     if gate_up is not None:
         weight, bias, sizes = gate_up
@@ -213,8 +208,6 @@ def _mlp(mlp: nn.Module, x: Tensor, side=None, merged: bool = False) -> Tensor:
 def _qkv(attn: nn.Module, x: Tensor, side=None, merged: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The q, k, v projections of x: one matmul where merged and merge_projection_storage laid their
     weights out so (views of its output, no autograd), else k / v on the side stream beside q."""
-    from ple_fast.merged_projections import merged_projection
-
     qkv = merged_projection((attn.q_proj, attn.k_proj, attn.v_proj)) if merged else None
     if qkv is not None:
         weight, bias, sizes = qkv
@@ -437,7 +430,7 @@ def _one_node_reason(layer: nn.Module, hidden_states: Tensor, position_embedding
         return "not one packed sequence, or attention dropout"
     if not _is_silu(layer.mlp.act_fn):
         return "an activation other than SiLU"
-    if not all(_plain_linear(m) for m in _projections(layer)):
+    if not all(plain_linear(m) for m in _projections(layer)):
         return "a projection that is not a plain nn.Linear (LoRA, hooks)"
     dtype = hidden_states.dtype
     if not torch.is_autocast_enabled(hidden_states.device.type) and any(

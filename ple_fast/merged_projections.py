@@ -27,8 +27,9 @@ def projection_groups(layer: nn.Module) -> tuple[tuple[nn.Module, ...], tuple[nn
     return (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
 
 
-def _plain(modules: tuple[nn.Module, ...]) -> bool:
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+def plain_linear(module: nn.Module) -> bool:
+    """A bare nn.Linear, no hooks: its forward is F.linear of its weight and bias (not LoRA, quantised)."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _adjacent(tensors: list[Tensor]) -> bool:
@@ -57,7 +58,7 @@ def merged_projection(modules: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | 
     """(weight [sum N, K], bias [sum N] or None, [N_i]) viewing the modules' parameters as one linear
     layer, while `merge_projection_storage` has them so; else None. The views share the parameters'
     storage (no copy) and carry no autograd history: for forwards without a graph (decode steps)."""
-    if not _plain(modules):
+    if not all(plain_linear(m) for m in modules):
         return None
     weights = [m.weight for m in modules]
     biases = [m.bias for m in modules]
@@ -93,7 +94,7 @@ def merge_projection_storage(model: nn.Module) -> int:
     merged = 0
     for layer in getattr(decoder_of(model), "layers", ()):
         for modules in projection_groups(layer):
-            if not _plain(modules) or merged_projection(modules) is not None:
+            if not all(plain_linear(m) for m in modules) or merged_projection(modules) is not None:
                 continue
             for name in ("weight", "bias"):
                 params = [getattr(m, name) for m in modules]

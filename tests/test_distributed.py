@@ -20,9 +20,13 @@ GREEDY = ["sft.steps=120", "ple.iterations=2", "ple.batch_size=16", "eval.sample
           "eval.temperature=0", "run.progress=false", "run.plots=false", "run.threads=1"]
 
 
+def torchrun(nproc: int) -> list[str]:
+    """The launcher's command, on a free port (--standalone): two tests may run at once (pytest -n 2)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def launch(out, nproc, *args):
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc > 1 else [sys.executable]
+    prefix = torchrun(nproc) if nproc > 1 else [sys.executable]
     proc = subprocess.run([*prefix, "-m", "ple_fast.train", "--out", str(out), *args],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -94,8 +98,7 @@ def test_two_process_sigkill_then_resume_is_bitwise_identical(tmp_path):
     args = ["sft.steps=24", "ple.iterations=2", "ple.batch_size=48", "eval.samples=1", "run.save_every=4",
             "run.progress=false", "run.plots=false", "run.threads=1"]
     launch(tmp_path / "uninterrupted", 2, *args)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ple_fast.train", "--out", str(tmp_path / "killed"), *args]
+    cmd = [*torchrun(2), "-m", "ple_fast.train", "--out", str(tmp_path / "killed"), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     folder = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 600
@@ -125,8 +128,7 @@ def test_fsdp2_sharded_layers_run_the_one_node_fused_layer():
     (FSDP2's warning made an error). The ranks (tests/fsdp_fused_worker.py) assert; this checks they did."""
     worker = Path(__file__).with_name("fsdp_fused_worker.py")
     families = ("llama", "qwen2", "qwen3")     # plain, q / k / v biases + sliding window, head norms
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(worker), *families], capture_output=True, text=True, timeout=900,
+    proc = subprocess.run([*torchrun(2), str(worker), *families], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     done = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]

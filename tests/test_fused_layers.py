@@ -347,6 +347,22 @@ def prepared_step(model, prompts, principle, prefixed, **engine_kw):
     return engine
 
 
+def steps_from_one_cache(model, engine, variants: list[dict]) -> list[tuple[torch.Tensor, ...]]:
+    """(hidden states, keys, values) after one fused decode step from the prepared engine's cache, for
+    each dict of decode_hidden options; the cache goes back to its state before each step."""
+    st, cache = engine.state, engine.cache
+    saved = (cache.keys.clone(), cache.values.clone())
+    outputs = []
+    with engine._engine_mode():
+        for options in variants:
+            cache.keys.copy_(saved[0])
+            cache.values.copy_(saved[1])
+            hidden = decode_hidden(model, cache.keys, cache.values, st.tokens, st.positions, cache.capacity,
+                                   **options)
+            outputs.append((hidden, cache.keys.clone(), cache.values.clone()))
+    return outputs
+
+
 @pytest.mark.parametrize("family,extra", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_decode_step_equals_the_stock_layers(family, extra, dtype):
@@ -394,22 +410,14 @@ def test_rotary_tables_give_the_step_the_same_bits(family, extra, dtype):
     prompts = random_tokens([3, 9, 1, 6], seed=63)
     engine = prepared_step(model, prompts, [], [False] * 4)
     assert engine.rope_from_tables and engine.rope_tables[0].shape == (engine.cache.capacity, head_dim(model.config))
-    st, cache = engine.state, engine.cache
+    cache = engine.cache
     positions = torch.tensor([0, 5, 17, cache.capacity - 1], device=DEVICE)
     with torch.no_grad():
         per_batch = model.model.rotary_emb(torch.empty(0, dtype=dtype, device=DEVICE), positions.view(4, 1))
         tables = rotary_tables(model, cache.capacity, dtype, DEVICE)
     for table, rows in zip(tables, per_batch):
         assert table.dtype == dtype and torch.equal(table[positions], rows[:, 0])
-    saved = (cache.keys.clone(), cache.values.clone())
-    outputs = []
-    with engine._engine_mode():
-        for rope in (None, tables):
-            cache.keys.copy_(saved[0])
-            cache.values.copy_(saved[1])
-            hidden = decode_hidden(model, cache.keys, cache.values, st.tokens, st.positions, cache.capacity,
-                                   rope_tables=rope)
-            outputs.append((hidden, cache.keys.clone(), cache.values.clone()))
+    outputs = steps_from_one_cache(model, engine, [dict(rope_tables=None), dict(rope_tables=tables)])
     for got, want in zip(*outputs):
         assert torch.equal(got, want)
 

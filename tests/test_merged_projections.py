@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from ple_fast.engine import RolloutEngine
-from ple_fast.fused_layers import decode_hidden
 from ple_fast.kernels.decode_attention import decode_attention
 from ple_fast.kernels.swiglu import silu_mul_forward, silu_mul_reference
 from ple_fast.merged_projections import merge_projection_storage, merged_projection, projection_groups
 from ple_fast.rollout import generate
-from test_fused_layers import DEVICE, FAMILIES, FP32_FORWARD_TOL, family_model, prepared_step, rel_err
+from test_fused_layers import (DEVICE, FAMILIES, FP32_FORWARD_TOL, family_model, prepared_step, rel_err,
+                               steps_from_one_cache)
 from test_rollout import NO_EOS, random_tokens
 
 pytestmark = pytest.mark.gpu       # CPU here (the interpreter); bench/gpu_suite.sh runs them on the GPU
@@ -114,27 +114,17 @@ def test_merged_decode_step_equals_the_separate_matmuls(family, extra, monkeypat
     """From the same cache and tokens, one decode step with each group as one matmul writes the K/V and
     gives the final hidden states of the step with the projections one by one (fp32, to 1e-5 of the
     largest value on the CPU)."""
-    import ple_fast.merged_projections as merged_module
+    import ple_fast.fused_layers as fused_layers
 
     views = []
-    real = merged_module.merged_projection
-    monkeypatch.setattr(merged_module, "merged_projection", lambda modules: views.append(real(modules)) or views[-1])
+    real = fused_layers.merged_projection        # the decode step's lookups (the merge's own are not counted)
+    monkeypatch.setattr(fused_layers, "merged_projection", lambda modules: views.append(real(modules)) or views[-1])
     model = family_model(family, extra).eval()
     prompts = random_tokens([3, 9, 1, 6], seed=81)
     principle = random_tokens([4], seed=82)[0]
     engine = prepared_step(model, prompts, principle, [True, False, False, True])
-    st, cache = engine.state, engine.cache
-    saved = (cache.keys.clone(), cache.values.clone())
-    outputs = []
     assert merge_projection_storage(model) == 2 * model.config.num_hidden_layers
-    views.clear()
-    with engine._engine_mode():
-        for merged in (False, True):
-            cache.keys.copy_(saved[0])
-            cache.values.copy_(saved[1])
-            hidden = decode_hidden(model, cache.keys, cache.values, st.tokens, st.positions, cache.capacity,
-                                   merged_projections=merged)
-            outputs.append((hidden, cache.keys.clone(), cache.values.clone()))
+    outputs = steps_from_one_cache(model, engine, [dict(merged_projections=False), dict(merged_projections=True)])
     assert len(views) == 2 * model.config.num_hidden_layers and all(v is not None for v in views)  # one matmul each
     for got, want in zip(outputs[1], outputs[0]):       # one GEMM or three: the BLAS may block K apart
         assert not torch.isnan(got).any() and rel_err(got, want) < FP32_FORWARD_TOL
