@@ -19,7 +19,9 @@ trainer does (ple_fast.forward.packed_rows: no host sync once the forward is que
 use sequence_logprobs(impl="auto"), the same for every variant. Each timed variant also
 gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU's busy time against
 the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time;
-host_ms is the host's unprofiled time to issue a step (common.time_cuda): near ms, the host is the limit.
+host_ms is the host's unprofiled time to issue a step (common.time_cuda): near ms, the host is the limit;
+forward_ms / backward_ms and forward_host_ms / backward_host_ms split the step into its two phases, GPU and
+host time each (phase_split).
 
 tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
 has the same numerator and the ratios are ratios of step time. model_tflops counts the FLOPs each
@@ -31,7 +33,9 @@ over duplicated is the token-FLOP ratio (2Q+C+R)/(Q+C+R); the measured one is be
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -95,16 +99,50 @@ def make_pairs(num_pairs: int, lengths: tuple[int, int, int], vocab: int, seed: 
     return tuple(seqs(n) for n in lengths)
 
 
-def training_step(model, rows_fn):
-    """One forward + backward of the summed response log-probs."""
+def training_step(model, rows_fn, marks=None):
+    """One forward + backward of the summed response log-probs. marks (a list): a callable, called
+    before the step, between its forward (log-probs included) and backward, and after it."""
     from ple_fast.loss import sequence_logprobs
 
+    mark = marks[0] if marks else (lambda: None)
+    mark()
     model.zero_grad(set_to_none=True)
     rows = rows_fn()
     logps = sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
                               impl="auto", softcap=rows.softcap)
+    mark()
     logps.sum().backward()
+    mark()
     return logps.detach()
+
+
+def phase_split(model, rows_fn, iters: int = 5) -> dict:
+    """Median ms of the step's forward and backward, each as the GPU ran it (CUDA events at the phase
+    boundaries) and as the host issued it (wall clock). Why: a step whose GPU idles can be host-bound
+    in one phase only (a forward of many small launches, a backward of large GEMMs): a phase whose
+    host time reaches its GPU time is where the idle time comes from. Without CUDA both are wall
+    clock (--allow-cpu smoke runs; no figure)."""
+    cuda = torch.cuda.is_available()
+    samples = []
+    for _ in range(iters):
+        events, clock = [], []
+
+        def mark():
+            if cuda:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+            clock.append(time.perf_counter())
+
+        if cuda:
+            torch.cuda.synchronize()
+        training_step(model, rows_fn, [mark])
+        if cuda:
+            torch.cuda.synchronize()
+        host = [1e3 * (clock[i + 1] - clock[i]) for i in (0, 1)]
+        device = [events[i].elapsed_time(events[i + 1]) for i in (0, 1)] if cuda else host
+        samples.append((*device, *host))
+    names = ("forward_ms", "backward_ms", "forward_host_ms", "backward_host_ms")
+    return {name: statistics.median(s[i] for s in samples) for i, name in enumerate(names)}
 
 
 COMPILED = "+compile"     # a backend name with this suffix: the same backend, decoder layers torch.compile'd
@@ -239,6 +277,7 @@ def main() -> None:
                                tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
                                model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
+                    row.update(phase_split(model, rows_fn))
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
                         row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"],
                                                         host=True)
@@ -249,7 +288,9 @@ def main() -> None:
                         torch.cuda.empty_cache()
                 payload["rows"].append(row)
                 write_result(path, BENCH, payload)   # after every row: a bench timeout keeps what it measured
-                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms (host {row['host_ms']:.1f}), "
+                phases = (f"forward {row['forward_ms']:.1f} (host {row['forward_host_ms']:.1f}), backward "
+                          f"{row['backward_ms']:.1f} (host {row['backward_host_ms']:.1f}), " if "forward_ms" in row else "")
+                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms (host {row['host_ms']:.1f}), {phases}"
                                                              f"{row['model_tflops']:.0f} TFLOP/s "
                                                              f"({row['peak_fraction']:.0%} of matmul peak)"
                                                              if "ms" in row else "failed"),

@@ -112,6 +112,9 @@ def test_dual_prefill_bench_smoke_run_on_cpu(tmp_path):
     assert {r["variant"] for r in timed} == {"padded_hf", "packed_shared[segments]", "packed_duplicated[segments]"}
     assert len(timed) == 3 * 2 and all(r["ms"] > 0 and "error" not in r for r in timed)   # 2 quick shapes
     assert all(r["host_ms"] == r["ms"] for r in timed)          # without CUDA the host time is the time
+    for r in timed:                                              # the step split at its backward
+        assert r["forward_ms"] > 0 and r["backward_ms"] > 0
+        assert (r["forward_host_ms"], r["backward_host_ms"]) == (r["forward_ms"], r["backward_ms"])
     assert all(r["profile"]["count"] > 0 and r["profile"]["busy_ms"] > 0 for r in timed)
     peak = json.loads(result.read_text())["matmul_peak_tflops"]
     assert all(r["model_tflops"] > 0 and r["peak_fraction"] == pytest.approx(r["model_tflops"] / peak) for r in timed)

@@ -14,7 +14,7 @@ from ple_fast.kernels.decode_attention import CANDIDATE_TILES
 from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from ple_fast.kernels.rotary import rotary, rotary_reference
 from ple_fast.kernels.swiglu import silu_mul, silu_mul_reference
-from ple_fast.rollout import generate, generate_dual
+from ple_fast.rollout import generate
 from test_rollout import NO_EOS, random_tokens, tiny_model
 import test_dual_forward
 from host_reads import HostReads
@@ -483,15 +483,9 @@ def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
     principle = random_tokens([4], seed=92)[0]
     prefixed = [True, False, False, True]
     engine = prepared_step(model, prompts, principle, prefixed, concurrent_projections=False)
-    st, cache = engine.state, engine.cache
-    results = []
-    for side in (None, torch.cuda.Stream()):
-        keys, values = cache.keys.clone(), cache.values.clone()
-        with engine._engine_mode():
-            hidden = decode_hidden(model, keys, values, st.tokens, st.positions, cache.capacity, side_stream=side)
-        torch.cuda.synchronize()
-        results.append((hidden, keys, values))
-    for one, two in zip(*results):
+    one_stream, two_streams = steps_from_one_cache(model, engine, [{}, {"side_stream": torch.cuda.Stream()}])
+    torch.cuda.synchronize()
+    for one, two in zip(one_stream, two_streams):
         assert torch.equal(one, two)
     for temperature in (0.0, 1.0):
         kw = dict(max_new_tokens=12, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed,
