@@ -89,9 +89,15 @@ def test_matches_reference_on_random_batches():
 
 
 def test_matches_reference_on_a_large_batch():
-    # Enough pairs for at::parallel_for to split the work across threads.
+    # Enough pairs for at::parallel_for to split the work across threads (two of them even where the
+    # test session runs one per pytest-xdist worker).
     pairs = random_pairs(random.Random(7), 300, max_query=40, max_response=30, vocab=32000)
-    assert_same_batch(pack_dual(*pairs), pack_dual_reference(*pairs))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        assert_same_batch(pack_dual(*pairs), pack_dual_reference(*pairs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("pairs", [
