@@ -288,9 +288,11 @@ def main() -> None:
                         torch.cuda.empty_cache()
                 payload["rows"].append(row)
                 write_result(path, BENCH, payload)   # after every row: a bench timeout keeps what it measured
-                phases = (f"forward {row['forward_ms']:.1f} (host {row['forward_host_ms']:.1f}), backward "
-                          f"{row['backward_ms']:.1f} (host {row['backward_host_ms']:.1f}), " if "forward_ms" in row else "")
-                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms (host {row['host_ms']:.1f}), {phases}"
+                phases = "" if "forward_ms" not in row else (
+                    f"forward {row['forward_ms']:.1f} (host {row['forward_host_ms']:.1f}), "
+                    f"backward {row['backward_ms']:.1f} (host {row['backward_host_ms']:.1f}), ")
+                print(f"({q_len}/{o_len}/{p_len}) {name}: " + (f"{row['ms']:.1f} ms (host {row['host_ms']:.1f}), "
+                                                             f"{phases}"
                                                              f"{row['model_tflops']:.0f} TFLOP/s "
                                                              f"({row['peak_fraction']:.0%} of matmul peak)"
                                                              if "ms" in row else "failed"),
