@@ -21,7 +21,7 @@ gets a "profile" of one step (common.kernel_profile): kernels launched, the GPU'
 the timed step (the idle fraction: a launch-bound step shows here) and the top kernels by time;
 host_ms is the host's unprofiled time to issue a step (common.time_cuda): near ms, the host is the limit;
 forward_ms / backward_ms and forward_host_ms / backward_host_ms split the step into its two phases, GPU and
-host time each (phase_split).
+host time each (common.time_cuda's phases).
 
 tokens/s counts the tokens of the 2P separate sequences (query + response each), so every variant
 has the same numerator and the ratios are ratios of step time. model_tflops counts the FLOPs each
@@ -33,9 +33,7 @@ over duplicated is the token-FLOP ratio (2Q+C+R)/(Q+C+R); the measured one is be
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -99,12 +97,12 @@ def make_pairs(num_pairs: int, lengths: tuple[int, int, int], vocab: int, seed: 
     return tuple(seqs(n) for n in lengths)
 
 
-def training_step(model, rows_fn, marks=None):
-    """One forward + backward of the summed response log-probs. marks (a list): a callable, called
-    before the step, between its forward (log-probs included) and backward, and after it."""
+def training_step(model, rows_fn, mark=None):
+    """One forward + backward of the summed response log-probs; mark (common.time_cuda's phases), if
+    given, is called before the step, between its forward (log-probs included) and backward, and after."""
     from ple_fast.loss import sequence_logprobs
 
-    mark = marks[0] if marks else (lambda: None)
+    mark = mark or (lambda: None)
     mark()
     model.zero_grad(set_to_none=True)
     rows = rows_fn()
@@ -116,35 +114,7 @@ def training_step(model, rows_fn, marks=None):
     return logps.detach()
 
 
-def phase_split(model, rows_fn, iters: int = 5) -> dict:
-    """Median ms of the step's forward and backward, each as the GPU ran it (CUDA events at the phase
-    boundaries) and as the host issued it (wall clock). Why: a step whose GPU idles can be host-bound
-    in one phase only (a forward of many small launches, a backward of large GEMMs): a phase whose
-    host time reaches its GPU time is where the idle time comes from. Without CUDA both are wall
-    clock (--allow-cpu smoke runs; no figure)."""
-    cuda = torch.cuda.is_available()
-    samples = []
-    for _ in range(iters):
-        events, clock = [], []
-
-        def mark():
-            if cuda:
-                events.append(torch.cuda.Event(enable_timing=True))
-                events[-1].record()
-            clock.append(time.perf_counter())
-
-        if cuda:
-            torch.cuda.synchronize()
-        training_step(model, rows_fn, [mark])
-        if cuda:
-            torch.cuda.synchronize()
-        host = [1e3 * (clock[i + 1] - clock[i]) for i in (0, 1)]
-        device = [events[i].elapsed_time(events[i + 1]) for i in (0, 1)] if cuda else host
-        samples.append((*device, *host))
-    names = ("forward_ms", "backward_ms", "forward_host_ms", "backward_host_ms")
-    return {name: statistics.median(s[i] for s in samples) for i, name in enumerate(names)}
-
-
+PHASES = ("forward", "backward")   # time_cuda's split of a step: a GPU can idle in one of them only
 COMPILED = "+compile"     # a backend name with this suffix: the same backend, decoder layers torch.compile'd
 FUSED = "+fused"          # ... with this one: the decoder layers of ple_fast.fused_layers
 
@@ -269,7 +239,8 @@ def main() -> None:
                 try:
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
-                    timing = time_cuda(lambda: training_step(model, rows_fn), warmup=3, iters=5)
+                    timing = time_cuda(lambda mark: training_step(model, rows_fn, mark), warmup=3, iters=5,
+                                       phases=PHASES)
                     times[name] = timing["ms"]
                     flops = step_flops(model, layout_tokens, attention_pairs, num_pairs * (o_len + p_len))
                     tflops = flops / (timing["ms"] * 1e-3) / 1e12
@@ -277,7 +248,7 @@ def main() -> None:
                                tokens_per_s=logical_tokens / (timing["ms"] * 1e-3),
                                model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
-                    row.update(phase_split(model, rows_fn))
+                    row.update({key: timing[key] for name in PHASES for key in (f"{name}_ms", f"{name}_host_ms")})
                     if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
                         row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"],
                                                         host=True)

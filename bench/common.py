@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -62,34 +62,57 @@ def device_info() -> dict:
     return info
 
 
-def time_cuda(fn: Callable[[], object], *, warmup: int = 2, iters: int = 5) -> dict:
+def time_cuda(fn: Callable[..., object], *, warmup: int = 2, iters: int = 5, phases: Sequence[str] = ()) -> dict:
     """Median / min milliseconds of fn() between CUDA events, each call timed on its own.
 
     host_ms: the median wall-clock time fn() took to return, before the wait for the GPU: the host's
     time to issue the work (plus any sync inside fn). Close to ms, the step is host-bound; well under
     it, the GPU is the limit. Unlike a profiler's host events it adds no overhead of its own.
-    Without CUDA it times wall-clock instead: only for --allow-cpu smoke runs, never a figure."""
+
+    phases: names of the parts of the call, for a step that can be host-bound in one part only. fn is
+    then called as fn(mark), and calls mark() before, between and after the parts; the result adds, per
+    name, `<name>_ms` (GPU time between CUDA events recorded at the marks) and `<name>_host_ms` (the
+    host's), medians like ms. Without CUDA it times wall-clock instead: only for --allow-cpu smoke
+    runs, never a figure."""
+    cuda = torch.cuda.is_available()
+    args = ((lambda: None),) if phases else ()
     for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - start))
-        return dict(ms=statistics.median(times), ms_min=min(times), host_ms=statistics.median(times), iters=iters)
-    torch.cuda.synchronize()
-    times, host = [], []
+        fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
+    times, host, parts = [], [], []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        events, clock = [], []
+
+        def mark():
+            if cuda:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+            clock.append(time.perf_counter())
+
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         issued = time.perf_counter()
-        fn()
+        fn(*((mark,) if phases else ()))
         host.append(1e3 * (time.perf_counter() - issued))
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return dict(ms=statistics.median(times), ms_min=min(times), host_ms=statistics.median(host), iters=iters)
+        if cuda:
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            times.append(host[-1])
+        if phases:
+            if len(clock) != len(phases) + 1:
+                raise ValueError(f"time_cuda: {len(phases)} phases need {len(phases) + 1} marks, fn made {len(clock)}")
+            spans = range(len(phases))
+            wall = [1e3 * (clock[i + 1] - clock[i]) for i in spans]
+            parts.append(([events[i].elapsed_time(events[i + 1]) for i in spans] if cuda else wall, wall))
+    out = dict(ms=statistics.median(times), ms_min=min(times), host_ms=statistics.median(host), iters=iters)
+    for i, name in enumerate(phases):
+        out[f"{name}_ms"] = statistics.median(device[i] for device, _ in parts)
+        out[f"{name}_host_ms"] = statistics.median(wall[i] for _, wall in parts)
+    return out
 
 
 def kernel_profile(fn: Callable[[], object], *, baseline: Callable[[], object] | None = None,

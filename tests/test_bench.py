@@ -66,6 +66,30 @@ def test_rollout_bench_runs_the_methods_named(tmp_path):
     assert proc.returncode != 0 and "--methods ['fastest'] unknown" in proc.stderr
 
 
+def test_time_cuda_splits_a_call_at_its_marks():
+    """phases: fn gets the mark, each part gets its own time (wall clock here, host == device), and a
+    fn that marks too few or too many times is an error, not a misattributed figure."""
+    sys.path.insert(0, str(BENCH))
+    import time
+
+    from common import time_cuda
+
+    def two_parts(mark, slow=0.02, fast=0.0):
+        mark()
+        time.sleep(slow)
+        mark()
+        time.sleep(fast)
+        mark()
+
+    timing = time_cuda(two_parts, warmup=1, iters=3, phases=("slow", "fast"))
+    assert timing["slow_ms"] >= 20 and timing["slow_ms"] > timing["fast_ms"] >= 0
+    assert (timing["slow_host_ms"], timing["fast_host_ms"]) == (timing["slow_ms"], timing["fast_ms"])
+    assert timing["ms"] >= timing["slow_ms"] + timing["fast_ms"]
+    assert "slow_ms" not in time_cuda(lambda: None, warmup=0, iters=1)
+    with pytest.raises(ValueError, match="3 phases need 4 marks, fn made 3"):
+        time_cuda(two_parts, warmup=0, iters=1, phases=("a", "b", "c"))
+
+
 def test_kernel_profile_reports_the_difference_per_unit():
     """The counts from torch.profiler, exactly; the times only as present (a CPU time of a difference of
     two runs is noise under load: a -n 2 run measured -0.37 ms). The arithmetic on times is checked on
