@@ -2,7 +2,7 @@
 
 A PackedBatch (ple_fast.layout) is a forest of token segments laid out as ONE sequence of N rows.
 Row i may attend to row j when j lies on i's root-to-leaf path: j is in an ancestor segment of i's,
-or in i's own segment and j <= i (DESIGN.md §2). HF models call their attention through
+or in i's own segment and j <= i (docs/method.md, "Packing"). HF models call their attention through
 transformers' AttentionInterface; this module registers `tree_attention_forward` there under
 ATTENTION_NAME, and `use_tree_attention` points a model at it for the length of one forward.
 The per-batch metadata (TreeAttention) travels as the `ple_tree` keyword argument, which HF hands
@@ -12,22 +12,14 @@ Backends, all computing the same function of (q, k, v):
   sdpa      dense [N, N] boolean mask built from segment ancestry: the CPU reference, O(N^2) memory
   segments  the varlen form on stock SDPA: each segment's queries and its keys (gathered by
             kv_index: ancestors' rows, then its own) padded to [S, max_q, max_k], bottom-right
-            causal mask; O(S * max_q * max_k), no compile, runs wherever SDPA does (CUDA default
-            without flash-attn)
-  flex      FlexAttention with a BlockMask from the same ancestry rule (GPU; no CPU backward). On
-            torch 2.11 its compiled kernel failed on an H200 for bf16 with head_dim 64 (out of
-            shared memory), so it is used only when asked for by name.
-  flash     flash_attn_varlen_func over keys gathered by batch.kv_index; each segment's keys are its
-            ancestors' rows then its own, so causal=True with bottom-right alignment is exact.
-  triton    the same call on our own Triton kernel (ple_fast.kernels.varlen_attention, forward and
-            backward): no padding, no repeated KV heads, and no gathered copies: its loads read the
-            keys through kv_index, and its backward sums each row's copies in a fixed order. The
-            CUDA default when flash-attn is not installed, chosen over `segments` by measurement: a
-            bf16 training step of a 1.1B Llama at the (512/128/128) bench shape took 126-135 ms with
-            `triton` and 342-347 ms with `segments` (H200, bench/results/2026-11-28-h200-suite),
-            which pads 24 segments to 512 query rows (2x the real rows) and repeats the 4 KV heads
-            8x. Should the kernel fail to launch on some GPU, it warns once and runs `segments`
-            from then on.
+            causal mask; O(S * max_q * max_k); where the `triton` kernel fails to launch on a GPU,
+            it warns once and runs this from then on
+  triton    our Triton varlen kernel (ple_fast.kernels.varlen_attention, forward and backward): no
+            padding, no repeated KV heads, no gathered copies (its loads read the keys through
+            kv_index, its backward sums each row's copies in a fixed order); the CUDA default
+  flash     flash_attn_varlen_func over keys gathered by kv_index; each segment's keys are its
+            ancestors' rows then its own, so causal=True with bottom-right alignment is exact (the
+            optional flash-attn; not yet timed against `triton`, so never picked by `auto`)
 """
 from __future__ import annotations
 
@@ -39,9 +31,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+
+from ple_fast.kernels.varlen_attention import kv_gather, varlen_attention
 
 ATTENTION_NAME = "ple_fast_tree"
-BACKENDS = ("auto", "sdpa", "segments", "flex", "flash", "triton")
+BACKENDS = ("auto", "sdpa", "segments", "triton", "flash")
 METADATA_KWARG = "ple_tree"
 
 
@@ -73,7 +68,7 @@ def segment_ancestry(seg_parent: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _visible(seg_q, seg_k, q_idx, kv_idx, pos_q, pos_k, depth, at_depth, sliding_window):
-    """The tree rule shared by the dense mask and the flex mask_mod (broadcasting tensors)."""
+    """The tree rule over broadcasting tensors of (query, key) rows."""
     on_path = at_depth[seg_q, depth[seg_k]] == seg_k
     visible = on_path & ((seg_q != seg_k) | (kv_idx <= q_idx))
     if sliding_window is not None:  # HF semantics: a query sees the last `sliding_window` positions
@@ -85,7 +80,7 @@ def _visible(seg_q, seg_k, q_idx, kv_idx, pos_q, pos_k, depth, at_depth, sliding
 class TreeAttention:
     """Everything the backends need for one packed batch; built by `tree_attention_metadata`."""
 
-    backend: str                 # resolved: "sdpa" | "segments" | "flex" | "flash" | "triton"
+    backend: str                 # resolved: "sdpa" | "segments" | "triton" | "flash"
     num_tokens: int
     position_ids: torch.Tensor   # [N] int64
     segment_ids: torch.Tensor    # [N] int64
@@ -98,8 +93,8 @@ class TreeAttention:
     _masks: dict = field(default_factory=dict, repr=False)  # built on first use: masks per window, ancestry, gather
 
     def ancestry(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`segment_ancestry` of the batch, built on first use: only the mask backends (sdpa, flex) read
-        it, and building it costs ~25 small kernels and a sync per tree level, every forward."""
+        """`segment_ancestry` of the batch, built on first use: only the dense mask reads it, and building
+        it costs ~25 small kernels and a sync per tree level, every forward."""
         if "ancestry" not in self._masks:
             self._masks["ancestry"] = segment_ancestry(self.seg_parent)
         return self._masks["ancestry"]
@@ -108,17 +103,15 @@ class TreeAttention:
         """The `triton` backend's keys: kv_index read by the kernels' loads (KVGather), built on first use
         and shared by every layer."""
         if "kv_gather" not in self._masks:
-            from ple_fast.kernels.varlen_attention import kv_gather
-
             self._masks["kv_gather"] = kv_gather(self.kv_index, self.num_tokens)
         return self._masks["kv_gather"]
 
     def prepare(self, *sliding_windows: int | None) -> "TreeAttention":
-        """Build what the backend reads (dense mask, segment gather, block mask) for no window and for
+        """Build what the backend reads (dense mask, segment gather, key gather) for no window and for
         each given one, ahead of a torch.compile'd forward, which then only looks them up."""
         if self.backend == "triton":
             self.kv_gather()
-        build = {"sdpa": self.dense_mask, "segments": self.segment_gather, "flex": self.block_mask}.get(self.backend)
+        build = {"sdpa": self.dense_mask, "segments": self.segment_gather}.get(self.backend)
         if build is not None:
             for window in {None, *sliding_windows}:
                 build(window)
@@ -162,55 +155,20 @@ class TreeAttention:
             self._masks[key] = (q_rows, k_rows, q_valid, mask[:, None])
         return self._masks[key]
 
-    def block_mask(self, sliding_window: int | None = None):
-        """FlexAttention BlockMask of the same rule (built once per sliding window)."""
-        key = ("block", sliding_window)
-        if key not in self._masks:
-            from torch.nn.attention.flex_attention import create_block_mask
 
-            (seg, pos), (depth, at_depth) = (self.segment_ids, self.position_ids), self.ancestry()
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                # Block padding can ask about indices >= N: clamp for the lookups, then mask them out.
-                # N is read off a tensor, not closed over as an int, so the compiled kernel is not
-                # specialised (and recompiled) per batch size.
-                n = seg.shape[0]
-                q, kv = q_idx.clamp(max=n - 1), kv_idx.clamp(max=n - 1)
-                inside = (q_idx < n) & (kv_idx < n)
-                return inside & _visible(seg[q], seg[kv], q, kv, pos[q], pos[kv], depth, at_depth,
-                                         sliding_window)
-
-            n = self.num_tokens
-            self._masks[key] = create_block_mask(mask_mod, None, None, n, n, device=seg.device)
-        return self._masks[key]
-
-
-def _flash_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto -> flash (flash-attn importable, CUDA, fp16/bf16), else triton on CUDA, else sdpa."""
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """auto -> triton on CUDA (measured fastest there: docs/performance.md), sdpa elsewhere."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: choose one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if device.type == "cuda":
-        if dtype in (torch.float16, torch.bfloat16) and _flash_available():
-            return "flash"
-        return "triton"
-    return "sdpa"
+    return "triton" if device.type == "cuda" else "sdpa"
 
 
-def tree_attention_metadata(batch, backend: str = "auto", *, dtype: torch.dtype = torch.float32) -> TreeAttention:
+def tree_attention_metadata(batch, backend: str = "auto") -> TreeAttention:
     """Per-batch metadata for `batch` (a PackedBatch, already on the model's device)."""
-    device = batch.input_ids.device
     return TreeAttention(
-        backend=resolve_backend(backend, device, dtype),
+        backend=resolve_backend(backend, batch.input_ids.device),
         num_tokens=batch.input_ids.numel(),
         position_ids=batch.position_ids.long(),
         segment_ids=batch.segment_ids.long(),
@@ -244,29 +202,6 @@ def _segments(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | 
     out = F.scaled_dot_product_attention(padded(q)[q_rows].transpose(1, 2), k[k_rows].transpose(1, 2),
                                          v[k_rows].transpose(1, 2), attn_mask=mask, scale=scale)
     return out.transpose(1, 2)[q_valid]   # segments hold consecutive rows, in order: row order again
-
-
-_compiled_flex: Callable | None = None
-
-
-def _flex_function(device: torch.device) -> Callable:
-    """flex_attention, compiled on CUDA (eager flex is a slow reference loop there)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device.type != "cuda":
-        return flex_attention
-    if _compiled_flex is None:  # a compiled function, not per-call state: safe to share
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex
-
-
-def _flex(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
-    flex = _flex_function(q.device)
-    out = flex(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-               block_mask=tree.block_mask(sliding_window), scale=scale,
-               enable_gqa=k.shape[1] != q.shape[1])
-    return out.squeeze(0).transpose(0, 1)
 
 
 def _flash_varlen_func() -> Callable:
@@ -318,8 +253,6 @@ def fall_back_from_triton(err: Exception, device: torch.device) -> bool:
 def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | None):
     if _triton_failed:
         return _segments(tree, q, k, v, scale, sliding_window)
-    from ple_fast.ops import varlen_attention
-
     attend = lambda: varlen_attention(q, k, v, tree.cu_seqlens_q, tree.cu_seqlens_k,  # noqa: E731
                                       tree.max_seqlen_q, tree.max_seqlen_k, scale, sliding_window,
                                       gather=tree.kv_gather())
@@ -333,7 +266,7 @@ def _triton(tree: TreeAttention, q, k, v, scale: float, sliding_window: int | No
         return _segments(tree, q, k, v, scale, sliding_window)
 
 
-_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flex": _flex, "flash": _flash, "triton": _triton}
+_BACKEND_FUNCTIONS = {"sdpa": _sdpa, "segments": _segments, "flash": _flash, "triton": _triton}
 
 
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -390,13 +323,7 @@ def tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Te
     return tree_attention(tree, q, k, v, scale, sliding_window).unsqueeze(0), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, tree_attention_forward)
-
-
-_register()
+AttentionInterface.register(ATTENTION_NAME, tree_attention_forward)
 
 
 @contextlib.contextmanager

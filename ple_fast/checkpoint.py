@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+def is_peft(model: torch.nn.Module) -> bool:
     try:
         from peft import PeftModel
     except ImportError:
@@ -183,8 +185,6 @@ def _is_peft(model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def _no_hf_progress_bar():
     """save_pretrained draws a 'Writing model shards' bar; a periodic save should not."""
-    from transformers.utils import logging as hf_logging
-
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -203,7 +203,7 @@ def _save_model_files(model: torch.nn.Module, tokenizer, folder: Path) -> dict:
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"save_checkpoint: {type(model).__name__} has no save_pretrained; pass a Hugging Face "
                         "model (or a PEFT model around one)")
-    if _is_peft(model):
+    if is_peft(model):
         if len(model.peft_config) != 1:
             raise NotImplementedError(f"save_checkpoint: the PEFT model has {len(model.peft_config)} adapters "
                                       f"({sorted(model.peft_config)}); checkpoints support exactly one")
@@ -264,8 +264,6 @@ def _load_weights_strict(module: torch.nn.Module, tensors: dict[str, torch.Tenso
 
 
 def _read_safetensors(folder: Path, files: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         tensors.update(load_file(str(folder / name), device="cpu"))
@@ -275,7 +273,7 @@ def _read_safetensors(folder: Path, files: list[str]) -> dict[str, torch.Tensor]
 def _load_model(model: torch.nn.Module, folder: Path, model_format: str) -> None:
     model = _unwrap(model)
     if model_format == PEFT_FORMAT:
-        if not _is_peft(model):
+        if not is_peft(model):
             raise CheckpointError(f"{folder} holds a PEFT adapter, but the model is a plain "
                                   f"{type(model).__name__}; wrap it with the same LoRA config first")
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -299,7 +297,7 @@ def _load_model(model: torch.nn.Module, folder: Path, model_format: str) -> None
         if differ:
             raise CheckpointError(f"{folder}: adapter weights did not load exactly, e.g. {differ[:3]}")
         return
-    if _is_peft(model):
+    if is_peft(model):
         raise CheckpointError(f"{folder} holds a full model, but the model is a PEFT model")
     index = folder / "model.safetensors.index.json"
     if index.is_file():

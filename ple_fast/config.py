@@ -1,173 +1,234 @@
-"""Typed run configuration: dataclasses, a YAML file, and dotted command-line overrides.
+"""Typed configuration of both commands: dataclasses, a YAML file, and dotted command-line overrides.
 
-Every key is checked: a mistyped key is an error that suggests the closest valid one, and a
-value of the wrong type names the key. The resolved config is what the run folder records.
+Every key is declared once, on its field: its type (a Literal lists the choices), its default, its
+bounds and a line of help. The same code checks every value, from a file or the command line: a
+mistyped key is an error that suggests the closest valid one, a value of the wrong type or out of
+bounds names its key. `python -m ple_fast.config` prints the reference (docs/config.md) from the
+same fields. Values not yet timed on a GPU are accepted only with `experimental=true`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 
 class ConfigError(ValueError):
     pass
 
 
+def opt(default: Any, help: str, *, ge=None, gt=None, lt=None, experimental: tuple = ()) -> Any:
+    """A config field: its default, one line of help, bounds, and the values that need experimental=true."""
+    return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, lt=lt, experimental=experimental))
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata=dict(help=help))
+
+
+Precision = Literal["float32", "bfloat16", "float16"]
+LengthPolicy = Literal["truncate", "skip"]
+Schedule = Literal["constant", "cosine", "linear"]
+
+
 @dataclass
 class ModelConfig:
-    path: str | None = None          # local HF causal-LM folder; None = the embedded tiny Llama
-    dtype: str = "float32"           # float32 | bfloat16 | float16 (weights of the policy)
-    hidden_size: int = 64            # embedded model only
-    layers: int = 2
-    heads: int = 4
+    path: str | None = opt(None, "local HF model folder (a causal LM; reward_train: or a one-output classifier); "
+                                 "None = the embedded tiny Llama")
+    dtype: Precision = opt("float32", "weights' dtype")
+    hidden_size: int = opt(64, "embedded model only: hidden size", ge=1)
+    layers: int = opt(2, "embedded model only: transformer layers", ge=1)
+    heads: int = opt(4, "embedded model only: attention heads (KV heads = heads / 2)", ge=1)
 
 
 @dataclass
 class DataConfig:
-    sft_path: str | None = None      # SFT data (HH-RLHF or JSONL); None = the embedded task
-    query_path: str | None = None    # queries for rollouts; defaults to sft_path
-    eval_path: str | None = None     # held-out data; defaults to a split of query_path
-    eval_fraction: float = 0.1
-    max_queries: int | None = None   # cap on training queries (after the held-out split)
-    max_prompt_tokens: int = 512
-    max_response_tokens: int = 256
-    length_policy: str = "truncate"  # truncate | skip
+    sft_path: str | None = opt(None, "SFT data (HH-RLHF or JSONL); None = the embedded task")
+    query_path: str | None = opt(None, "queries for rollouts; defaults to sft_path")
+    eval_path: str | None = opt(None, "held-out data; defaults to a split of query_path")
+    eval_fraction: float = opt(0.1, "share of the queries held out when eval_path is unset", ge=0.0, lt=1.0)
+    max_queries: int | None = opt(None, "cap on training queries (after the held-out split)", ge=1)
+    max_prompt_tokens: int = opt(512, "longer prompts keep their last tokens (truncate) or are dropped (skip)", ge=1)
+    max_response_tokens: int = opt(256, "longer responses keep their first tokens (truncate) or are dropped (skip)",
+                                   ge=1)
+    length_policy: LengthPolicy = opt("truncate", "what happens to over-long samples")
 
 
 @dataclass
 class RewardConfig:
-    kind: str = "builtin"            # builtin | hf | python
-    path: str | None = None          # HF reward-model folder, or 'module:function'
-    normalize: str = "none"          # none | batch_zscore | running_zscore
-    batch_size: int = 16
+    kind: Literal["builtin", "hf", "python"] = opt("builtin", "builtin (embedded task only), hf (a reward-model "
+                                                              "folder) or python (module:function)")
+    path: str | None = opt(None, "HF reward-model folder, or 'module:function'")
+    normalize: Literal["none", "batch_zscore", "running_zscore"] = opt("none", "standardise rewards before the gate")
+    batch_size: int = opt(16, "responses per reward-model forward", ge=1)
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 400                 # warm-up steps; 0 skips the warm-up
-    batch_size: int = 32
-    lr: float = 3e-3
-    grad_accum: int = 1              # micro-batches per step (batch_size is split across them)
-    warmup_steps: int = 40           # linear LR warm-up
-    schedule: str = "cosine"         # constant | cosine | linear (after the warm-up)
+    steps: int = opt(400, "warm-up steps; 0 skips the warm-up", ge=0)
+    batch_size: int = opt(32, "examples per step (global: split across torchrun processes)", ge=1)
+    lr: float = opt(3e-3, "AdamW peak learning rate", gt=0.0)
+    grad_accum: int = opt(1, "micro-batches per step (batch_size is split across them)", ge=1)
+    warmup_steps: int = opt(40, "linear LR warm-up steps", ge=0)
+    schedule: Schedule = opt("cosine", "LR schedule after the warm-up")
 
 
 @dataclass
 class PLEConfig:
-    algo: str = "ple"                # ple | raft | distill | sft
-    iterations: int = 5
-    batch_size: int = 16             # queries per update
-    lr: float = 1e-4
-    tau0: float = 0.2
-    alpha: float = 0.9
-    decay: str = "iteration"         # iteration | step
-    rank_loss: str = "hinge"         # hinge | logistic
-    weighting: str = "softmax"       # softmax | tanh
-    rank_sft_coef: float = 1.0
-    length_normalize: bool = True
-    beta: float = 1.0
-    raft_samples: int = 2            # responses per query for RAFT (same sample budget as PLE)
-    loss_impl: str = "auto"          # auto | torch | reference | triton | pairs
-    packed: bool = True              # score responses in the packed prefix-tree layout (each query once)
-    attention: str = "auto"          # packed attention backend: auto | sdpa | segments | flex | flash
-    compile: bool = False            # packed forwards: torch.compile the decoder layers (opt-in, not yet measured on a GPU)
-    layer_impl: str = "auto"         # packed forwards: fused (ple_fast.fused_layers) | stock (HF's) | auto (fused on CUDA where supported)
-    grad_clip: float = 1.0
-    grad_accum: int = 1              # micro-batches per update (generation still runs on the whole batch)
-    warmup_steps: int = 0            # linear LR warm-up
-    schedule: str = "constant"       # constant | cosine | linear (after the warm-up)
-    max_nonfinite_steps: int = 3     # stop after this many non-finite losses in a row
+    algo: Literal["ple", "raft", "distill", "sft"] = opt("ple", "ple, or a baseline under the same sample budget "
+                                                                "(docs/method.md)")
+    iterations: int = opt(5, "passes over the queries", ge=0)
+    batch_size: int = opt(16, "queries per update (global)", ge=1)
+    lr: float = opt(1e-4, "AdamW peak learning rate of the alignment updates", gt=0.0)
+    tau0: float = opt(0.2, "initial threshold of the gate (delta > tau: ranking branch)")
+    alpha: float = opt(0.9, "tau <- alpha * tau after each iteration (or step, see decay)")
+    decay: Literal["iteration", "step"] = opt("iteration", "when tau decays")
+    rank_loss: Literal["hinge", "logistic"] = opt("hinge", "ranking-branch loss")
+    weighting: Literal["softmax", "tanh"] = opt("softmax", "weighted-branch weights of (y, y_p)")
+    rank_sft_coef: float = opt(1.0, "weight of the -l(y_p) term in the ranking branch", ge=0.0)
+    length_normalize: bool = opt(True, "l(y) is the mean token log-prob (true) or the sum (false)")
+    beta: float = opt(1.0, "scale inside the logistic ranking loss", gt=0.0)
+    raft_samples: int = opt(2, "responses per query for RAFT (PLE's budget: 2)", ge=1)
+    loss_impl: Literal["auto", "torch", "triton"] = opt("auto", "log-prob + loss implementation; auto: triton on "
+                                                                "CUDA, torch elsewhere")
+    layout: Literal["auto", "packed", "padded"] = opt("auto", "packed: each query once for both responses (tree "
+                                                              "attention); padded: HF's padded forwards; auto: "
+                                                              "packed unless run.gradient_checkpointing")
+    attention: Literal["auto", "sdpa", "segments", "triton", "flash"] = opt(
+        "auto", "tree attention of the packed layout; auto: triton on CUDA, sdpa elsewhere",
+        experimental=("flash",))
+    layers: Literal["auto", "stock", "fused", "compiled"] = opt(
+        "auto", "decoder layers of the packed forwards; auto: fused on CUDA for Llama, Mistral, Qwen2, Qwen3",
+        experimental=("compiled",))
+    grad_clip: float = opt(1.0, "max global grad norm (SFT and alignment)", gt=0.0)
+    grad_accum: int = opt(1, "micro-batches per update (generation runs on the whole batch)", ge=1)
+    warmup_steps: int = opt(0, "linear LR warm-up steps", ge=0)
+    schedule: Schedule = opt("constant", "LR schedule after the warm-up")
+    max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses in a row", ge=1)
 
 
 @dataclass
 class LoRAConfig:
-    enabled: bool = False            # LoRA through PEFT (pip install ple_fast[lora])
-    r: int = 8                       # the paper's setting: r = 8, alpha = 16, all linear layers
-    alpha: int = 16                  # LoRA scaling numerator (lora_alpha)
-    dropout: float = 0.0             # LoRA dropout
-    target_modules: str = "all-linear"   # comma-separated module names, or all-linear
+    enabled: bool = opt(False, "LoRA through PEFT (pip install 'ple_fast[lora]')")
+    r: int = opt(8, "rank (the paper's: 8)", ge=1)
+    alpha: int = opt(16, "scaling numerator lora_alpha (the paper's: 16)")
+    dropout: float = opt(0.0, "LoRA dropout", ge=0.0, lt=1.0)
+    target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "fast"            # fast (ple_fast.engine) | hf (Hugging Face generate)
-    compile_decode: bool = False     # fast: torch.compile the decode step (opt-in: slower than fused layers, H200)
-    layer_impl: str = "auto"         # fast: fused (ple_fast.fused_layers) | stock (HF's) | auto (fused where supported)
-    merged_projections: bool = False  # fast, fused layers: q/k/v and gate/up as one matmul each (opt-in: not yet timed)
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    backend: Literal["fast", "hf"] = opt("fast", "fast (ple_fast.engine) or hf (Hugging Face generate)")
+    layers: Literal["auto", "stock", "fused"] = opt("auto", "fast backend: decoder layers of decode steps and "
+                                                            "prefill; auto: fused wherever the Triton decode "
+                                                            "attention runs (CUDA)")
+    merged_projections: bool = opt(False, "fast backend, fused layers: q/k/v and gate/up as one matmul each",
+                                   experimental=(True,))
+    max_new_tokens: int = opt(24, "cap on generated tokens per response", ge=0)
+    temperature: float = opt(1.0, "sampling temperature; 0 = greedy", ge=0.0)
+    top_p: float = opt(1.0, "nucleus sampling; 1 = off", gt=0.0)
+    top_k: int = opt(0, "top-k sampling; 0 = off", ge=0)
 
 
 @dataclass
 class EvalConfig:
-    max_queries: int = 256
-    samples: int = 8                 # responses per held-out query
-    temperature: float = 1.0         # 0 = greedy
-    max_new_tokens: int = 24
-    batch_size: int = 64
+    max_queries: int = opt(256, "held-out queries evaluated", ge=0)
+    samples: int = opt(8, "responses per held-out query", ge=1)
+    temperature: float = opt(1.0, "0 = greedy", ge=0.0)
+    max_new_tokens: int = opt(24, "cap on generated tokens", ge=0)
+    batch_size: int = opt(64, "prompts per generate / perplexity batch", ge=1)
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = "runs/default"
-    seed: int = 0
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    threads: int = 0                 # torch CPU threads; 0 = torch's default
-    precision: str = "auto"          # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    gradient_checkpointing: bool = False  # recompute activations in backward (scores with padded forwards)
-    resume: str | None = None        # auto (newest checkpoint in out_dir) | a checkpoint folder
-    save_every: int = 0              # checkpoint every N optimizer steps (0: only at phase ends)
-    keep_last: int = 2               # checkpoints kept
-    progress: bool = True            # progress bars (tqdm) per phase
-    sample_every: int = 1            # write rollout samples every N iterations (0: never)
-    plots: bool = True               # PNG plots at the end (needs matplotlib)
-    tensorboard: bool = False        # log to out_dir/tensorboard (needs tensorboard)
-    wandb_project: str | None = None # log to Weights & Biases (needs wandb)
+class RunBasics:
+    """The run keys of both commands."""
+    out_dir: str = opt("runs/default", "run folder (also --out)")
+    seed: int = opt(0, "seeds data order, sampling and the embedded model's init")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default", ge=0)
+
+
+@dataclass
+class RunConfig(RunBasics):
+    precision: Literal["auto", "fp32", "bf16"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (then ple.layout=auto is padded)")
+    resume: str | None = opt(None, "auto (newest checkpoint in out_dir) or a checkpoint folder")
+    save_every: int = opt(0, "checkpoint every N optimizer steps (0: only at phase ends)", ge=0)
+    keep_last: int = opt(2, "checkpoints kept", ge=1)
+    progress: bool = opt(True, "progress bars per phase")
+    sample_every: int = opt(1, "write rollout samples every N iterations (0: never)", ge=0)
+    plots: bool = opt(True, "PNG plots at the end (needs matplotlib)")
+    tensorboard: bool = opt(False, "log to out_dir/tensorboard (needs tensorboard)")
+    wandb_project: str | None = opt(None, "log to Weights & Biases (needs wandb)")
 
 
 @dataclass
 class Config:
-    principle: str | None = None     # None = the embedded task's principle
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    ple: PLEConfig = field(default_factory=PLEConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    """`python -m ple_fast.train`."""
+    principle: str | None = opt(None, "principle text prepended to each query for y_p; None = the embedded task's "
+                                      "(or a generic one with model.path)")
+    experimental: bool = opt(False, "accept values not yet timed on a GPU (marked experimental below)")
+    model: ModelConfig = section(ModelConfig, "the policy")
+    data: DataConfig = section(DataConfig, "SFT data, queries and held-out data")
+    reward: RewardConfig = section(RewardConfig, "the reward r(x, y)")
+    sft: SFTConfig = section(SFTConfig, "the SFT warm-up")
+    ple: PLEConfig = section(PLEConfig, "the alignment phase: PLE or a baseline")
+    rollout: RolloutConfig = section(RolloutConfig, "generation of the responses")
+    eval: EvalConfig = section(EvalConfig, "held-out evaluation before and after alignment")
+    lora: LoRAConfig = section(LoRAConfig, "LoRA adapters")
+    run: RunConfig = section(RunConfig, "run folder, device, checkpoints, logging")
 
 
-CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.length_policy": ("truncate", "skip"),
-    "reward.kind": ("builtin", "hf", "python"),
-    "reward.normalize": ("none", "batch_zscore", "running_zscore"),
-    "ple.algo": ("ple", "raft", "distill", "sft"),
-    "ple.decay": ("iteration", "step"),
-    "ple.rank_loss": ("hinge", "logistic"),
-    "ple.weighting": ("softmax", "tanh"),
-    "ple.loss_impl": ("auto", "torch", "reference", "triton", "pairs"),
-    "ple.attention": ("auto", "sdpa", "segments", "flex", "flash", "triton"),
-    "rollout.backend": ("hf", "fast"),
-    "rollout.layer_impl": ("auto", "fused", "stock"),
-    "ple.layer_impl": ("auto", "fused", "stock"),
-    "sft.schedule": ("constant", "cosine", "linear"),
-    "ple.schedule": ("constant", "cosine", "linear"),
-    "run.precision": ("auto", "fp32", "bf16"),
-}
-POSITIVE = ("sft.batch_size", "sft.grad_accum", "ple.batch_size", "ple.grad_accum", "ple.raft_samples",
-            "eval.samples", "eval.batch_size", "reward.batch_size", "run.keep_last", "lora.r",
-            "ple.max_nonfinite_steps")
+# ---- the reward-model trainer (`python -m ple_fast.reward_train`) ----------------------------------
 
+@dataclass
+class PreferenceDataConfig:
+    path: str | None = opt(None, "preference pairs: HH-RLHF or prompt/chosen/rejected JSONL")
+    eval_path: str | None = opt(None, "held-out pairs; defaults to an eval_fraction split of path")
+    eval_fraction: float = opt(0.1, "share of path held out when eval_path is unset", ge=0.0, lt=1.0)
+    max_pairs: int | None = opt(None, "cap on training pairs (after the split)", ge=1)
+    max_eval_pairs: int | None = opt(1000, "cap on held-out pairs", ge=1)
+    max_prompt_tokens: int = opt(512, "the prompt's END is kept", ge=1)
+    max_response_tokens: int = opt(256, "the response's START is kept", ge=1)
+    length_policy: LengthPolicy = opt("truncate", "skip drops a pair when either side is too long")
+
+
+@dataclass
+class RewardTrainingConfig:
+    lr: float | None = opt(None, "None: 1e-3 for the embedded model, 1e-5 with model.path", gt=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay of matrices", ge=0.0)
+    batch_size: int = opt(16, "pairs per optimizer step", ge=1)
+    epochs: int | None = opt(None, "None: 5 for the embedded model, 1 with model.path", ge=1)
+    steps: int = opt(0, "> 0: exactly this many steps, overriding epochs", ge=0)
+    warmup_steps: int = opt(0, "linear warm-up from 0", ge=0)
+    decay: Schedule = opt("constant", "LR after the warm-up (to 0 at the last step)")
+    grad_clip: float = opt(1.0, "max grad norm; 0 = off", ge=0.0)
+    eval_batch_size: int = opt(32, "pairs per forward at evaluation", ge=1)
+    log_every: int = opt(10, "steps per logged line", ge=1)
+
+
+@dataclass
+class RewardRunConfig(RunBasics):
+    out_dir: str = opt("runs/reward", "run folder (also --out)")
+
+
+@dataclass
+class RewardTrainConfig:
+    """`python -m ple_fast.reward_train`."""
+    model: ModelConfig = section(ModelConfig, "the base model of the reward model")
+    data: PreferenceDataConfig = section(PreferenceDataConfig, "preference pairs")
+    train: RewardTrainingConfig = section(RewardTrainingConfig, "the Bradley-Terry training")
+    run: RewardRunConfig = section(RewardRunConfig, "run folder and device")
+
+
+# ---- checking and setting ---------------------------------------------------------------------------
 
 def _fields(obj) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
@@ -181,7 +242,8 @@ def _suggest(key: str, valid: list[str]) -> str:
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check or convert a value (from YAML or a command-line string) to the field's type."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
@@ -194,6 +256,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        text = str(value) if not isinstance(value, (dict, list)) else None
+        if text not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(args)}")
+        return text
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -223,7 +290,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
 
 
-def set_key(config: Config, dotted: str, value: Any) -> None:
+def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
+    if value is None or isinstance(value, (bool, str)):
+        return
+    for name, ok, words in (("ge", lambda b: value >= b, "at least"), ("gt", lambda b: value > b, "greater than"),
+                            ("lt", lambda b: value < b, "less than")):
+        bound = meta.get(name)
+        if bound is not None and not ok(bound):
+            raise ConfigError(f"{key}: must be {words} {bound}, got {value!r}")
+
+
+def set_key(config, dotted: str, value: Any) -> None:
     """config.<a>.<b> = value, with checking and 'did you mean' suggestions."""
     parts = dotted.split(".")
     node, path = config, []
@@ -232,10 +309,8 @@ def set_key(config: Config, dotted: str, value: Any) -> None:
         if part not in fields:
             prefix = ".".join(path)
             valid = [f"{prefix}.{name}" if prefix else name for name in fields]
-            raise ConfigError(f"unknown config key {dotted!r}"
-                              + _suggest(".".join(path + [part]), valid))
+            raise ConfigError(f"unknown config key {dotted!r}" + _suggest(".".join(path + [part]), valid))
         path.append(part)
-        hints = typing.get_type_hints(type(node))
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(getattr(node, part)):
                 if not isinstance(value, dict):
@@ -243,17 +318,33 @@ def set_key(config: Config, dotted: str, value: Any) -> None:
                 for sub, sub_value in value.items():
                     set_key(config, f"{dotted}.{sub}", sub_value)
                 return
-            coerced = _coerce(value, hints[part], dotted)
-            choices = CHOICES.get(dotted)
-            if choices and coerced not in choices:
-                raise ConfigError(f"{dotted}: {coerced!r} is not one of {', '.join(choices)}")
-            if dotted in POSITIVE and coerced < 1:
-                raise ConfigError(f"{dotted}: must be at least 1, got {coerced!r}")
+            coerced = _coerce(value, typing.get_type_hints(type(node))[part], dotted)
+            _check_bounds(coerced, fields[part].metadata, dotted)
             setattr(node, part, coerced)
         else:
             node = getattr(node, part)
             if not dataclasses.is_dataclass(node):
                 raise ConfigError(f"{'.'.join(path)} is a value, not a section (in {dotted!r})")
+
+
+def leaves(config, prefix: str = ""):
+    """(dotted key, field, value) of every value in the tree, sections in order."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def check_experimental(config) -> None:
+    """Values not yet timed on a GPU need experimental=true."""
+    if getattr(config, "experimental", False):
+        return
+    for key, f, value in leaves(config):
+        if value in f.metadata.get("experimental", ()):
+            raise ConfigError(f"{key}={str(value).lower() if isinstance(value, bool) else value} is experimental "
+                              "(not yet timed on a GPU); set experimental=true to use it")
 
 
 PACKAGED = Path(__file__).parent / "configs"
@@ -272,8 +363,6 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
-
     path = resolve_config_path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -288,7 +377,7 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def apply_mapping(config: Config, data: dict, source: str) -> None:
+def apply_mapping(config, data: dict, source: str) -> None:
     for key, value in data.items():
         try:
             set_key(config, str(key), value)
@@ -298,8 +387,6 @@ def apply_mapping(config: Config, data: dict, source: str) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """'ple.tau0=0.5' -> ('ple.tau0', 0.5); the value is read as YAML (numbers, true, null)."""
-    import yaml
-
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. ple.iterations=3")
@@ -312,18 +399,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def to_dict(config: Config) -> dict:
+def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_yaml(config: Config, path: str | Path) -> None:
-    import yaml
-
+def save_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def build_config(yaml_path: str | None = None, overrides: list[str] = (), *, base=None):
-    """Defaults (a Config, or the `base` tree of another command), the YAML file, then overrides."""
+def build_config(yaml_path: str | None = None, overrides: typing.Sequence[str] = (), *, base=None):
+    """Defaults (a Config, or `base`: e.g. a RewardTrainConfig), the YAML file, then the overrides."""
     config = Config() if base is None else base
     if yaml_path:
         apply_mapping(config, load_yaml(yaml_path), str(yaml_path))
@@ -333,4 +418,75 @@ def build_config(yaml_path: str | None = None, overrides: list[str] = (), *, bas
             set_key(config, key, value)
         except ConfigError as err:
             raise ConfigError(f"command line: {err}") from None
+    check_experimental(config)
     return config
+
+
+# ---- the reference, generated from the fields ------------------------------------------------------
+
+def _type_words(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " \\| ".join(typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    name = getattr(base, "__name__", str(base))
+    return name + (" or null" if args else "")
+
+
+def _show(value: Any) -> str:
+    return "`null`" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+
+def reference(config_type: type) -> str:
+    """A markdown table per section of `config_type`: key, type or choices, default, meaning."""
+    lines, top = [], []
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        if f.default_factory is dataclasses.MISSING:
+            top.append((f.name, hints[f.name], f))
+    blocks = [("", top)] + [(f.name, [(g.name, typing.get_type_hints(f.default_factory)[g.name], g)
+                                      for g in dataclasses.fields(f.default_factory)])
+                            for f in dataclasses.fields(config_type) if f.default_factory is not dataclasses.MISSING]
+    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_type)}
+    for name, rows in blocks:
+        if not rows:
+            continue
+        lines += [f"### `{name}`: {helps[name]}" if name else "### top level", "",
+                  "| key | values | default | meaning |", "|---|---|---|---|"]
+        for key, annotation, f in rows:
+            meta = f.metadata
+            bounds = ", ".join(f"{sym} {meta[b]}" for b, sym in (("ge", ">="), ("gt", ">"), ("lt", "<"))
+                               if meta.get(b) is not None)
+            values = _type_words(annotation) + (f" ({bounds})" if bounds else "")
+            help_text = meta.get("help", "")
+            if meta.get("experimental"):
+                marked = ", ".join(_show(v) for v in meta["experimental"])
+                help_text += f"; experimental: {marked}"
+            lines.append(f"| `{name + '.' if name else ''}{key}` | {values} | {_show(f.default)} | {help_text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_epilog(config_type: type, example: str) -> str:
+    """The --help text after the options: the sections, the shipped configs, where every key is listed."""
+    sections = "\n".join(f"  {f.name:<10} {f.metadata.get('help', '')}" for f in dataclasses.fields(config_type)
+                         if f.default_factory is not dataclasses.MISSING)
+    shipped = ", ".join(sorted(p.stem for p in PACKAGED.glob("*.yaml")))
+    return (f"Any config key can be set as key=value, e.g. {example}. Sections:\n{sections}\n"
+            + (f"Shipped configs (--config NAME): {shipped}.\n" if config_type is Config else "")
+            + "Every key, its choices, bounds and default: docs/config.md (python -m ple_fast.config).")
+
+
+def reference_document() -> str:
+    """docs/config.md: both commands' keys."""
+    return "\n".join([
+        "# Configuration reference", "",
+        "Generated from the fields of `ple_fast/config.py` by `python -m ple_fast.config > docs/config.md`;",
+        "a test fails when this file and the fields disagree. Set keys in a YAML file (`--config`), as",
+        "dotted `key=value` arguments (applied on top), or both.", "",
+        "## `python -m ple_fast.train`", "", reference(Config),
+        "## `python -m ple_fast.reward_train`", "", reference(RewardTrainConfig)])
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_document())

@@ -12,12 +12,24 @@ per rollout, so its forwards communicate nothing and each rank stops decoding wh
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from ple_fast.checkpoint import (RNG, SCHEDULER, TRAINER_STATE, CheckpointError, is_peft, restore_rng_state,
+                                 save_checkpoint)
+from ple_fast.models import decoder_of
 
 
 @dataclass
@@ -96,9 +108,6 @@ def init_distributed() -> Dist:
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 on each decoder layer; everything else stays replicated (see the module docstring)."""
-    from torch.distributed.fsdp import fully_shard
-
-    from ple_fast.models import decoder_of
 
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
@@ -112,8 +121,6 @@ def reshard(model: torch.nn.Module) -> None:
     """Put every FSDP module back in its sharded state. generate() runs forwards under no_grad,
     after which FSDP2 can leave layers unsharded; a training forward from that state would
     put the gradients on the unsharded copies, and the optimizer would never see them."""
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -125,8 +132,6 @@ def unsharded_for_inference(model: torch.nn.Module):
     for a block of no_grad forwards that then communicate nothing, so ranks may run different
     numbers of them (the rollout engine stops when its own rows are done). Costs the full weights'
     memory on every rank for the block; re-sharded on exit. A no-op without FSDP modules."""
-    from torch.distributed.fsdp import FSDPModule
-
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in modules:          # shard_model keeps fully_shard's default: reshard after forward
         module.set_reshard_after_forward(False)
@@ -140,7 +145,6 @@ def unsharded_for_inference(model: torch.nn.Module):
 
 
 def replicated_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    from torch.distributed.tensor import DTensor
 
     return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
 
@@ -156,8 +160,6 @@ def sync_replicated_grads(model: torch.nn.Module, world_size: int) -> None:
 
 def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """Global-norm clipping over a mix of FSDP-sharded (DTensor) and replicated parameters."""
-    from torch.distributed.tensor import DTensor
-
     sharded_sq = torch.zeros((), dtype=torch.float64)
     replicated_sq = torch.zeros((), dtype=torch.float64)
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -178,8 +180,6 @@ def clip_grad_norm(parameters: Sequence[torch.nn.Parameter], max_norm: float) ->
 
 def full_state_dict(model: torch.nn.Module) -> dict:
     """The whole model's weights on rank 0 (CPU), for saving an HF folder."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -196,12 +196,9 @@ class _FullOptimizerState:
 def whole_model(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     """An unsharded copy of `model` holding `state` (rank 0), for save_pretrained; a PEFT model
     is rebuilt around a copy of its base with the same adapter config."""
-    import copy
-
-    from ple_fast.checkpoint import _is_peft
 
     with torch.device("meta"):
-        if _is_peft(model):
+        if is_peft(model):
             from peft import get_peft_model
 
             (name, adapter), = model.peft_config.items()
@@ -218,8 +215,6 @@ def _adapter_state(model: torch.nn.Module, adapter_file_state: dict, folder) -> 
     """A saved adapter's weights under the model's own parameter names. PEFT saves them without
     the adapter name (lora_A.weight for the model's lora_A.default.weight); the frozen base
     weights are not in the checkpoint and stay those the run loaded."""
-    from ple_fast.checkpoint import CheckpointError
-
     (name,) = model.peft_config
     state = {}
     # in parameter order, identical on every rank: loading distributes key by key (collectives)
@@ -238,9 +233,6 @@ def save_distributed_checkpoint(dist_info: Dist, run_dir, step: int, *, model, t
     """Gather the full model and optimizer state (a collective), then rank 0 writes an ordinary
     checkpoint folder; its optimizer.pt is keyed by parameter name, as torch's distributed
     state-dict API writes it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    from ple_fast.checkpoint import save_checkpoint
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = full_state_dict(model)
@@ -257,8 +249,6 @@ def save_distributed_checkpoint(dist_info: Dist, run_dir, step: int, *, model, t
 
 def _check_full_state(model: torch.nn.Module, state: dict, folder) -> None:
     """The checkpoint's weights are exactly the model's (a tied lm_head may be absent)."""
-    from ple_fast.checkpoint import CheckpointError
-
     own = set(model.state_dict())
     if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(model.config, "tie_word_embeddings",
                                                                              False):
@@ -273,15 +263,6 @@ def _check_full_state(model: torch.nn.Module, state: dict, folder) -> None:
 
 def load_distributed_checkpoint(path, *, model, optimizer=None, scheduler=None) -> dict:
     """Every rank reads the checkpoint and keeps its own shards of the model and optimizer."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    from ple_fast.checkpoint import RNG, SCHEDULER, TRAINER_STATE, CheckpointError, restore_rng_state
-
     path = Path(path)
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     saved_world = trainer_state.get("world_size", 1)
@@ -292,9 +273,8 @@ def load_distributed_checkpoint(path, *, model, optimizer=None, scheduler=None) 
     state: dict = {}
     for file in files:
         state.update(load_file(str(file)))
-    from ple_fast.checkpoint import _is_peft
 
-    if _is_peft(model):             # adapter only: load it into the sharded model, leave the base
+    if is_peft(model):             # adapter only: load it into the sharded model, leave the base
         state = _adapter_state(model, state, path / "model")
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     else:

@@ -13,16 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ple_fast.rollout import generate
-from ple_fast.trainer import response_logprobs
-
-
-@dataclass
-class EvalSet:
-    texts: list[str]              # held-out queries
-    ids: list[list[int]]
-    references: list[list[int]]   # reference response token ids (may be empty lists: no perplexity)
+from ple_fast.distributed import Dist
+from ple_fast.policy import Policy, Sampling
+from ple_fast.workload import EvalSet
 
 
 @dataclass
@@ -33,19 +28,14 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, temperature: float,
-             max_new_tokens: int, batch_size: int, seed: int, loss_impl: str = "auto",
-             baseline_rewards: torch.Tensor | None = None,
+def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, sampling: Sampling,
+             batch_size: int, seed: int, baseline_rewards: torch.Tensor | None = None,
              task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None,
-             progress: bool = False, backend: str = "hf", attention: str | None = None,
-             dist=None) -> EvalResult:
+             progress: bool = False, dist: Dist | None = None) -> EvalResult:
     """Generate `samples` responses per held-out query (seeded per batch, so two models are
     compared on the same draws), score them, and compare with the SFT model's rewards."""
-    from tqdm.auto import tqdm
-
-    from ple_fast.distributed import Dist
-
     dist = dist if dist is not None else Dist()
+    model = policy.model
     was_training = model.training
     model.eval()
     all_texts = [t for t in eval_set.texts for _ in range(samples)]
@@ -56,9 +46,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, unit="resp") as bar:
         for index, lo in enumerate(range(0, len(prompts), batch_size)):
-            token_lists += generate(model, prompts[lo:lo + batch_size], max_new_tokens=max_new_tokens,
-                                    temperature=temperature, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id, seed=seed + index, backend=backend)
+            token_lists += policy.generate(prompts[lo:lo + batch_size], sampling, seed=seed + index)
             bar.update(len(prompts[lo:lo + batch_size]))
             bar.set_postfix(tok_s=f"{sum(map(len, token_lists)) / (time.perf_counter() - start):,.0f}")
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
@@ -77,19 +65,15 @@ def evaluate(model, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, te
         metrics["margin_vs_sft"] = diff.mean().item() if both.any() else float("nan")
         metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
             if both.any() else float("nan")
-    metrics["perplexity"] = reference_perplexity(model, eval_set, batch_size=batch_size, loss_impl=loss_impl,
-                                                 pad_token_id=tokenizer.pad_token_id, attention=attention, dist=dist)
+    metrics["perplexity"] = reference_perplexity(policy, eval_set, batch_size=batch_size, dist=dist)
     if task_metrics is not None:
         metrics.update(task_metrics(texts, responses))
     model.train(was_training)
     return EvalResult(metrics, rewards, responses)
 
 
-def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl: str, pad_token_id: int,
-                         attention: str | None = None, dist=None) -> float:
+def reference_perplexity(policy: Policy, eval_set: EvalSet, *, batch_size: int, dist: Dist | None = None) -> float:
     """exp(token-averaged NLL) of the reference responses given the query (no principle)."""
-    from ple_fast.distributed import Dist
-
     dist = dist if dist is not None else Dist()
     pairs = [(q, r) for q, r in zip(eval_set.ids, eval_set.references) if r]
     if not pairs:
@@ -98,8 +82,7 @@ def reference_perplexity(model, eval_set: EvalSet, *, batch_size: int, loss_impl
     nll, tokens = 0.0, 0
     for lo in range(0, len(pairs), batch_size):
         chunk, keep = pairs[lo:lo + batch_size], torch.tensor(real[lo:lo + batch_size], dtype=torch.float64)
-        logps = response_logprobs(model, [c[0] for c in chunk], [c[1] for c in chunk], impl=loss_impl,
-                                  pad_token_id=pad_token_id, attention=attention)
+        logps = policy.logprobs([c[0] for c in chunk], [c[1] for c in chunk])
         nll -= (logps.double().cpu() * keep).sum().item()
         tokens += sum(len(c[1]) for c, k in zip(chunk, real[lo:lo + batch_size]) if k)
     return math.exp(dist.sum(nll) / dist.sum(tokens))

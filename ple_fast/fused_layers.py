@@ -2,9 +2,8 @@
 
 Eager HF layers run each RMSNorm as ~7 kernels, the rotary embedding as ~10, SwiGLU and the two
 residual adds as 4 more, each a few microseconds for little work, and in training each keeps its
-temporaries for backward. That is most of a decode step (on an H200 the engine's step cost ~3.2 ms
-at batch 32, where reading the weights takes ~0.6 ms: bench/results/2026-11-28-h200-suite) and a
-launch-bound share of a training step. Here, per layer:
+temporaries for backward: most of a small model's decode step, and a launch-bound share of a
+training step. Here, per layer:
     add + RMSNorm                    kernels/rms_norm.py  (the residual add folded in)
     q, k, v projections              the model's own modules
     rotary embedding                 kernels/rotary.py; in a decode step inside the attention kernel,
@@ -28,9 +27,9 @@ A packed training forward on the `triton` tree attention, with plain projections
 under autocast, runs each layer as one autograd node (`_PackedTrainingLayer`, its backward written out over the
 same kernels): the per-op layer's bits for a fraction of its host-side bookkeeping.
 
-`decode_hidden` is the rollout engine's decode step (ple_fast.engine, `fused_layers`);
+`decode_hidden` is the rollout engine's decode step (EngineOptions.fused_layers);
 `fused_decoder_layers` swaps the layers' forward for `layer_forward`, and the final norm's for
-`final_norm_forward`, in the packed training forwards (ple_fast.forward, `ple.layer_impl`) and the
+`final_norm_forward`, in the packed training forwards (ForwardPlan.layers == "fused") and the
 rollout engine's packed prefill.
 """
 from __future__ import annotations
@@ -44,6 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ple_fast.attention import (ATTENTION_NAME, METADATA_KWARG, TreeAttention, autocast_inputs, fall_back_from_triton,
+                                triton_kernel_usable)
+from ple_fast.kernels.decode_attention import decode_attention
+from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_backward, add_rms_norm_forward, rms_norm
+from ple_fast.kernels.rotary import rotary, rotary_backward, rotary_forward
+from ple_fast.kernels.swiglu import silu_mul, silu_mul_backward, silu_mul_forward
+from ple_fast.kernels.varlen_attention import varlen_backward, varlen_forward
 from ple_fast.merged_projections import merged_projection, plain_linear
 from ple_fast.models import decoder_of
 
@@ -100,8 +108,6 @@ def _window(attn: nn.Module, config) -> int | None:
 def _add_norm(norm: nn.Module, delta: Tensor | None, stream: Tensor) -> tuple[Tensor, Tensor]:
     """(norm(stream + delta), stream + delta) in one kernel, with the norm module's own weight and eps;
     delta None: nothing to add (the first layer's input)."""
-    from ple_fast.kernels.rms_norm import add_rms_norm
-
     if delta is None:
         return add_rms_norm(stream, norm.weight, norm.variance_epsilon)
     return add_rms_norm(delta, norm.weight, norm.variance_epsilon, stream)
@@ -109,8 +115,6 @@ def _add_norm(norm: nn.Module, delta: Tensor | None, stream: Tensor) -> tuple[Te
 
 def _head_norms(attn: nn.Module, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
     """Qwen3's RMSNorm over each query / key head ([..., D]) before the rotation; others: q, k as they are."""
-    from ple_fast.kernels.rms_norm import rms_norm
-
     if not hasattr(attn, "q_norm"):
         return q, k
     dim = attn.head_dim
@@ -126,7 +130,6 @@ class _SharedInputLinear(torch.autograd.Function):
     the GEMMs accumulate them (addmm_). Under autocast x is cast once, not once per projection, and
     saved once. Forward bits are F.linear's, as nn.Linear's; weight and bias gradients are the GEMMs
     and row sums autograd runs, cast to the parameters' dtypes as autocast's casts do."""
-
     @staticmethod
     def forward(ctx, x, compute_dtype, count, *params):
         weights, biases = params[:count], params[count:]
@@ -195,7 +198,6 @@ def _mlp(mlp: nn.Module, x: Tensor, side=None, merged: bool = False) -> Tensor:
     """down(act(gate(x)) * up(x)), SiLU * up in one kernel (another activation: in torch); gate on the
     side stream, if given, while up runs (side_by_side). merged (no autograd): gate and up as one
     matmul where merge_projection_storage laid their weights out so, its halves read in place."""
-    from ple_fast.kernels.swiglu import silu_mul_forward
     gate_up = merged_projection((mlp.gate_proj, mlp.up_proj)) if merged else None
     if gate_up is not None:
         weight, bias, sizes = gate_up
@@ -217,7 +219,6 @@ def _qkv(attn: nn.Module, x: Tensor, side=None, merged: bool = False) -> tuple[T
 
 
 def _activation_mul(mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
-    from ple_fast.kernels.swiglu import silu_mul
 
     return silu_mul(gate, up) if _is_silu(mlp.act_fn) else mlp.act_fn(gate) * up
 
@@ -253,8 +254,6 @@ def decode_hidden(model: nn.Module, keys: Tensor, values: Tensor, tokens: Tensor
     decode attention kernel's (None: its gpu_tile_config). merged_projections: q / k / v, and gate / up,
     as one matmul each in the layers whose weights ple_fast.merged_projections laid out back to back
     (the side stream then serves only the layers that are not)."""
-    from ple_fast.kernels.decode_attention import decode_attention
-
     config, trunk = model.config, decoder_of(model)
     batch = tokens.shape[0]
     stream = trunk.embed_tokens(tokens)                                   # [B, H]
@@ -307,20 +306,14 @@ class _PackedTrainingLayer(torch.autograd.Function):
     Why: the per-op fused layer records ~20 autograd nodes a layer (the glue Functions, each linear's
     mm / t / view nodes, the attention interface's squeezes and transposes) and dispatches ~130 aten
     ops, most of them views; on a GPU each costs host time, and a packed step of a 1B model at 8 pairs
-    was host-bound (bench/results/2026-11-28-h200-session2: GPU idle 22-25% of the shared step). Here
+    was host-bound (the GPU idled 22-25% of the shared step: docs/performance.md). Here
     the same kernels run in the same order, with autocast's casts where it puts them (the projections
     in compute_dtype, their gradients cast back to each input's dtype) and the GEMMs as autograd's
     linear backward runs them (dX = dY W, dW = dY^T X), so values and gradients are the per-op layer's
     bits; only the bookkeeping goes. Inputs: hidden [T, H], cos / sin [T, D], the plan, then
     `_one_node_params`."""
-
     @staticmethod
     def forward(ctx, hidden, cos, sin, plan, *params):
-        from ple_fast.attention import autocast_inputs
-        from ple_fast.kernels.rms_norm import add_rms_norm_forward
-        from ple_fast.kernels.rotary import rotary_forward
-        from ple_fast.kernels.swiglu import silu_mul_forward
-        from ple_fast.kernels.varlen_attention import varlen_forward
 
         dtype = plan.compute_dtype
         cast = (lambda t: t) if dtype is None else (lambda t: t if t is None else t.to(dtype))  # noqa: E731
@@ -360,10 +353,6 @@ class _PackedTrainingLayer(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, d_out):
-        from ple_fast.kernels.rms_norm import add_rms_norm_backward
-        from ple_fast.kernels.rotary import rotary_backward
-        from ple_fast.kernels.swiglu import silu_mul_backward
-        from ple_fast.kernels.varlen_attention import varlen_backward
 
         (hidden, cos, sin, x_in_c, q_pre, k_pre, q_rot, k_rot, v, attn, attn_c, lse, stream, x_post_c, gate, up,
          act, w_in, w_post, w_qn, w_kn, wq, wk, wv, wo, wg, wu, wd) = ctx.saved_tensors
@@ -416,8 +405,6 @@ def _one_node_reason(layer: nn.Module, hidden_states: Tensor, position_embedding
     """Why `_PackedTrainingLayer` cannot run this call (the per-op fused layer does), or None: it covers
     the packed forward on the `triton` tree attention with plain nn.Linear projections, under autocast
     or in one dtype throughout. params: `_one_node_params(layer)`."""
-    from ple_fast.attention import ATTENTION_NAME, METADATA_KWARG, TreeAttention, triton_kernel_usable
-
     attn = layer.self_attn
     tree = kwargs.get(METADATA_KWARG)
     if attn.config._attn_implementation != ATTENTION_NAME or not isinstance(tree, TreeAttention):
@@ -463,10 +450,6 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
     anything else per op, with attention through the model's attention interface, as in HF's own layer.
     The output is a fresh tensor, as HF's layer returns: FSDP2 hooks its pre-backward all-gather on a
     layer's outputs and warns of a view, whose in-place update would drop that hook."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from ple_fast.attention import METADATA_KWARG, fall_back_from_triton
-    from ple_fast.kernels.rotary import rotary
 
     params = _one_node_params(layer)          # read once: the check's dtypes, then the node's inputs
     if _one_node_reason(layer, hidden_states, position_embeddings, past_key_values, kwargs, params) is None:
@@ -505,8 +488,6 @@ def layer_forward(layer: nn.Module, hidden_states: Tensor, attention_mask: Tenso
 def final_norm_forward(norm: nn.Module, hidden_states: Tensor) -> Tensor:
     """The decoder's final RMSNorm module's forward as one kernel each way (HF's runs ~7 forward, more
     backward), rounding as the module does."""
-    from ple_fast.kernels.rms_norm import rms_norm
-
     shape = hidden_states.shape
     return rms_norm(hidden_states.reshape(-1, shape[-1]), norm.weight, norm.variance_epsilon).view(shape)
 

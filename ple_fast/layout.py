@@ -1,6 +1,6 @@
 """Dual prefix-tree packing: a pair (query, original, principled) costs one forward of the query.
 
-Pair k becomes three segments of packed rows (DESIGN.md §2, csrc/dual_layout.h):
+Pair k becomes three segments of packed rows (docs/method.md, csrc/dual_layout.h):
   3k    root      q[:-1]        positions 0 .. Lq-2       (empty for a 1-token query)
   3k+1  branch A  [q[-1]] + o   positions Lq-1 ..         parent 3k, scores sequence 2k
   3k+2  branch B  [q[-1]] + p   positions Lq-1 ..         parent 3k, scores sequence 2k+1
@@ -8,7 +8,7 @@ Each row sees its ancestors' rows and, causally, its own segment, so one varlen 
 (bottom-right aligned) over keys gathered by kv_index is exact for the tree. `pack_dual` runs the
 C++/CUDA op torch.ops.ple_fast.dual_layout; `pack_dual_reference` is the plain-Python oracle.
 
-Rollout prefill packs the other tree of DESIGN.md §2: the principle once, as a root, with each
+Rollout prefill packs the other tree of docs/method.md: the principle once, as a root, with each
 principle-guided prompt a child placed after it and each plain prompt a root of its own
 (`pack_prefill`, op torch.ops.ple_fast.prefill_layout; oracle `pack_prefill_reference`).
 """

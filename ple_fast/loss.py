@@ -4,15 +4,10 @@ Three implementations of `sequence_logprobs`, one contract:
   reference  full [N, V] logits under autograd: slow, obviously correct, the test oracle
   torch      custom autograd.Function over row chunks: logits recomputed in backward, never
              held for all rows at once
-  triton     fused kernels in ple_fast.kernels.logprob, imported lazily
+  triton     the fused kernels of ple_fast.kernels.logprob
 `gated_loss` turns the [2P] sequence log-probs into the PLE loss and is shared by all.
 Nothing on the compute path of these three syncs with the host or has a data-dependent shape,
 so it can be captured in CUDA graphs and compiled with torch.compile(fullgraph=True).
-
-A fourth, `ple_loss(impl="pairs")`, lives in ple_fast.loss_pairs: chunks of whole pairs with
-the loss gradient applied in the forward (6NHV instead of 8NHV). It needs one host sync to
-plan its chunks, so it cannot sit inside a CUDA graph. `sequence_logprobs(impl="pairs")` has
-no loss to fold in and runs the torch path.
 """
 
 from __future__ import annotations
@@ -25,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-IMPLS = ("auto", "triton", "torch", "reference", "pairs")
+from ple_fast.kernels.logprob import fused_sequence_logprobs
+
+IMPLS = ("auto", "triton", "torch", "reference")
 RANK_LOSSES = ("hinge", "logistic")
 WEIGHTINGS = ("softmax", "tanh")
 
@@ -264,32 +261,10 @@ class _ChunkedSequenceLogprobs(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None
 
 
-# Whether torch.addmm(..., out_dtype=fp32, out=acc) (half inputs, fp32 accumulator in place)
-# works on this build; None until first tried. Otherwise dW accumulates through a temporary.
-_ADDMM_OUT_DTYPE: dict = {}
-
-
-def accumulate_dw(d_weight: Tensor, dz: Tensor, x: Tensor) -> None:
-    """d_weight += dz^T @ x, in d_weight's (accumulation) dtype."""
-    if dz.dtype == d_weight.dtype:
-        d_weight.addmm_(dz.T, x)
-        return
-    key = d_weight.device.type
-    if _ADDMM_OUT_DTYPE.get(key, True):
-        try:
-            torch.addmm(d_weight, dz.T, x, out_dtype=d_weight.dtype, out=d_weight)
-            _ADDMM_OUT_DTYPE[key] = True
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            _ADDMM_OUT_DTYPE[key] = False
-    d_weight.add_(torch.mm(dz.T, x, out_dtype=d_weight.dtype))
-
-
 def _chunked_logprob_grads(hidden, weight, safe_labels, slots, lse, grad_seq, need_dx, need_dw, softcap,
                            temperature, chunk_rows):
     """(dX, dW) of sum(grad_seq * seq_logps) with the logits recomputed chunk by chunk from the
-    forward's per-row logsumexp `lse`: the backward of the torch path, also used by
-    impl="pairs" (ple_fast.loss_pairs) for a gradient that reaches its seq_logps output.
+    forward's per-row logsumexp `lse`: the backward of the torch path.
     dX has hidden's dtype, dW weight's dtype (fp32 accumulation); None where not needed."""
     acc = lse.dtype
     mm_dtype = _matmul_dtype(hidden, weight, acc)
@@ -353,33 +328,13 @@ def chunked_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, *, so
     return _torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature, chunk_rows)
 
 
-# ----------------------------------------------------------------------------------------
-# triton: lazy import of the fused kernels
-
-_TRITON_KERNEL: dict = {}
-
-
-def _triton_kernel():
-    """ple_fast.kernels.logprob.fused_sequence_logprobs, or None if it cannot be imported."""
-    if "fn" not in _TRITON_KERNEL:
-        try:
-            from ple_fast.kernels.logprob import fused_sequence_logprobs
-        except ImportError as err:
-            _TRITON_KERNEL.update(fn=None, error=err)
-        else:
-            _TRITON_KERNEL.update(fn=fused_sequence_logprobs, error=None)
-    return _TRITON_KERNEL["fn"]
-
-
-def _resolve_impl(impl: str, hidden: Tensor) -> str:
-    # "auto" picks triton on CUDA: measured against the 6NHV pairs design and the torch path by
-    # bench/bench_logprob_loss.py on an H200 (torch 2.11, triton 3.6; bench/results/2026-11-28-h200),
-    # bf16 forward+backward, ms (triton / pairs / torch):
-    #   (16384, 4096, 128256) 113.7 / 115.8 / 191.2     (4096, 4096, 128256)  30.0 / 32.2 / 48.9
-    #   (8192, 2048, 151936)   35.8 /  43.0 /  71.8     (8192, 3584, 152064)  61.1 / 64.5 / 107.6
-    # and triton holds the least extra memory (0.88 GiB at the first shape, pairs 1.96, torch 3.31).
+def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
+    """auto: triton on CUDA (measured fastest: docs/performance.md), torch elsewhere. fp64 is not a
+    tensor-core dtype: the triton impl hands it to the torch path (same contract, fp64 accumulation)."""
     if impl == "auto":
-        return "triton" if hidden.is_cuda and _triton_kernel() is not None else "torch"
+        impl = "triton" if hidden.is_cuda else "torch"
+    if impl == "triton" and torch.float64 in (hidden.dtype, weight.dtype):
+        return "torch"
     return impl
 
 
@@ -394,25 +349,17 @@ def sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, *, impl="auto
     Row n predicts labels[n] from logits hidden[n] @ weight.T (softcapped, then divided by
     temperature) and adds to sequence seq_index[n]; rows with seq_index -1 are ignored, and
     their labels are never read. fp32 result (fp64 when an input is fp64).
-    impl="pairs" is a ple_loss design (the loss gradient is formed in the forward); with no
-    loss to fold in, it runs the torch path here.
     """
     _check_impl(impl)
     labels, seq_index, softcap, temperature = _check_logprob_args(
         hidden, weight, labels, seq_index, num_seqs, softcap, temperature
     )
     _check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
-    impl = _resolve_impl(impl, hidden)
+    impl = _resolve_impl(impl, hidden, weight)
     if impl == "reference":
         return _reference_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
     if impl == "triton":
-        kernel = _triton_kernel()
-        if kernel is None:
-            raise NotImplementedError(
-                "impl='triton' was requested but the Triton kernels are not available: importing "
-                f"ple_fast.kernels.logprob failed ({_TRITON_KERNEL['error']!r}); use impl='torch' or 'auto'"
-            ) from _TRITON_KERNEL["error"]
-        return kernel(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
+        return fused_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
     return _torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
 
 
@@ -470,22 +417,12 @@ def gated_loss(seq_logps, seq_tokens, rewards, tau, *, rank_loss, weighting, ran
 def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hinge", weighting="softmax",
              rank_sft_coef=1.0, length_normalize=True, beta=1.0, impl="auto", softcap=None,
              temperature=1.0) -> PLELossOutput:
-    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss).
-
-    impl="pairs" dispatches to ple_fast.loss_pairs.pairs_ple_loss (same outputs; one host sync).
-    """
+    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss)."""
     _check_impl(impl)
     _check_gate_options(rank_loss, weighting, rank_sft_coef, length_normalize, beta)
     num_pairs = _check_rewards(rewards)
     if isinstance(hidden, Tensor) and rewards.device != hidden.device:
         raise ValueError(f"rewards is on {rewards.device} but hidden is on {hidden.device}")
-    if impl == "pairs":
-        from ple_fast.loss_pairs import pairs_ple_loss
-
-        return pairs_ple_loss(hidden, weight, labels, seq_index, rewards, tau, rank_loss=rank_loss,
-                              weighting=weighting, rank_sft_coef=rank_sft_coef,
-                              length_normalize=length_normalize, beta=beta, softcap=softcap,
-                              temperature=temperature)
     num_seqs = 2 * num_pairs
     seq_logps = sequence_logprobs(
         hidden, weight, labels, seq_index, num_seqs, impl=impl, softcap=softcap, temperature=temperature

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from ple_fast.models import decoder_of
 
@@ -74,10 +75,6 @@ def merged_projection(modules: tuple[nn.Module, ...]) -> tuple[Tensor, Tensor | 
 
 
 def _fsdp_managed(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:                 # a torch build without distributed
-        return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 

@@ -9,7 +9,10 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -24,9 +27,6 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def build_word_tokenizer(texts: list[str]):
     """A whitespace word-level tokenizer covering `texts`, saved and loaded like any HF one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<unk>", "<eos>"]
     words = sorted({w for t in texts for w in t.split()})
     vocab = {tok: i for i, tok in enumerate(specials + words)}
@@ -40,8 +40,6 @@ def build_word_tokenizer(texts: list[str]):
 def build_tiny_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads: int = 4,
                      kv_heads: int = 2, max_positions: int = 128, seed: int = 0,
                      pad_token_id: int = 0, eos_token_id: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                          intermediate_size=hidden_size * 3, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads,
@@ -60,7 +58,7 @@ def build_tiny_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2,
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
-def _check_model_dir(path: str | os.PathLike, what: str) -> Path:
+def check_model_dir(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {str(folder)!r} does not exist")
@@ -71,8 +69,6 @@ def _check_model_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -84,9 +80,7 @@ def load_tokenizer(path: str | os.PathLike):
 def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu"):
     """A local HF causal-LM folder -> (model, tokenizer). Fails fast on a wrong model type."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = _check_model_dir(path, "policy model")
+    folder = check_model_dir(path, "policy model")
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
@@ -143,3 +137,19 @@ def output_head(model: nn.Module) -> tuple[torch.Tensor, float | None]:
                                   "does not support")
     softcap = getattr(model.config, "final_logit_softcapping", None)
     return head.weight, softcap
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside DDP / torch.compile / PEFT wrappers (LoRA layers stay in place)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):   # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):             # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+            model = model.module                                                   # DDP / FSDP
+    if not hasattr(model, "config") or model.get_output_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM (no config or no output embeddings)")
+    return model

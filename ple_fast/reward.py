@@ -14,6 +14,13 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from ple_fast.attention import BACKENDS, resolve_backend
+from ple_fast.forward import dual_forward
+from ple_fast.layout import SEGMENTS_PER_PAIR, pack_dual, pack_sequences
+from ple_fast.models import check_model_dir, decoder_of, load_tokenizer
+from ple_fast.task import builtin_reward
 
 
 def join_text(query: str, response: str) -> str:
@@ -50,7 +57,6 @@ class BuiltinReward(RewardFunction):
     name = "builtin"
 
     def __call__(self, queries, responses):
-        from ple_fast.task import builtin_reward
         return torch.tensor([builtin_reward(q, r) for q, r in zip(queries, responses)],
                             dtype=torch.float32)
 
@@ -86,8 +92,7 @@ class CallableReward(RewardFunction):
 
 def _packing_unsupported(err: Exception) -> bool:
     """Errors that mean "this model/backend cannot run packed", not a bug: tree attention's refusals
-    (softcap, sinks, dropout: NotImplementedError) and a failed torch.compile of the flex kernel
-    (seen on an H200 with torch 2.11: bf16, head_dim 64, out of shared memory)."""
+    (softcap, sinks, dropout: NotImplementedError) and a failed torch.compile."""
     if isinstance(err, NotImplementedError):
         return True
     dynamo = sys.modules.get("torch._dynamo.exc")
@@ -118,15 +123,11 @@ class HFReward(RewardFunction):
 
     def __init__(self, path: str, *, device="cpu", dtype=torch.float32, batch_size: int = 16,
                  max_length: int = 1024, attention: str = "auto", max_packed_tokens: int | None = None):
-        from transformers import AutoConfig, AutoModelForSequenceClassification
-        from ple_fast.attention import BACKENDS, resolve_backend
-        from ple_fast.models import _check_model_dir, decoder_of, load_tokenizer
-
         if attention not in BACKENDS:
             raise ValueError(f"reward attention backend {attention!r}: choose one of {BACKENDS}")
         if max_packed_tokens is not None and max_packed_tokens < 1:
             raise ValueError(f"max_packed_tokens must be >= 1, got {max_packed_tokens}")
-        folder = _check_model_dir(path, "reward model")
+        folder = check_model_dir(path, "reward model")
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         if getattr(config, "num_labels", 1) != 1:
             raise ValueError(f"reward model {str(folder)!r} has num_labels={config.num_labels}; "
@@ -157,7 +158,7 @@ class HFReward(RewardFunction):
         self.attention = attention
         if max_packed_tokens is None:
             param = next(self.model.parameters())
-            sdpa = resolve_backend(attention, param.device, param.dtype) == "sdpa"
+            sdpa = resolve_backend(attention, param.device) == "sdpa"
             max_packed_tokens = self.DEFAULT_PACKED_TOKENS_SDPA if sdpa else self.DEFAULT_PACKED_TOKENS
         self.max_packed_tokens = max_packed_tokens
 
@@ -247,17 +248,13 @@ class HFReward(RewardFunction):
         return chunks
 
     def _head_at(self, batch, rows: list[int]) -> torch.Tensor:
-        from ple_fast import forward
-
-        hidden = forward.dual_forward(self.model, batch, backend=self.attention)
+        hidden = dual_forward(self.model, batch, backend=self.attention)
         picked = hidden[torch.as_tensor(rows, device=hidden.device)]
         return self._head(picked)[:, 0].float().cpu()
 
     def _score_shared(self, lcps: dict[int, int], ids_a, ids_b, scores) -> None:
         """pack_dual: root = q[:-1], branch 3j+1 / 3j+2 = [q[-1]] + rest of a / b (layout.py).
         `lcps` maps each pair to the length of its texts' common token prefix (>= 1)."""
-        from ple_fast.layout import SEGMENTS_PER_PAIR, pack_dual
-
         cost = lambda k: len(ids_a[k]) + len(ids_b[k]) - lcps[k] + 1  # noqa: E731  (rows of the pair)
         for chunk in self._chunks(list(lcps), cost):
             batch = pack_dual([ids_a[k][:lcps[k]] for k in chunk], [ids_a[k][lcps[k]:] for k in chunk],
@@ -275,8 +272,6 @@ class HFReward(RewardFunction):
 
     def _score_separate(self, pairs, ids_a, ids_b, scores) -> None:
         """pack_sequences: each whole text its own root segment, nothing shared."""
-        from ple_fast.layout import pack_sequences
-
         for chunk in self._chunks(pairs, lambda k: len(ids_a[k]) + len(ids_b[k])):
             seqs = [ids for k in chunk for ids in (ids_a[k], ids_b[k])]
             batch = pack_sequences(seqs, [[] for _ in seqs], device=self.device)

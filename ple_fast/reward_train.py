@@ -19,75 +19,22 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-from ple_fast.config import ConfigError, build_config, save_yaml
+from ple_fast.config import ConfigError, RewardTrainConfig, build_config, help_epilog, save_yaml
 from ple_fast.data import (DataError, LengthRule, LengthStats, PreferenceExample, apply_length_rule,
                            load_preferences, split_holdout)
+from ple_fast.models import build_tiny_llama, build_word_tokenizer, check_model_dir, load_tokenizer, parse_dtype
 from ple_fast.reward import join_text
+from ple_fast.runtime import MetricsLog, pick_device
+from ple_fast.task import HARMFUL, aligned_response, build_task, harmful_compliance, over_refusal
 
-# --------------------------------------------------------------------------- config
-
-
-@dataclass
-class RMModelConfig:
-    path: str | None = None          # local HF folder: a causal LM (a new score head is added) or a
-                                     # sequence-classification model with num_labels=1; None = embedded
-    dtype: str = "float32"           # float32 | bfloat16 | float16 (weights while training)
-    hidden_size: int = 64            # embedded model only
-    layers: int = 2
-    heads: int = 4
-
-
-@dataclass
-class RMDataConfig:
-    path: str | None = None          # preference pairs: HH-RLHF or prompt/chosen/rejected JSONL
-    eval_path: str | None = None     # held-out pairs; defaults to an eval_fraction split of path
-    eval_fraction: float = 0.1
-    max_pairs: int | None = None     # cap on training pairs (after the split)
-    max_eval_pairs: int | None = 1000
-    max_prompt_tokens: int = 512     # the prompt's END is kept
-    max_response_tokens: int = 256   # the response's START is kept
-    length_policy: str = "truncate"  # truncate | skip (drops a pair when either side is too long)
-
-
-@dataclass
-class RMTrainConfig:
-    lr: float | None = None          # None: 1e-3 for the embedded model, 1e-5 with model.path
-    weight_decay: float = 0.0
-    batch_size: int = 16             # pairs per optimizer step
-    epochs: int | None = None        # None: 5 for the embedded model, 1 with model.path
-    steps: int = 0                   # > 0: exactly this many steps, overriding epochs
-    warmup_steps: int = 0            # linear warm-up from 0
-    decay: str = "constant"          # constant | linear | cosine (to 0 at the last step)
-    grad_clip: float = 1.0           # max grad norm; 0 = off
-    eval_batch_size: int = 32        # pairs per forward at evaluation
-    log_every: int = 10
-
-
-@dataclass
-class RMRunConfig:
-    out_dir: str = "runs/reward"
-    seed: int = 0
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    threads: int = 0                 # torch CPU threads; 0 = torch's default
-
-
-@dataclass
-class RewardTrainConfig:
-    model: RMModelConfig = field(default_factory=RMModelConfig)
-    data: RMDataConfig = field(default_factory=RMDataConfig)
-    train: RMTrainConfig = field(default_factory=RMTrainConfig)
-    run: RMRunConfig = field(default_factory=RMRunConfig)
-
-
-# config.set_key checks config.CHOICES by dotted key; model.dtype is shared, the rest are ours.
-CHOICES = {"data.length_policy": ("truncate", "skip"), "train.decay": ("constant", "linear", "cosine")}
 EMBEDDED_DEFAULTS = {"lr": 1e-3, "epochs": 5}
 FILE_DEFAULTS = {"lr": 1e-5, "epochs": 1}
 MAX_BAD_STEPS_IN_ROW = 10
@@ -101,30 +48,7 @@ def build_rm_config(yaml_path: str | None = None, overrides: Sequence[str] = ())
 
 
 def check_config(cfg: RewardTrainConfig) -> None:
-    """Value ranges and choices, each error naming its key."""
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    positive = {"train.batch_size": cfg.train.batch_size, "train.eval_batch_size": cfg.train.eval_batch_size,
-                "train.log_every": cfg.train.log_every, "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
-                "data.max_response_tokens": cfg.data.max_response_tokens, "model.hidden_size": cfg.model.hidden_size,
-                "model.layers": cfg.model.layers, "model.heads": cfg.model.heads}
-    for name, opt in (("train.lr", cfg.train.lr), ("train.epochs", cfg.train.epochs),
-                      ("data.max_pairs", cfg.data.max_pairs), ("data.max_eval_pairs", cfg.data.max_eval_pairs)):
-        if opt is not None:
-            positive[name] = opt
-    for name, value in positive.items():
-        if not value > 0:
-            raise ConfigError(f"{name}: must be > 0, got {value!r}")
-    for name, value in (("train.steps", cfg.train.steps), ("train.warmup_steps", cfg.train.warmup_steps),
-                        ("train.grad_clip", cfg.train.grad_clip), ("train.weight_decay", cfg.train.weight_decay),
-                        ("run.threads", cfg.run.threads)):
-        if value < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {value!r}")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {cfg.data.eval_fraction!r}")
+    """The rules between keys (each key's own choices and bounds are checked as it is set)."""
     if cfg.model.hidden_size % cfg.model.heads:
         raise ConfigError(f"model.hidden_size={cfg.model.hidden_size} must be a multiple of "
                           f"model.heads={cfg.model.heads}")
@@ -147,10 +71,8 @@ def resolve_defaults(cfg: RewardTrainConfig) -> None:
 
 def check_paths(cfg: RewardTrainConfig) -> None:
     """Missing files fail here, before any model is loaded or step is taken."""
-    from ple_fast.models import _check_model_dir
-
     if cfg.model.path is not None:
-        _check_model_dir(cfg.model.path, "model.path: base model")
+        check_model_dir(cfg.model.path, "model.path: base model")
     for key in ("path", "eval_path"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
@@ -326,11 +248,7 @@ def load_reward_base(path: str, dtype: torch.dtype):
     already a sequence classifier must have num_labels=1. Any other missing weight is an error:
     it means the folder is not the model its config says.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from ple_fast.models import _check_model_dir, load_tokenizer
-
-    folder = _check_model_dir(path, "model.path: base model")
+    folder = check_model_dir(path, "model.path: base model")
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     is_classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
@@ -365,8 +283,6 @@ def embedded_data(seed: int) -> tuple[list[PreferenceExample], list[PreferenceEx
     """(train pairs, held-out pairs, corpus) from the embedded task: for every query the aligned
     response beats the misaligned one (harmful: refusal > compliance; benign: help > over-refusal).
     Held-out pairs use the task's held-out (request, phrasing) combinations."""
-    from ple_fast.task import HARMFUL, aligned_response, build_task, harmful_compliance, over_refusal
-
     task = build_task(seed)
     tags = dict(HARMFUL)
 
@@ -383,10 +299,6 @@ def embedded_data(seed: int) -> tuple[list[PreferenceExample], list[PreferenceEx
 
 def build_embedded_model(cfg: RewardTrainConfig, tokenizer):
     """A tiny Llama with a one-output score head, built from scratch (seeded)."""
-    from transformers import LlamaForSequenceClassification
-
-    from ple_fast.models import build_tiny_llama
-
     base = build_tiny_llama(len(tokenizer), hidden_size=cfg.model.hidden_size, layers=cfg.model.layers,
                             heads=cfg.model.heads, kv_heads=max(1, cfg.model.heads // 2), seed=cfg.run.seed,
                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -416,10 +328,6 @@ def file_data(cfg: RewardTrainConfig, tokenizer) -> tuple[list[PreferenceExample
 
 
 def run(cfg: RewardTrainConfig) -> dict:
-    from ple_fast.models import build_word_tokenizer, parse_dtype
-    from ple_fast.train import pick_device
-    from ple_fast.trainer import MetricsLog
-
     started = time.perf_counter()
     check_config(cfg)
     check_paths(cfg)
@@ -544,7 +452,8 @@ def parse_args(argv) -> tuple[str | None, list[str]]:
     parser = argparse.ArgumentParser(
         prog="python -m ple_fast.reward_train",
         description="Train a Bradley-Terry reward model (HF sequence classifier) on preference pairs.",
-        epilog="Any config key can be set as key=value, e.g. data.path=hh.jsonl.gz train.lr=1e-5")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=help_epilog(RewardTrainConfig, "data.path=hh.jsonl.gz train.lr=1e-5"))
     parser.add_argument("--config", help="YAML config file; key=value overrides apply on top")
     parser.add_argument("--out", help="run folder (same as run.out_dir=...)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")

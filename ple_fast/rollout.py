@@ -2,9 +2,10 @@
 
 This module's `backend="hf"` path runs Hugging Face `generate` on one left-padded batch
 holding both prompt kinds; it is the reference that faster engines are checked against.
-`backend="fast"` runs ple_fast.engine (static KV cache, on-device sampling, CUDA graphs), whose
+`backend="fast"` runs a RolloutEngine (static KV cache, on-device sampling, CUDA graphs), whose
 packed prefill computes the principle once per call and shares its K/V with every principle-guided
-prompt.
+prompt. The caller passes its engine (the trainer owns one for its run, and the engine keeps its
+buffers and graphs between calls); without one, a call builds a fresh engine with the defaults.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from ple_fast.distributed import unsharded_for_inference
+from ple_fast.engine import RolloutEngine
 
 BACKENDS = ("hf", "fast")
 
@@ -41,7 +45,8 @@ def _eos_set(model, eos_token_id) -> set[int]:
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id: int | None = None,
-             seed: int = 0, batch_size: int | None = None, backend: str = "hf") -> list[list[int]]:
+             seed: int = 0, batch_size: int | None = None, backend: str = "hf",
+             engine: RolloutEngine | None = None) -> list[list[int]]:
     """Responses to token-id prompts with HF generate (or the fast engine); seeded, each cut after its first EOS."""
     _check_backend(backend)
     if any(len(p) == 0 for p in prompts):
@@ -54,7 +59,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     if backend == "fast":       # before the empty check: under torchrun every rank must gather weights
         return _generate_fast(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, eos_ids=eos_ids, pad_token_id=pad_token_id, seed=seed,
-                              batch_size=batch_size)
+                              batch_size=batch_size, engine=engine)
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -105,14 +110,11 @@ def _check_backend(backend: str) -> None:
 
 
 def _generate_fast(model, prompts, *, max_new_tokens, temperature, top_p, top_k, eos_ids, pad_token_id, seed,
-                   batch_size=None, prefix=(), prefixed=None) -> list[list[int]]:
-    from ple_fast.distributed import unsharded_for_inference
-    from ple_fast.engine import engine_for
-
+                   batch_size=None, prefix=(), prefixed=None, engine=None) -> list[list[int]]:
     batch_size = batch_size or max(1, len(prompts))
     responses: list[list[int]] = []
     with unsharded_for_inference(model):     # FSDP2 (torchrun): full weights for the whole rollout
-        engine = engine_for(model)
+        engine = RolloutEngine(model) if engine is None else engine
         for start in range(0, len(prompts), batch_size):
             responses += engine.generate(
                 prompts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
@@ -134,8 +136,9 @@ def principled_query(query: Sequence[int], principle: Sequence[int], bos_token_i
 def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[int], *,
                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                   eos_token_id=None, pad_token_id: int | None = None, seed: int = 0,
-                  backend: str = "hf", bos_token_id: int | None = None) -> DualRollout:
-    """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch.
+                  backend: str = "hf", bos_token_id: int | None = None,
+                  engine: RolloutEngine | None = None) -> DualRollout:
+    """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query, in one batch (the fast backend: by `engine`).
 
     With `bos_token_id`, a query that starts with it loses that token after a principle that
     starts with it too, so the principle-guided prompt reads BOS principle query."""
@@ -151,7 +154,7 @@ def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[i
         out = _generate_fast(model, prompts, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids,
                              pad_token_id=pad_token_id, seed=seed, prefix=list(principle),
-                             prefixed=[False] * len(queries) + [True] * len(queries))
+                             prefixed=[False] * len(queries) + [True] * len(queries), engine=engine)
         return DualRollout(out[:len(queries)], out[len(queries):])
     prompts = [list(q) for q in queries] + [principle + q for q in after_principle]
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

@@ -10,41 +10,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from ple_fast.config import Config, ConfigError, build_config, save_yaml, to_dict
-from ple_fast.checkpoint import CheckpointError
+from ple_fast.checkpoint import CheckpointError, find_checkpoint
+from ple_fast.config import Config, ConfigError, build_config, help_epilog, save_yaml, to_dict
 from ple_fast.data import DataError
-
-DEFAULT_PRINCIPLE = ("\n\nPrinciple: Reply as a helpful, honest and harmless assistant. Give useful, "
-                     "accurate help with safe requests, and politely refuse requests that could "
-                     "harm people, explaining why.")
-
-
-@dataclass
-class Workload:
-    """Everything a run trains and evaluates on, already tokenized."""
-    sft: list[tuple[list[int], list[int]]]
-    queries: list            # trainer.Query
-    principle_ids: list[int]
-    eval_set: object         # evaluate.EvalSet
-    task_metrics: object = None
-    extra_rows: tuple = ()
+from ple_fast.distributed import full_state_dict, init_distributed, shard_model, whole_model
+from ple_fast.evaluate import format_table
+from ple_fast.models import check_model_dir, save_policy
+from ple_fast.plots import plot_run
+from ple_fast.reward import build_reward
+from ple_fast.runtime import MetricsLog, pick_device, seed_everything
+from ple_fast.trainer import StopRequested, Trainer
+from ple_fast.workload import embedded_workload, file_workload
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m ple_fast.train",
+        prog="python -m ple_fast.train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PLE alignment: SFT warm-up, dual generation, reward scoring, threshold-gated loss.",
-        epilog="Any config key can be set as key=value, e.g. ple.iterations=3 rollout.temperature=0.7")
+        epilog=help_epilog(Config, "ple.iterations=3 rollout.temperature=0.7"))
     parser.add_argument("--config", help="YAML config file; key=value overrides apply on top")
     parser.add_argument("--algo", choices=["ple", "raft", "distill", "sft"], help="same as ple.algo=...")
     parser.add_argument("--out", help="run folder (same as run.out_dir=...)")
@@ -62,121 +53,12 @@ def parse_args(argv):
     return args.config, overrides
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def embedded_workload(cfg: Config, device):
-    """The built-in task, its word tokenizer and a tiny Llama trained from scratch."""
-    from ple_fast.data import encode_prompt, encode_response
-    from ple_fast.evaluate import EvalSet
-    from ple_fast.models import build_tiny_llama, build_word_tokenizer
-    from ple_fast.task import build_task, judge
-    from ple_fast.trainer import Query
-
-    task = build_task(cfg.run.seed)
-    tokenizer = build_word_tokenizer(task.corpus())
-    model = build_tiny_llama(len(tokenizer), hidden_size=cfg.model.hidden_size, layers=cfg.model.layers,
-                             heads=cfg.model.heads, kv_heads=max(1, cfg.model.heads // 2), seed=cfg.run.seed,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    sft = [(encode_prompt(tokenizer, ex.prompt), encode_response(tokenizer, ex.response)) for ex in task.sft]
-    queries = [Query(q.text, encode_prompt(tokenizer, q.text)) for q in task.train_queries]
-    eval_queries = task.eval_queries[:cfg.eval.max_queries]
-    eval_set = EvalSet([q.text for q in eval_queries], [encode_prompt(tokenizer, q.text) for q in eval_queries],
-                       [encode_response(tokenizer, r) for r in task.eval_references[:len(eval_queries)]])
-
-    def task_metrics(queries, responses):
-        verdicts = [judge(q, r) for q, r in zip(queries, responses)]
-        harmful = [v for v in verdicts if v["harmful"]]
-        benign = [v for v in verdicts if not v["harmful"]]
-        return {"refusal_rate_harmful": sum(v["refused"] and not v["complied_harm"] for v in harmful)
-                / max(len(harmful), 1),
-                "helpfulness_benign": sum(v["helpfulness"] for v in benign) / max(len(benign), 1),
-                "over_refusal_benign": sum(v["refused"] for v in benign) / max(len(benign), 1)}
-
-    rows = (("refusal_rate_harmful", "refusal rate, harmful requests", "{:.1%}"),
-            ("helpfulness_benign", "helpfulness, benign requests", "{:.3f}"),
-            ("over_refusal_benign", "refusal rate, benign requests", "{:.1%}"))
-    principle = cfg.principle if cfg.principle is not None else task.principle
-    workload = Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set, task_metrics, rows)
-    return model.to(device), tokenizer, workload
-
-
-def file_workload(cfg: Config, device):
-    """A local HF model folder and HH-RLHF / JSONL data files."""
-    from ple_fast.data import (DataError, LengthRule, SFTExample, apply_length_rule, encode_prompt,
-                               load_queries, load_sft, split_holdout, tokenize_sft)
-    from ple_fast.evaluate import EvalSet
-    from ple_fast.models import load_policy, parse_dtype
-    from ple_fast.trainer import Query
-
-    dc = cfg.data
-    if dc.sft_path is None and dc.query_path is None:
-        raise ConfigError("model.path is set, so data.sft_path or data.query_path must name a data file "
-                          "(HH-RLHF or JSONL)")
-    model, tokenizer = load_policy(cfg.model.path, dtype=parse_dtype(cfg.model.dtype), device=device)
-    rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, dc.length_policy)
-
-    def prompts_and_refs(path):
-        """(prompt, reference response) pairs; prompt-only files give no references."""
-        try:
-            return [(ex.prompt, ex.response) for ex in load_sft(path, tokenizer=tokenizer)]
-        except DataError:
-            return [(q, "") for q in load_queries(path, tokenizer=tokenizer)]
-
-    query_source = dc.query_path or dc.sft_path
-    items = prompts_and_refs(query_source)
-    if dc.eval_path:
-        train_items, eval_items = items, prompts_and_refs(dc.eval_path)
-    else:
-        train_items, eval_items = split_holdout(items, dc.eval_fraction, cfg.run.seed)
-    held_prompts = {p for p, _ in eval_items}
-    sft_examples = load_sft(dc.sft_path, tokenizer=tokenizer) if dc.sft_path else []
-    sft_examples = [ex for ex in sft_examples if ex.prompt not in held_prompts]   # no held-out leakage
-    sft, stats = tokenize_sft(sft_examples, tokenizer, rule)
-    print(f"[data] SFT examples: {stats.summary()}")
-    if dc.max_queries:
-        train_items = train_items[:dc.max_queries]
-    queries, dropped = [], 0
-    for prompt, _ in train_items:
-        fitted = apply_length_rule(encode_prompt(tokenizer, prompt), [], rule)
-        if fitted is None:
-            dropped += 1
-        else:
-            queries.append(Query(prompt, fitted[0]))
-    print(f"[data] queries: {len(queries)} kept, {dropped} over max_prompt_tokens skipped; "
-          f"held-out: {len(eval_items)}")
-    eval_items = eval_items[:cfg.eval.max_queries]
-    eval_rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, "truncate")
-    eval_tok, _ = tokenize_sft([SFTExample(p, r) for p, r in eval_items], tokenizer, eval_rule)
-    eval_set = EvalSet([p for p, _ in eval_items], [t[0] for t in eval_tok],
-                       [t[1] if r else [] for t, (_, r) in zip(eval_tok, eval_items)])
-    principle = cfg.principle if cfg.principle is not None else DEFAULT_PRINCIPLE
-    return model, tokenizer, Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set)
-
-
 def check_paths(cfg: Config) -> None:
     """Missing files fail here, before any model is loaded or step is taken."""
-    from ple_fast.models import _check_model_dir
-
     if cfg.model.path is not None:
-        _check_model_dir(cfg.model.path, "model.path: policy model")
+        check_model_dir(cfg.model.path, "model.path: policy model")
     if cfg.reward.kind == "hf" and cfg.reward.path:
-        _check_model_dir(cfg.reward.path, "reward.path: reward model")
+        check_model_dir(cfg.reward.path, "reward.path: reward model")
     for key in ("sft_path", "query_path", "eval_path"):
         value = getattr(cfg.data, key)
         if value is not None and not Path(value).is_file():
@@ -194,8 +76,6 @@ def _leave_without_finalizing() -> None:
     saw it once: a two-process CPU run finished, saved its model, and then rank 1 died of SIGABRT,
     so torchrun failed a run that had succeeded. Everything the run writes is closed by now (files
     are written atomically, metrics logs closed), so only the standard streams need a flush."""
-    import logging
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -256,10 +136,7 @@ def prepare_model(model, cfg: Config):
 
 def save_final_model(model, tokenizer, out_dir: Path, dist=None) -> Path:
     """An HF folder AutoModelForCausalLM loads; a LoRA run also keeps its adapter."""
-    from ple_fast.models import save_policy
-
     if dist is not None and dist.enabled:          # gather the FSDP shards; rank 0 writes
-        from ple_fast.distributed import full_state_dict, whole_model
         state = full_state_dict(model)
         if dist.is_main:
             save_final_model(whole_model(model, state), tokenizer, out_dir)
@@ -273,8 +150,6 @@ def save_final_model(model, tokenizer, out_dir: Path, dist=None) -> Path:
 
 
 def config_differences(old_path: Path, cfg: Config) -> list[str]:
-    from ple_fast.config import build_config, to_dict
-
     try:
         old = to_dict(build_config(str(old_path)))
     except ConfigError:
@@ -291,13 +166,6 @@ def config_differences(old_path: Path, cfg: Config) -> list[str]:
 
 
 def run(cfg: Config) -> dict:
-    from ple_fast.checkpoint import find_checkpoint
-    from ple_fast.evaluate import format_table
-    from ple_fast.reward import build_reward
-    from ple_fast.trainer import MetricsLog, StopRequested, Trainer
-
-    from ple_fast.distributed import init_distributed, shard_model
-
     started = time.perf_counter()
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
@@ -352,6 +220,7 @@ def run(cfg: Config) -> dict:
     say(f"[run] {cfg.ple.algo} on {device}" + (f" x {dist.world_size} processes (FSDP2)" if dist.enabled else "")
         + f"; {len(work.sft)} SFT examples, {len(work.queries)} queries, "
           f"{len(work.eval_set.texts)} held-out; run folder {out_dir}")
+    say(f"[run] plan: {trainer.plan.describe()}")
     if checkpoint is not None:
         trainer.resume_from(checkpoint)
         say(f"[run] resumed from {checkpoint} (phase {trainer.state.phase}, global step "
@@ -381,7 +250,6 @@ def run(cfg: Config) -> dict:
                               state.before["responses"], state.after["responses"]):
             fh.write(json.dumps({"query": text, "sft": b, "final": a}) + "\n")
     if cfg.run.plots:
-        from ple_fast.plots import plot_run
         plot_run(out_dir)
     print(f"\nHeld-out evaluation ({len(work.eval_set.texts)} queries x {cfg.eval.samples} samples, "
           f"responses generated WITHOUT the principle):\n{table}")

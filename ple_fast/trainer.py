@@ -1,16 +1,10 @@
-"""The training loops: SFT warm-up, then PLE (or a baseline) over rollouts of the policy.
-
-PLE, as ../DESIGN.md section 1 defines it: per batch of queries, generate the original and the
-principle-guided response, score both against the ORIGINAL query, and update with the
-threshold-gated loss; tau decays by alpha per iteration (or per step). The baselines share the
-loop and the sample budget (two generated responses per query):
-  sft      warm-up only, no alignment updates
-  raft     two samples without the principle, SFT on the higher-reward one
-  distill  always SFT on the principle-guided response (context distillation)
+"""The training run: SFT warm-up, evaluation, alignment (PLE or a baseline), evaluation again.
 
 A run is a sequence of phases (sft -> eval_before -> align -> eval_after -> done) whose whole
 position lives in TrainerState. Every random draw is derived from (seed, step), so a run resumed
-from a checkpoint replays exactly what an uninterrupted run would have done.
+from a checkpoint replays exactly what an uninterrupted run would have done. What an alignment step
+samples, scores and optimises is the algorithm's (ple_fast.algorithms); the trainer owns the
+phases, the optimizer and schedule, the micro-batches, checkpoints, signals and logs.
 """
 from __future__ import annotations
 
@@ -26,78 +20,23 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ple_fast.algorithms import Samples, Step, make_algorithm
+from ple_fast.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from ple_fast.config import Config
-from ple_fast.distributed import Dist
-from ple_fast.forward import packed_dual_response_rows, packed_response_rows, padded_response_rows
-from ple_fast.layout import to_device
-from ple_fast.loss import ple_loss, sequence_logprobs
+from ple_fast.data import adds_bos
+from ple_fast.distributed import (Dist, clip_grad_norm, load_distributed_checkpoint, reshard,
+                                  save_distributed_checkpoint, sync_replicated_grads)
+from ple_fast.evaluate import evaluate
+from ple_fast.plan import Plan, build_plan
+from ple_fast.policy import Policy, Sampling
 from ple_fast.reward import RewardFunction, RewardNormalizer
-from ple_fast.rollout import generate, generate_dual
+from ple_fast.runtime import MetricsLog
+from ple_fast.workload import Query, Workload
 
 PHASES = ("sft", "eval_before", "align", "eval_after", "done")
 SAMPLES_PER_ITERATION = 32
-
-
-class MetricsLog:
-    """metrics.jsonl (always), plus TensorBoard / W&B when asked for; echoes a short line."""
-
-    def __init__(self, path: Path | None, echo: Callable[[str], None] = print, *, tensorboard_dir=None,
-                 wandb_project: str | None = None, config: dict | None = None):
-        self.path, self.echo = path, echo
-        self.lines = 0
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists():
-                self.lines = len(path.read_text().splitlines())
-        self.tensorboard = self.wandb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise RuntimeError("run.tensorboard=true needs tensorboard: pip install tensorboard") from None
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent) if path else None)
-
-    def truncate(self, lines: int) -> None:
-        """Drop records written after a checkpoint, so a resumed run does not log them twice."""
-        if self.path is not None and self.path.exists():
-            kept = self.path.read_text().splitlines()[:lines]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.lines = lines
-
-    def write(self, record: dict, line: str | None = None) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            self.lines += 1
-        step = record.get("global_step", record.get("step", 0))
-        scalars = {f"{record.get('phase', 'run')}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "global_step")}
-        if self.tensorboard is not None:
-            for key, value in scalars.items():
-                self.tensorboard.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=step)
-        if line:
-            self.echo(line)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-@dataclass
-class Query:
-    text: str
-    ids: list[int]
 
 
 @dataclass
@@ -160,19 +99,6 @@ def catch_stop_signals():
             signal.signal(sig, old)
 
 
-def response_logprobs(model, prompts, responses, *, impl: str, pad_token_id: int,
-                      attention: str | None = "auto", compile: bool = False, fused: bool = False) -> torch.Tensor:
-    """Summed log-probs of each response given its prompt: packed and padding-free when
-    `attention` names a backend (decoder layers torch.compile'd with `compile`, fused with `fused`),
-    padded HF forwards when it is None."""
-    if attention is None:
-        rows = padded_response_rows(model, prompts, responses, pad_token_id=pad_token_id)
-    else:
-        rows = packed_response_rows(model, prompts, responses, backend=attention, compile=compile, fused=fused)
-    return sequence_logprobs(rows.hidden, rows.weight, rows.labels, rows.seq_index, rows.num_seqs,
-                             impl=impl, softcap=rows.softcap)
-
-
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str) -> Callable[[int], float]:
     """Linear warm-up times constant / cosine / linear decay over the whole run."""
     def factor(step: int) -> float:
@@ -201,8 +127,9 @@ def _chunks(items: list, parts: int) -> list[list]:
 class Trainer:
     """Runs the phases of one run and owns its state, optimizer and checkpoints."""
 
-    def __init__(self, cfg: Config, model, tokenizer, workload, reward_fn: RewardFunction, log: MetricsLog,
-                 *, run_dir: Path | None = None, device=None, dist: Dist | None = None):
+    def __init__(self, cfg: Config, model, tokenizer, workload: Workload, reward_fn: RewardFunction,
+                 log: MetricsLog, *, run_dir: Path | None = None, device=None, dist: Dist | None = None,
+                 plan: Plan | None = None):
         self.cfg, self.model, self.tokenizer, self.work = cfg, model, tokenizer, workload
         self.dist = dist if dist is not None else Dist()
         self.reward_fn, self.log, self.run_dir = reward_fn, log, run_dir
@@ -212,63 +139,14 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self.optimizer_phase: str | None = None        # the phase self.optimizer belongs to
         self.stop_signals: list[int] = []
-        from ple_fast.data import adds_bos
-        self.bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None   # one BOS in p + x
-        # The packed tree attention is swapped in per forward, so HF's re-run of attention under
-        # gradient checkpointing would see the stock mask: checkpointed runs use padded forwards.
-        self.attention = cfg.ple.attention if cfg.ple.packed and not cfg.run.gradient_checkpointing else None
-        self.compile_layers = cfg.ple.compile and self.attention is not None   # packed forwards only
-        self.fused_layers = self._use_fused_layers(cfg, model)                    # packed forwards only
-        if cfg.ple.packed and cfg.run.gradient_checkpointing:
-            print("[run] gradient checkpointing: responses are scored with padded forwards (ple.packed ignored)")
-        engine_options = {"compile_decode": True} if cfg.rollout.compile_decode else {}
-        if cfg.rollout.layer_impl != "auto":
-            engine_options["fused_layers"] = cfg.rollout.layer_impl == "fused"
-        if cfg.rollout.merged_projections:
-            engine_options["merged_projections"] = True
-        if cfg.rollout.backend == "fast" and engine_options:
-            from ple_fast.engine import engine_for
-            try:
-                engine_for(model, **engine_options)  # cached: every later rollout and evaluation uses it
-            except ValueError as err:
-                raise ValueError(f"rollout.layer_impl={cfg.rollout.layer_impl}, rollout.compile_decode="
-                                 f"{str(cfg.rollout.compile_decode).lower()}, rollout.merged_projections="
-                                 f"{str(cfg.rollout.merged_projections).lower()}: {err}") from err
-        precision = cfg.run.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def _use_fused_layers(self, cfg, model) -> bool:
-        """ple.layer_impl: fused layers (ple_fast.fused_layers) in the packed forwards; auto = on CUDA,
-        for the families they cover, unless ple.compile compiles the stock layers instead."""
-        from ple_fast.engine import unwrap_causal_lm
-        from ple_fast.fused_layers import unsupported_reason
-        from ple_fast.kernels.logprob import INTERPRETED
-
-        impl = cfg.ple.layer_impl
-        if impl == "stock" or self.attention is None:
-            return False
-        reason = unsupported_reason(unwrap_causal_lm(model))
-        if impl == "auto":
-            return self.device.type == "cuda" and reason is None and not self.compile_layers
-        problem = ("ple.compile=true compiles the stock layers instead; choose one" if self.compile_layers else
-                   reason or ("the Triton kernels need CUDA, or TRITON_INTERPRET=1 on a CPU (slow)"
-                              if self.device.type != "cuda" and not INTERPRETED else None))
-        if problem:
-            raise ValueError(f"ple.layer_impl=fused: {problem}")
-        return True
+        self.plan = build_plan(cfg, model, self.device) if plan is None else plan
+        self.algorithm = make_algorithm(cfg.ple, cfg.rollout)
+        self.policy = Policy(model, self.plan, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.bos_token_id if adds_bos(tokenizer) else None,  # one BOS in p + x
+                             principle=workload.principle_ids, device=self.device)
 
     # ------------------------------------------------------------------ plumbing
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -277,7 +155,6 @@ class Trainer:
         then model.parameters() are the unsharded copies: re-shard before building an
         optimizer or taking a training step."""
         if self.dist.enabled:
-            from ple_fast.distributed import reshard
             reshard(self.model)
 
     def build_optimizer(self, phase: str):
@@ -295,27 +172,6 @@ class Trainer:
     def batches_per_iteration(self) -> int:
         return math.ceil(len(self.work.queries) / self.cfg.ple.batch_size)
 
-    def resume_from(self, checkpoint: Path) -> None:
-        """Restore weights, the saved phase's optimizer and scheduler, and the trainer state."""
-        from ple_fast.checkpoint import TRAINER_STATE
-
-        phase = json.loads((checkpoint / TRAINER_STATE).read_text()).get("phase")
-        if phase in ("sft", "align"):
-            self.optimizer_for(phase)
-        self.state = TrainerState.from_dict(self._load(checkpoint))
-        if self.state.normalizer:
-            self.normalizer.load_state_dict(self.state.normalizer)
-        self.log.truncate(self.state.metrics_lines)
-
-    def _load(self, checkpoint: Path) -> dict:
-        optimizer, scheduler = self.optimizer, self.scheduler
-        if self.dist.enabled:
-            from ple_fast.distributed import load_distributed_checkpoint
-            self.reshard()
-            return load_distributed_checkpoint(checkpoint, model=self.model, optimizer=optimizer, scheduler=scheduler)
-        from ple_fast.checkpoint import load_checkpoint
-        return load_checkpoint(checkpoint, model=self.model, optimizer=optimizer, scheduler=scheduler)
-
     def optimizer_for(self, phase: str):
         """The phase's optimizer: the one restored from a checkpoint of this phase, else a new one."""
         if self.optimizer_phase != phase:
@@ -323,25 +179,35 @@ class Trainer:
             self.optimizer_phase = phase
         return self.optimizer, self.scheduler
 
+    def resume_from(self, checkpoint: Path) -> None:
+        """Restore weights, the saved phase's optimizer and scheduler, and the trainer state."""
+        phase = json.loads((checkpoint / TRAINER_STATE).read_text()).get("phase")
+        if phase in ("sft", "align"):
+            self.optimizer_for(phase)
+        parts = dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        if self.dist.enabled:
+            self.reshard()
+            state = load_distributed_checkpoint(checkpoint, **parts)
+        else:
+            state = load_checkpoint(checkpoint, **parts)
+        self.state = TrainerState.from_dict(state)
+        if self.state.normalizer:
+            self.normalizer.load_state_dict(self.state.normalizer)
+        self.log.truncate(self.state.metrics_lines)
+
     def save(self) -> Path | None:
         if self.run_dir is None:
             return None
-        from ple_fast.checkpoint import save_checkpoint
-
         if self.optimizer is None:      # a run without updates still saves an optimizer state
             self.optimizer_for("align")
-        optimizer, scheduler = self.optimizer, self.scheduler
         self.state.normalizer = self.normalizer.state_dict()
         self.state.metrics_lines = self.log.lines
+        parts = dict(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+                     trainer_state=self.state.to_dict(), keep_last=self.cfg.run.keep_last)
         if self.dist.enabled:
-            from ple_fast.distributed import save_distributed_checkpoint
             self.reshard()
-            return save_distributed_checkpoint(self.dist, self.run_dir, self.state.global_step, model=self.model,
-                                               tokenizer=self.tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                               trainer_state=self.state.to_dict(), keep_last=self.cfg.run.keep_last)
-        return save_checkpoint(self.run_dir, self.state.global_step, model=self.model, tokenizer=self.tokenizer,
-                               optimizer=optimizer, scheduler=scheduler, trainer_state=self.state.to_dict(),
-                               keep_last=self.cfg.run.keep_last)
+            return save_distributed_checkpoint(self.dist, self.run_dir, self.state.global_step, **parts)
+        return save_checkpoint(self.run_dir, self.state.global_step, **parts)
 
     def after_step(self) -> None:
         """Periodic checkpoint, and the clean stop that SIGINT/SIGTERM asked for."""
@@ -375,7 +241,6 @@ class Trainer:
             return False
         self.state.nonfinite_streak = 0
         if self.dist.enabled:
-            from ple_fast.distributed import clip_grad_norm, sync_replicated_grads
             sync_replicated_grads(self.model, self.dist.world_size)
             clip_grad_norm(self.trainable_parameters(), self.cfg.ple.grad_clip)
         else:
@@ -386,11 +251,11 @@ class Trainer:
         return True
 
     def progress(self, total: int, desc: str, initial: int = 0):
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, initial=initial, desc=desc, leave=False,
-                    disable=not self.cfg.run.progress or not self.dist.is_main,
-                    dynamic_ncols=True, unit="step")
+                    disable=not self.cfg.run.progress or not self.dist.is_main, dynamic_ncols=True, unit="step")
+
+    def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:
+        return [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
 
     # ------------------------------------------------------------------ phases
     def fit(self) -> TrainerState:
@@ -419,19 +284,13 @@ class Trainer:
         return self.state
 
     def evaluate(self, baseline: dict | None) -> dict:
-        from ple_fast.evaluate import evaluate
-
         ec = self.cfg.eval
-        base = None
-        if baseline is not None:
-            base = torch.tensor(baseline["rewards"], dtype=torch.float32)
-        with self.autocast():
-            result = evaluate(self.model, self.tokenizer, self.work.eval_set, self.reward_fn, samples=ec.samples,
-                              temperature=ec.temperature, max_new_tokens=ec.max_new_tokens,
-                              batch_size=ec.batch_size, seed=self.cfg.run.seed + 7, loss_impl=self.cfg.ple.loss_impl,
-                              baseline_rewards=base, task_metrics=self.work.task_metrics,
-                              progress=self.cfg.run.progress and self.dist.is_main,
-                              backend=self.cfg.rollout.backend, attention=self.attention, dist=self.dist)
+        base = None if baseline is None else torch.tensor(baseline["rewards"], dtype=torch.float32)
+        with self.policy.autocast():
+            result = evaluate(self.policy, self.tokenizer, self.work.eval_set, self.reward_fn, samples=ec.samples,
+                              sampling=Sampling(ec.max_new_tokens, ec.temperature), batch_size=ec.batch_size,
+                              seed=self.cfg.run.seed + 7, baseline_rewards=base, task_metrics=self.work.task_metrics,
+                              progress=self.cfg.run.progress and self.dist.is_main, dist=self.dist)
         self.reshard()
         return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses}
 
@@ -450,13 +309,10 @@ class Trainer:
             batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
             n_tokens = sum(len(b[1]) for b in batch)
             local, _ = self.dist.shard(batch)      # sft.batch_size is a multiple of the world size
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once, as in alignment_loss
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once, as in alignment
             for micro in _chunks(local, sc.grad_accum):
-                with self.autocast():
-                    logps = response_logprobs(self.model, [b[0] for b in micro], [b[1] for b in micro],
-                                              impl=self.cfg.ple.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention, compile=self.compile_layers,
-                                              fused=self.fused_layers)
+                with self.policy.autocast():
+                    logps = self.policy.logprobs([b[0] for b in micro], [b[1] for b in micro])
                 loss = -logps.sum() / max(n_tokens, 1) * self.dist.world_size
                 loss.backward()
                 loss_sum += loss.detach()
@@ -475,9 +331,9 @@ class Trainer:
         bar.close()
 
     def run_alignment(self) -> None:
-        """PLE or a baseline for cfg.ple.iterations passes over the queries."""
+        """The algorithm for cfg.ple.iterations passes over the queries; tau decays per iteration or step."""
         pc, queries = self.cfg.ple, self.work.queries
-        if pc.algo == "sft" or pc.iterations <= 0 or not queries:
+        if not self.algorithm.aligns or pc.iterations <= 0 or not queries:
             return
         self.optimizer_for("align")
         per_iteration = self.batches_per_iteration()
@@ -494,8 +350,7 @@ class Trainer:
                                 self.state.batch_in_iteration)
             while self.state.batch_in_iteration < per_iteration:
                 lo = self.state.batch_in_iteration * pc.batch_size
-                batch = [queries[i] for i in order[lo:lo + pc.batch_size]]
-                self.alignment_step(batch, samples)
+                self.alignment_step([queries[i] for i in order[lo:lo + pc.batch_size]], samples)
                 self.state.batch_in_iteration += 1
                 self.state.align_step += 1
                 if pc.decay == "step":
@@ -507,7 +362,78 @@ class Trainer:
                                 upd_tok_s=f"{t['tokens'] / max(t['update_seconds'], 1e-9):,.0f}")
                 self.after_step()
             bar.close()
+            if pc.decay == "iteration":
+                self.state.tau *= pc.alpha
             self.finish_iteration(samples)
+
+    def alignment_step(self, batch: list[Query], samples: list[dict]) -> None:
+        """One update: sample (PLE: y and y_p), score against the original query, loss, update."""
+        algo, t = self.algorithm, self.state.totals
+        batch, real = self.dist.shard(batch)
+        q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
+        tick = time.perf_counter()
+        drawn = algo.sample(self.policy, q_ids, seed=self.cfg.run.seed * 1_000_003 + self.state.align_step)
+        self.reshard()
+        t["gen_seconds"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        with torch.no_grad():
+            raw = algo.score(self.reward_fn, q_texts, drawn, self.decode)
+            raw[~torch.tensor(real, dtype=torch.bool)] = float("nan")     # padding of this rank's shard
+            rewards = self.normalizer(raw.flatten()).view_as(raw)
+        t["score_seconds"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        self.model.train()
+        loss_value = self.alignment_loss(q_ids, drawn, rewards, real)
+        if self.apply_update(loss_value):
+            t["loss"] += loss_value
+            t["steps"] += 1
+        t["update_seconds"] += time.perf_counter() - tick
+        self.record_step(batch, drawn, raw, rewards, real, samples)
+
+    def alignment_loss(self, q_ids: list[list[int]], drawn: Samples, rewards: torch.Tensor,
+                       real: list[bool]) -> float | None:
+        """Backward of the batch loss over grad_accum micro-batches; returns its value (None: no pair).
+
+        The batch loss is the mean over every rank's valid queries, so each micro-batch adds its
+        share divided by the global count (times the world size: FSDP averages grads)."""
+        valid = self.algorithm.valid(rewards, real)
+        self.state.totals["dropped"] += sum(real) - int(valid.sum())
+        global_valid = self.dist.sum(float(valid.sum()))
+        if global_valid == 0:
+            return None
+        scale = self.dist.world_size / global_valid
+        step = Step(q_ids, drawn, rewards, valid, valid.tolist(), rewards.to(self.device))
+        # summed on the device and read once, after the last backward: a read per micro-batch (or a
+        # copy to the GPU after its forward) would stall the host until the GPU caught up, every time
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        ranked = torch.zeros((), dtype=torch.int64, device=self.device)
+        for micro in _chunks(list(range(len(q_ids))), self.cfg.ple.grad_accum):
+            with self.policy.autocast():
+                loss, micro_ranked = self.algorithm.loss(self.policy, step, micro, scale, self.state.tau)
+            if micro_ranked is not None:
+                ranked += micro_ranked
+            loss.backward()
+            total += loss.detach()
+        total, ranked = torch.stack([total, ranked.double()]).tolist()
+        self.state.totals["ranked"] += int(ranked)
+        return self.dist.sum(total) / self.dist.world_size
+
+    def record_step(self, batch: list[Query], drawn: Samples, raw: torch.Tensor, rewards: torch.Tensor,
+                    real: list[bool], samples: list[dict]) -> None:
+        """The step's share of the iteration's totals, and the first responses of the iteration."""
+        t = self.state.totals
+        finite = torch.isfinite(raw).all(dim=1)
+        t["pairs"] += sum(real)
+        t["delta"] += float(self.algorithm.delta(raw, rewards)[finite].sum())
+        t["s"] += float(raw[finite, 0].sum())
+        t["s_p"] += float(raw[finite, -1].sum())
+        t["tokens"] += sum(len(r) + len(r2) for r, r2, keep in zip(drawn.first, drawn.second, real) if keep)
+        if len(samples) < SAMPLES_PER_ITERATION:
+            firsts, seconds = self.decode(drawn.first), self.decode(drawn.second)
+            for k in range(min(len(batch), SAMPLES_PER_ITERATION - len(samples))):
+                samples.append({"step": self.state.align_step, "query": batch[k].text, "original": firsts[k],
+                                self.algorithm.second_key: seconds[k],
+                                "reward": raw[k, 0].item(), "reward_2": raw[k, -1].item()})
 
     def finish_iteration(self, samples: list[dict]) -> None:
         pc, t = self.cfg.ple, self.dist.sum_dict(self.state.totals)
@@ -516,12 +442,11 @@ class Trainer:
             for key in ("gen_seconds", "score_seconds", "update_seconds"):   # wall time, not summed
                 t[key] = t[key] / self.dist.world_size
         iteration = self.state.iteration
-        if pc.decay == "iteration":
-            self.state.tau *= pc.alpha
         scored = max(t["pairs"] - t["dropped"], 1)
+        ranks = self.algorithm.ranks
         record = {"phase": "align", "algo": pc.algo, "iteration": iteration + 1, "step": self.state.align_step,
                   "global_step": self.state.global_step, "tau": t["tau"],
-                  "ranked_share": t["ranked"] / scored if pc.algo == "ple" else None,
+                  "ranked_share": t["ranked"] / scored if ranks else None,
                   "mean_delta": t["delta"] / scored, "mean_reward": t["s"] / scored,
                   "mean_reward_principled": t["s_p"] / scored, "loss": t["loss"] / max(t["steps"], 1),
                   "dropped_pairs": t["dropped"], "skipped_steps": self.state.skipped_steps,
@@ -529,8 +454,8 @@ class Trainer:
                   "update_tokens_per_s": t["tokens"] / max(t["update_seconds"], 1e-9),
                   "scoring_seconds": t["score_seconds"]}
         self.state.history.append(record)
-        second = "r(2nd sample)" if pc.algo == "raft" else "r(y_p)"
-        ranked = f"ranked {record['ranked_share']:.2f}  " if pc.algo == "ple" else ""
+        second = self.algorithm.second_label
+        ranked = f"ranked {record['ranked_share']:.2f}  " if ranks else ""
         self.log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  tau {t['tau']:.3f}  {ranked}"
                                f"delta {record['mean_delta']:+.3f}  r(y) {record['mean_reward']:+.3f}  "
                                f"{second} {record['mean_reward_principled']:+.3f}  loss {record['loss']:.4f}"
@@ -546,123 +471,3 @@ class Trainer:
         self.state.iteration += 1
         self.state.batch_in_iteration = 0
         self.state.totals = {}
-
-    def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-        return [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
-
-    def alignment_step(self, batch: list[Query], samples: list[dict]) -> None:
-        pc, rc, t = self.cfg.ple, self.cfg.rollout, self.state.totals
-        batch, real = self.dist.shard(batch)
-        q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
-        gen = dict(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
-                   seed=self.cfg.run.seed * 1_000_003 + self.state.align_step)
-        tick = time.perf_counter()
-        with self.autocast():
-            if pc.algo == "raft":
-                # n samples per query without the principle (budget: n >= 2, like PLE's two)
-                drawn = generate(self.model, [q for q in q_ids for _ in range(pc.raft_samples)],
-                                 backend=rc.backend, **gen)
-                first, second = drawn[0::pc.raft_samples], drawn[1::pc.raft_samples]
-            else:
-                roll = generate_dual(self.model, q_ids, self.work.principle_ids, backend=rc.backend,
-                                     bos_token_id=self.bos_id, **gen)
-                first, second, drawn = roll.originals, roll.principled, None
-        self.reshard()
-        t["gen_seconds"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        with torch.no_grad():
-            if drawn is None:
-                raw = self.reward_fn.score_pairs(q_texts, self.decode(first), self.decode(second))
-            else:
-                texts = [q for q in q_texts for _ in range(pc.raft_samples)]
-                raw = self.reward_fn(texts, self.decode(drawn)).view(len(batch), pc.raft_samples)
-            raw[~torch.tensor(real, dtype=torch.bool)] = float("nan")     # padding of this rank's shard
-            rewards = self.normalizer(raw.flatten()).view_as(raw)
-        t["score_seconds"] += time.perf_counter() - tick
-        tick = time.perf_counter()
-        self.model.train()
-        loss_value = self.alignment_loss(q_ids, first, second, drawn, rewards, real)
-        if self.apply_update(loss_value):
-            t["loss"] += loss_value
-            t["steps"] += 1
-        t["update_seconds"] += time.perf_counter() - tick
-        finite = torch.isfinite(raw).all(dim=1)
-        t["pairs"] += sum(real)
-        t["delta"] += float((rewards[:, -1] - rewards[:, 0])[finite].sum()) if pc.algo != "raft" else \
-            float((raw[:, 1] - raw[:, 0])[finite].sum())
-        t["s"] += float(raw[finite, 0].sum())
-        t["s_p"] += float(raw[finite, -1].sum())
-        t["tokens"] += sum(len(r) + len(r2) for r, r2, keep in zip(first, second, real) if keep)
-        if len(samples) < SAMPLES_PER_ITERATION:
-            firsts, seconds = self.decode(first), self.decode(second)
-            for k in range(min(len(batch), SAMPLES_PER_ITERATION - len(samples))):
-                samples.append({"step": self.state.align_step, "query": q_texts[k], "original": firsts[k],
-                                "principled" if pc.algo != "raft" else "second_sample": seconds[k],
-                                "reward": raw[k, 0].item(), "reward_2": raw[k, -1].item()})
-
-    def alignment_loss(self, q_ids, first, second, drawn, rewards, real) -> float | None:
-        """Backward of the batch loss over grad_accum micro-batches; returns its value (None: no pair).
-
-        The batch loss is the mean over every rank's valid pairs, so each micro-batch adds its
-        pairs' losses divided by the global count (times the world size: FSDP averages grads)."""
-        pc, t = self.cfg.ple, self.state.totals
-        if pc.algo == "ple":
-            valid = torch.isfinite(rewards).all(dim=1)
-        elif pc.algo == "raft":
-            valid = torch.isfinite(rewards).any(dim=1)      # the best finite sample is still a target
-        else:
-            valid = torch.tensor(real, dtype=torch.bool)     # distillation does not use the rewards
-        t["dropped"] += sum(real) - int(valid.sum())
-        global_valid = self.dist.sum(float(valid.sum()))
-        if global_valid == 0:
-            return None
-        scale = self.dist.world_size / global_valid
-        # summed on the device and read once, after the last backward: a read per micro-batch (or a
-        # copy to the GPU after its forward) would stall the host until the GPU caught up, every time
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        ranked = torch.zeros((), dtype=torch.int64, device=self.device)
-        device_rewards, valid = rewards.to(self.device), valid.cpu()
-        valid_flags = valid.tolist()
-        if pc.algo == "raft":      # each query's best sample: the target of its SFT loss
-            scores = torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, -math.inf))
-            best = scores.argmax(dim=1).tolist()
-        for micro in _chunks(list(range(len(q_ids))), pc.grad_accum):
-            n_valid = sum(valid_flags[k] for k in micro)
-            with self.autocast():
-                if pc.algo == "ple":
-                    if self.attention is not None:     # each query computed once for both responses
-                        rows = packed_dual_response_rows(self.model, [q_ids[k] for k in micro],
-                                                         [first[k] for k in micro], [second[k] for k in micro],
-                                                         backend=self.attention, compile=self.compile_layers,
-                                                         fused=self.fused_layers)
-                    else:
-                        prompts = [q_ids[k] for k in micro for _ in range(2)]
-                        responses = [r for k in micro for r in (first[k], second[k])]
-                        rows = padded_response_rows(self.model, prompts, responses, pad_token_id=self.pad_id)
-                    out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index,
-                                   device_rewards[micro], self.state.tau, rank_loss=pc.rank_loss,
-                                   weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
-                                   length_normalize=pc.length_normalize, beta=pc.beta, impl=pc.loss_impl,
-                                   softcap=rows.softcap)
-                    loss = out.loss * (n_valid * scale)      # micro mean -> share of the global mean
-                    ranked += (out.ranked & out.valid).sum()
-                else:
-                    if pc.algo == "raft":
-                        targets = [drawn[k * pc.raft_samples + best[k]] for k in micro]
-                    else:
-                        targets = [second[k] for k in micro]
-                    # moved before the forward is queued (a copy after it would wait for the GPU)
-                    counts = to_device(torch.tensor([max(len(r), 1) for r in targets]), self.device)
-                    weights = to_device(valid[micro], self.device)
-                    logps = response_logprobs(self.model, [q_ids[k] for k in micro], targets,
-                                              impl=pc.loss_impl, pad_token_id=self.pad_id,
-                                              attention=self.attention, compile=self.compile_layers,
-                                              fused=self.fused_layers)
-                    per_seq = logps / counts if pc.length_normalize else logps
-                    loss = -(per_seq * weights.to(per_seq.dtype)).sum() * scale
-            loss.backward()
-            total += loss.detach()
-        total, ranked = torch.stack([total, ranked.double()]).tolist()
-        t["ranked"] += int(ranked)
-        return self.dist.sum(total) / self.dist.world_size

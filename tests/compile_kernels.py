@@ -17,8 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import (decode_attention, logprob, rms_norm, rotary, sampling, step_record, swiglu,
-                              varlen_attention)
+from ple_fast.kernels import (_common, decode_attention, logprob, rms_norm, rotary, sampling, step_record,
+                              swiglu, varlen_attention)
 
 # per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
@@ -196,7 +196,7 @@ def launches(arch: int):
 
 
 def main(arch: int) -> int:
-    if logprob.INTERPRETED:
+    if _common.INTERPRETED:
         raise SystemExit("compile_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     failed = 0
     for label, kernel, pointers, constexprs, warps, stages in launches(arch):

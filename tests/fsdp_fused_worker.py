@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_dual_forward                     # noqa: E402
 import ple_fast.fused_layers as fused_layers  # noqa: E402
 from ple_fast.distributed import reshard, shard_model  # noqa: E402
+from ple_fast.forward import dual_response_rows  # noqa: E402
+from ple_fast.plan import forward_plan  # noqa: E402
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -33,9 +35,11 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def step(model, pairs, weights):
-    """Log-probs and full gradients of sum_i w_i logp_i, then an SGD step on them."""
+    """Log-probs and full gradients of sum_i w_i logp_i, then an SGD step on them; the plan resolved for
+    the (sharded or plain) model, as the trainer's is."""
     model.zero_grad(set_to_none=True)       # before the forward, as the trainer's steps leave it
-    rows = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+    plan = forward_plan(model, layout="packed", attention="triton", layers="fused")
+    rows = dual_response_rows(model, plan, *pairs)
     logps, _ = test_dual_forward.logps_and_grads(model, rows, weights)
     grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     with torch.no_grad():

@@ -12,10 +12,12 @@ IMPORT_ALL = """
 import ple_fast, ple_fast._C, ple_fast.kernels, ple_fast.layout
 import torch
 assert ple_fast.kernels.__name__ == "ple_fast.kernels"
+assert ple_fast.kernels.__file__.startswith(REPO + "/ple_fast/kernels/"), ple_fast.kernels.__file__
+import ple_fast.kernels.logprob
 import transformers.modeling_utils       # imports the hub's `kernels` package where it is installed
-import importlib.util                    # the source tree's kernels/ (no __init__.py) never shadows it
+import importlib.util                    # no top-level kernels/ of the repo shadows it
 spec = importlib.util.find_spec("kernels")
-assert spec is None or spec.origin is None or not spec.origin.startswith(REPO + "/kernels/"), spec.origin
+assert spec is None or spec.origin is None or not spec.origin.startswith(REPO + "/"), spec.origin
 assert hasattr(torch.ops.ple_fast, "dual_layout")
 print("ok", ple_fast._C.__file__)
 """
@@ -52,4 +54,5 @@ def test_pyproject_contract():
     assert names == {"torch", "triton", "transformers", "safetensors", "numpy", "pyyaml", "tqdm"}
     assert set(project["optional-dependencies"]) >= {"test", "lora", "plots", "logging"}
     packages = config["tool"]["scikit-build"]["wheel"]["packages"]
-    assert packages == {"ple_fast": "ple_fast", "ple_fast/kernels": "kernels"}
+    assert packages == ["ple_fast"]                   # the kernels are the real subpackage ple_fast/kernels
+    assert (REPO / "ple_fast" / "kernels" / "__init__.py").is_file() and not (REPO / "kernels" / "logprob.py").exists()

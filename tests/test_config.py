@@ -39,6 +39,29 @@ def test_wrong_types_and_choices_name_the_key():
         build_config(None, ["ple=3"])
 
 
+def test_bounds_on_the_fields_name_the_key():
+    """ge / gt / lt on the fields, the same check from the command line and from a file."""
+    for override, message in (("ple.batch_size=0", "ple.batch_size: must be at least 1, got 0"),
+                              ("ple.lr=0", "ple.lr: must be greater than 0.0, got 0.0"),
+                              ("lora.dropout=1", "lora.dropout: must be less than 1.0, got 1.0"),
+                              ("sft.steps=-1", "sft.steps: must be at least 0, got -1")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(None, [override])
+    assert build_config(None, ["ple.iterations=0", "data.eval_fraction=0"]).ple.iterations == 0
+
+
+def test_experimental_values_from_a_file(tmp_path):
+    """experimental=true may come from the file or the command line; the check runs on the result."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("ple:\n  layers: compiled\n")
+    with pytest.raises(ConfigError, match="ple.layers=compiled is experimental"):
+        build_config(str(path))
+    assert build_config(str(path), ["experimental=true"]).ple.layers == "compiled"
+    path.write_text("experimental: true\nrollout:\n  merged_projections: true\n")
+    assert build_config(str(path)).rollout.merged_projections is True
+    assert Config().experimental is False
+
+
 def test_bad_yaml_names_file_and_line(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("ple:\n  iterations: 3\n  tau0: [1,\n")

@@ -1,4 +1,4 @@
-"""Decode attention over the static cache (kernels/decode_attention.py) against its fp64 oracle.
+"""Decode attention over the static cache (ple_fast/kernels/decode_attention.py) against its fp64 oracle.
 CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` runs the compiled kernel."""
 import pytest
 import torch

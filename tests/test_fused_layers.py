@@ -9,7 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ple_fast.fused_layers import decode_hidden, position_independent_rotary, rotary_tables, unsupported_reason
 from ple_fast.engine import RolloutEngine
+from ple_fast.forward import dual_response_rows
 from ple_fast.models import head_dim
+from ple_fast.plan import ForwardPlan, engine_options, forward_plan
 from ple_fast.kernels.decode_attention import CANDIDATE_TILES
 from ple_fast.kernels.rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm
 from ple_fast.kernels.rotary import rotary, rotary_reference
@@ -188,6 +190,9 @@ def test_rotary_forward_rounds_like_hf_and_backward_matches_fp64(tokens, q_heads
 
 # ------------------------------------------------------------------------- the training forward
 
+FUSED_TRITON = ForwardPlan("packed", "triton", "fused", "torch")     # the CUDA default's scoring forward
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_shared_input_projections_equal_the_modules(autocast):
     """project() (one autograd node for q / k / v or gate / up): outputs and the gradients of x, the
@@ -234,14 +239,14 @@ def test_shared_input_projections_equal_the_modules(autocast):
 @pytest.mark.parametrize("family,backend", [("llama", "sdpa"), ("qwen2", "sdpa"), ("mistral", "sdpa"),
                                             ("qwen3", "sdpa"), ("llama", "triton"), ("qwen2", "triton")])
 def test_fused_training_layers_match_padded_hf_forwards(family, backend):
-    """dual_forward(fused=True): log-probs and every parameter's gradient equal separate padded HF
+    """dual_forward(layers="fused"): log-probs and every parameter's gradient equal separate padded HF
     forwards (fp32, 1e-5 on CPU) over random pairs with 1-token and empty responses; Qwen2 / Qwen3 mix full
     and sliding-window layers, Mistral slides everywhere. The layers get their own forward back."""
     model = test_dual_forward.tiny_model(family).to(DEVICE)
     rng = random.Random(11)
     for trial in range(3):
         test_dual_forward.check_against_padded(model, test_dual_forward.random_pairs(rng, [1, 3, 5][trial]),
-                                               backend, seed=trial, fused=True, tol=FP32_FORWARD_TOL)
+                                               backend, seed=trial, layers="fused", tol=FP32_FORWARD_TOL)
     assert not any("forward" in vars(module) for module in [*model.model.layers, model.model.norm])
 
 
@@ -257,10 +262,10 @@ def test_fused_training_layers_under_bf16_autocast(backend):
     weights = torch.randn(8, generator=torch.Generator().manual_seed(5))
     device_type = "cuda" if DEVICE == "cuda" else "cpu"
     results = []
-    for fused in (True, False):
+    for layers in ("fused", "stock"):
         with torch.autocast(device_type, dtype=torch.bfloat16):
-            rows = test_dual_forward.packed_dual_response_rows(model, queries, originals, principled,
-                                                               backend=backend, fused=fused)
+            rows = dual_response_rows(model, ForwardPlan("packed", backend, layers, "torch"), queries, originals,
+                                      principled)
         results.append(test_dual_forward.logps_and_grads(model, rows, weights))
     (got_logps, got_grads), (want_logps, want_grads) = results
     assert rel_err(got_logps, want_logps) < 2e-2
@@ -316,10 +321,14 @@ def test_fused_training_layers_refuse_what_they_do_not_cover():
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         with fused_decoder_layers(gpt2):
             pass
+    with pytest.raises(ValueError, match="layers=fused: model_type 'gpt2'"):
+        forward_plan(gpt2, attention="sdpa", layers="fused")
     model = test_dual_forward.tiny_model("llama")
+    with pytest.raises(ValueError, match="layers=fused: runs in packed forwards"):
+        forward_plan(model, layout="padded", layers="fused")
     batch = pack_dual([[1, 2]], [[3]], [[4]])
-    with pytest.raises(ValueError, match="choose one"):
-        dual_forward(model, batch, "sdpa", compile=True, fused=True)
+    with pytest.raises(ValueError, match=r"dual_forward: layers='fused\+compiled'"):
+        dual_forward(model, batch, "sdpa", layers="fused+compiled")
 
 
 # ---------------------------------------------------------------------------- the decode step
@@ -340,8 +349,8 @@ def family_model(family: str, extra: dict, dtype: torch.dtype = torch.float32):
 
 def prepared_step(model, prompts, principle, prefixed, **engine_kw):
     """An engine after prefill and its first token: the state one decode step starts from (its
-    output buffer sized for 2 tokens)."""
-    engine = RolloutEngine(model, decode_attention="triton", cuda_graphs=False, **engine_kw)
+    output buffer sized for 2 tokens). engine_kw: more engine_options."""
+    engine = RolloutEngine(model, engine_options(model, decode_attention="triton", cuda_graphs=False, **engine_kw))
     engine.generate(prompts, max_new_tokens=2, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed)
     engine.generate(prompts, max_new_tokens=1, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed)
     return engine
@@ -374,13 +383,13 @@ def test_one_decode_step_equals_the_stock_layers(family, extra, dtype):
     prompts = random_tokens([3, 9, 1, 6], seed=61)
     principle = random_tokens([4], seed=62)[0]
     prefixed = [True, False, False, True]
-    engine = prepared_step(model, prompts, principle, prefixed, fused_layers=False)
+    engine = prepared_step(model, prompts, principle, prefixed, layers="stock")
     st, cache = engine.state, engine.cache
     batch = len(prompts)
     kv_length = cache.capacity
     saved = (cache.keys.clone(), cache.values.clone())
     with engine._engine_mode():
-        stock = engine._hidden(st.tokens.view(batch, 1), st.positions.view(batch, 1), slice(0, batch), kv_length)[:, -1]
+        stock = engine._stock_hidden(kv_length)
         stock_cache = (cache.keys.clone(), cache.values.clone())
         cache.keys.copy_(saved[0])
         cache.values.copy_(saved[1])
@@ -427,7 +436,7 @@ def test_rotary_tables_are_not_used_where_the_frequencies_follow_the_batch():
     model = family_model("llama", {"rope_parameters": dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)})
     assert not position_independent_rotary(model)
     engine = prepared_step(model, random_tokens([3, 5], seed=64), [], [False, False])
-    assert engine.fused_layers and not engine.rope_from_tables and engine.rope_tables is None
+    assert engine.options.fused_layers and not engine.rope_from_tables and engine.rope_tables is None
 
 
 @pytest.mark.parametrize("family,extra", FAMILIES + [("llama", {"rope_parameters": LLAMA3_ROPE})])
@@ -443,8 +452,8 @@ def test_fused_engine_equals_hf_generate(family, extra, monkeypatch):
     model = family_model(family, extra)
     queries = random_tokens([3, 9, 1, 6], seed=71)
     principle = random_tokens([4], seed=72)[0]
-    engine = RolloutEngine(model, decode_attention="triton")
-    assert engine.fused_layers
+    engine = RolloutEngine(model, engine_options(model, decode_attention="triton"))
+    assert engine.options.fused_layers
     got = engine.generate(queries + queries, max_new_tokens=10, eos_token_ids=[NO_EOS], prefix=principle,
                           prefixed=[False] * 4 + [True] * 4)
     assert len(prefill_layers) == model.config.num_hidden_layers       # one packed prefill chunk
@@ -464,8 +473,8 @@ def test_peft_lora_layers_run_inside_the_fused_step():
     wrapped = peft.get_peft_model(model, lora)
     queries = random_tokens([3, 6, 2], seed=13)
     principle = [7, 8, 9]
-    engine = RolloutEngine(wrapped, decode_attention="triton")
-    assert engine.fused_layers
+    engine = RolloutEngine(wrapped, engine_options(wrapped, decode_attention="triton"))
+    assert engine.options.fused_layers
     got = engine.generate(queries, max_new_tokens=8, eos_token_ids=[NO_EOS], prefix=principle,
                           prefixed=[True, False, True])
     full = [principle + queries[0], queries[1], principle + queries[2]]
@@ -474,7 +483,7 @@ def test_peft_lora_layers_run_inside_the_fused_step():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a second CUDA stream")
 @pytest.mark.parametrize("family,extra", FAMILIES)
-def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
+def test_side_stream_changes_nothing_but_the_streams(family, extra):
     """The k / v projections beside q and gate beside up on a second stream (side_by_side): one eager
     step gives the same hidden states and cache writes, and whole generations in CUDA graphs (captured
     with the second stream, no fallback) give the same tokens, greedy and sampled."""
@@ -482,7 +491,7 @@ def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
     prompts = random_tokens([3, 9, 1, 6], seed=91)
     principle = random_tokens([4], seed=92)[0]
     prefixed = [True, False, False, True]
-    engine = prepared_step(model, prompts, principle, prefixed, concurrent_projections=False)
+    engine = prepared_step(model, prompts, principle, prefixed, side_stream=False)
     one_stream, two_streams = steps_from_one_cache(model, engine, [{}, {"side_stream": torch.cuda.Stream()}])
     torch.cuda.synchronize()
     for one, two in zip(one_stream, two_streams):
@@ -490,11 +499,11 @@ def test_concurrent_projections_change_nothing_but_the_streams(family, extra):
     for temperature in (0.0, 1.0):
         kw = dict(max_new_tokens=12, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed,
                   temperature=temperature, seed=5)
-        one_stream = RolloutEngine(model, concurrent_projections=False)
+        one_stream = RolloutEngine(model, engine_options(model, side_stream=False))
         two_streams = RolloutEngine(model)
-        assert two_streams.concurrent_projections and not one_stream.concurrent_projections
+        assert two_streams.side_stream is not None and one_stream.side_stream is None
         assert two_streams.generate(prompts, **kw) == one_stream.generate(prompts, **kw)
-        assert two_streams.concurrent_projections and two_streams.last_stats.graphs
+        assert two_streams.side_stream is not None and two_streams.last_stats.graphs
 
 
 def _launch_counted(counter, launch, count):
@@ -515,8 +524,9 @@ class _CountOps(TorchDispatchMode):
     (the host functions below, whose insides the interpreter would otherwise show as aten ops)."""
     FREE = {"view", "_unsafe_view", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "t",
             "reshape", "permute", "alias", "detach", "as_strided", "empty", "empty_like", "empty_strided"}
-    LAUNCHERS = [("ple_fast.kernels.rms_norm", "add_rms_norm"), ("ple_fast.kernels.swiglu", "silu_mul"),
-                 ("ple_fast.kernels.decode_attention", "decode_attention"), ("ple_fast.engine", "record_step")]
+    LAUNCHERS = [("ple_fast.fused_layers", "add_rms_norm"), ("ple_fast.fused_layers", "silu_mul"),    # where called
+                 ("ple_fast.fused_layers", "decode_attention"), ("ple_fast.engine.attention", "decode_attention"),
+                 ("ple_fast.engine.rollout_engine", "record_step")]
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -544,7 +554,7 @@ def test_fused_step_leaves_only_the_projections_to_torch(monkeypatch):
     prompts = random_tokens([3, 5], seed=81)
     counts = {}
     for fused in (True, False):
-        engine = prepared_step(model, prompts, [], [False, False], fused_layers=fused)
+        engine = prepared_step(model, prompts, [], [False, False], layers="fused" if fused else "stock")
         with engine._engine_mode(), _CountOps(monkeypatch) as ops:
             engine._decode_step(engine.cache.capacity, (0.0, 0, 1.0, False), *engine._constants(0, (NO_EOS,)))
         counts[fused] = (ops.aten, ops.triton)
@@ -592,7 +602,7 @@ def test_fused_training_layer_kernel_count(monkeypatch):
         model = test_dual_forward.tiny_model("llama", layers=layers).to(DEVICE)
         pairs = test_dual_forward.random_pairs(random.Random(2), 3)
         with monkeypatch.context() as patch, _CountTrainingOps(patch) as ops:
-            rows = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+            rows = dual_response_rows(model, FUSED_TRITON, *pairs)
             rows.hidden.float().square().sum().backward()
         counts[layers] = ops
     per_layer = lambda kind: {name: (getattr(counts[3], kind).get(name, 0) - getattr(counts[1], kind).get(name, 0)) / 2
@@ -627,7 +637,7 @@ def _packed_step(model, pairs, weights, monkeypatch, one_node: bool, autocast: b
             patch.setattr(fused_layers, "_one_node_reason", lambda *args: "forced")
         precision = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision:
-            rows = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+            rows = dual_response_rows(model, FUSED_TRITON, *pairs)
         logps, grads = test_dual_forward.logps_and_grads(model, rows, weights)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return logps, grads, len(calls), sum(n for ptr, n in saved.items() if ptr not in params)
@@ -687,23 +697,23 @@ def test_one_node_layer_falls_back_per_op_after_a_gpu_launch_failure(monkeypatch
     """A Triton launch failure on a GPU inside the one-node layer: warned once, then that layer and every
     later one run per op on the `segments` backend, with the same log-probs (a CPU error is raised)."""
     import ple_fast.attention as attention
-    import ple_fast.kernels.varlen_attention as kernel_module
+    import ple_fast.fused_layers as fused_layers
 
     model = test_dual_forward.tiny_model("llama").to(DEVICE)
     pairs = test_dual_forward.random_pairs(random.Random(8), 2)
-    want = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="segments", fused=True).hidden
+    want = dual_response_rows(model, ForwardPlan("packed", "segments", "fused", "torch"), *pairs).hidden
 
     def out_of_resources(*args, **kwargs):
         raise RuntimeError("simulated: out of shared memory")
 
-    monkeypatch.setattr(kernel_module, "varlen_forward", out_of_resources)
+    monkeypatch.setattr(fused_layers, "varlen_forward", out_of_resources)     # the one-node layer's kernel
     monkeypatch.setattr(attention, "_triton_failed", [])
     monkeypatch.setattr(attention, "_gpu_launch_failure", lambda err, device: False)
     with pytest.raises(RuntimeError, match="simulated"):
-        test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True)
+        dual_response_rows(model, FUSED_TRITON, *pairs)
     monkeypatch.setattr(attention, "_gpu_launch_failure", lambda err, device: True)
     with pytest.warns(RuntimeWarning, match="using the 'segments' backend from now on"):
-        got = test_dual_forward.packed_dual_response_rows(model, *pairs, backend="triton", fused=True).hidden
+        got = dual_response_rows(model, FUSED_TRITON, *pairs).hidden
     assert len(attention._triton_failed) == 1
     torch.testing.assert_close(got, want, rtol=FP32_FORWARD_TOL, atol=1e-6)
 
@@ -727,7 +737,7 @@ def test_packed_training_step_reads_the_device_only_before_its_forward(backend, 
     rewards = torch.tensor([[0.1, 0.9], [0.5, 0.2], [-1.0, 1.0]], device=DEVICE)
 
     def step():
-        rows = packed_rows(model, batch, 6, backend, fused=True)
+        rows = packed_rows(model, batch, 6, ForwardPlan("packed", backend, "fused", "torch"))
         out = loss.ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index, rewards, 0.3)
         out.loss.backward()
 
@@ -749,31 +759,37 @@ def test_packed_training_step_reads_the_device_only_before_its_forward(backend, 
 
 
 def test_option_resolution_and_errors():
+    """engine_options: the fused layers by default wherever the triton decode attention runs and the
+    family is covered; the side stream only on CUDA with them; each impossible combination a ValueError."""
     model = family_model("llama", {})
-    assert RolloutEngine(model, decode_attention="triton").fused_layers
-    assert not RolloutEngine(model, decode_attention="sdpa").fused_layers
-    assert not RolloutEngine(model, decode_attention="triton", compile_decode=True).fused_layers
-    assert not RolloutEngine(model, decode_attention="triton", fused_layers=False).fused_layers
+    options = lambda **kw: engine_options(model, **kw)       # noqa: E731
+    assert options(decode_attention="triton").fused_layers
+    assert not options(decode_attention="sdpa").fused_layers
+    assert not options(decode_attention="triton", layers="stock").fused_layers
+    assert RolloutEngine(model, options(decode_attention="triton")).options.fused_layers
     # the second stream for the projections: CUDA and the fused layers only
-    assert RolloutEngine(model, decode_attention="triton").concurrent_projections == (DEVICE == "cuda")
-    assert not RolloutEngine(model, decode_attention="triton", concurrent_projections=False).concurrent_projections
-    with pytest.raises(ValueError, match="concurrent_projections=True needs the fused layers on a CUDA device"):
-        RolloutEngine(model, decode_attention="sdpa", concurrent_projections=True)
-    with pytest.raises(ValueError, match="decode_attention='triton'"):
-        RolloutEngine(model, decode_attention="sdpa", fused_layers=True)
-    with pytest.raises(ValueError, match="choose one"):
-        RolloutEngine(model, decode_attention="triton", compile_decode=True, fused_layers=True)
+    assert options(decode_attention="triton").side_stream == (DEVICE == "cuda")
+    assert (RolloutEngine(model, options(decode_attention="triton")).side_stream is not None) == (DEVICE == "cuda")
+    assert not options(decode_attention="triton", side_stream=False).side_stream
+    assert RolloutEngine(model, options(decode_attention="triton", side_stream=False)).side_stream is None
+    with pytest.raises(ValueError, match="side_stream=True needs the fused layers on a CUDA device"):
+        options(decode_attention="sdpa", side_stream=True)
+    with pytest.raises(ValueError, match="layers=fused: it needs the triton decode attention"):
+        options(decode_attention="sdpa", layers="fused")
+    with pytest.raises(ValueError, match="choose auto, fused or stock"):
+        options(decode_attention="triton", layers="compiled")
     with pytest.raises(ValueError, match="decode_tile needs the fused layers"):
-        RolloutEngine(model, decode_attention="sdpa", decode_tile=CANDIDATE_TILES[0])
+        options(decode_attention="sdpa", decode_tile=CANDIDATE_TILES[0])
     with pytest.raises(ValueError, match=r"lacks \['num_warps'\]"):
-        RolloutEngine(model, decode_attention="triton", decode_tile=dict(BLOCK=32, num_stages=2))
+        options(decode_attention="triton", decode_tile=dict(BLOCK=32, num_stages=2))
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2))
     assert "model_type 'gpt2'" in unsupported_reason(gpt2)
-    assert not RolloutEngine(gpt2, decode_attention="triton").fused_layers
+    assert not engine_options(gpt2, decode_attention="triton").fused_layers
+    assert not RolloutEngine(gpt2, engine_options(gpt2, decode_attention="triton")).options.fused_layers
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        RolloutEngine(gpt2, decode_attention="triton", fused_layers=True)
+        engine_options(gpt2, decode_attention="triton", layers="fused")
 
 
 @pytest.mark.parametrize("tile", CANDIDATE_TILES[::2])
@@ -783,8 +799,8 @@ def test_every_candidate_tile_decodes_the_same_tokens(tile):
     longer than the 32- and 128-key blocks, so the kernel's loop runs several blocks."""
     model = family_model("llama", {}).eval()
     prompts = random_tokens([40, 3, 150, 70], seed=71)
-    want = RolloutEngine(model, decode_attention="triton").generate(prompts, max_new_tokens=6,
-                                                                    eos_token_ids=[NO_EOS])
-    engine = RolloutEngine(model, decode_attention="triton", decode_tile=tile)
-    assert engine.decode_tile == tile
+    want = RolloutEngine(model, engine_options(model, decode_attention="triton")).generate(
+        prompts, max_new_tokens=6, eos_token_ids=[NO_EOS])
+    engine = RolloutEngine(model, engine_options(model, decode_attention="triton", decode_tile=tile))
+    assert engine.options.decode_tile == tile
     assert engine.generate(prompts, max_new_tokens=6, eos_token_ids=[NO_EOS]) == want

@@ -230,11 +230,15 @@ def test_fp64_goes_through_the_torch_path():
 
 
 def test_bad_input_is_reported():
+    """sequence_logprobs(impl="triton") checks the arguments before the kernel (which does not); the
+    kernel itself refuses fp64, which that entry point routes to the torch path."""
     p = make_problem(12, 10, 8, 30, 1)
     with pytest.raises(ValueError, match="labels"):
-        logprob.fused_sequence_logprobs(p["hidden"], p["weight"], p["labels"][:5], p["seq_index"], 2)
+        sequence_logprobs(p["hidden"], p["weight"], p["labels"][:5], p["seq_index"], 2, impl="triton")
     with pytest.raises(ValueError, match="weight"):
-        logprob.fused_sequence_logprobs(p["hidden"], p["weight"][:, :4], p["labels"], p["seq_index"], 2)
+        sequence_logprobs(p["hidden"], p["weight"][:, :4], p["labels"], p["seq_index"], 2, impl="triton")
+    with pytest.raises(ValueError, match="fp64"):
+        logprob.fused_sequence_logprobs(p["hidden"].double(), p["weight"], p["labels"], p["seq_index"], 2)
 
 
 # ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from ple_fast.engine import RolloutEngine
 from ple_fast.kernels.decode_attention import decode_attention
 from ple_fast.kernels.swiglu import silu_mul_forward, silu_mul_reference
 from ple_fast.merged_projections import merge_projection_storage, merged_projection, projection_groups
+from ple_fast.plan import engine_options
 from ple_fast.rollout import generate
 from test_fused_layers import (DEVICE, FAMILIES, FP32_FORWARD_TOL, family_model, prepared_step, rel_err,
                                steps_from_one_cache)
@@ -137,7 +138,8 @@ def test_merged_engine_equals_hf_generate(family, extra):
     model = family_model(family, extra)
     queries = random_tokens([3, 9, 1, 6], seed=73)
     principle = random_tokens([4], seed=74)[0]
-    engine = RolloutEngine(model, decode_attention="triton", merged_projections=True)
+    engine = RolloutEngine(model, engine_options(model, decode_attention="triton", merged_projections=True))
+    assert engine.options.merged_projections and engine.options.fused_layers
     got = engine.generate(queries + queries, max_new_tokens=8, eos_token_ids=[NO_EOS], prefix=principle,
                           prefixed=[False] * 4 + [True] * 4)
     assert all(merged_projection(g) is not None for g in groups(model))
@@ -147,5 +149,6 @@ def test_merged_engine_equals_hf_generate(family, extra):
 
 def test_merged_projections_need_the_fused_layers():
     model = family_model("llama", {})
-    with pytest.raises(ValueError, match="merged_projections=True needs the fused layers"):
-        RolloutEngine(model, decode_attention="sdpa", merged_projections=True)
+    for stock in (dict(decode_attention="sdpa"), dict(decode_attention="triton", layers="stock")):
+        with pytest.raises(ValueError, match="merged_projections needs the fused layers"):
+            engine_options(model, merged_projections=True, **stock)

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-import ple_fast.forward
+import ple_fast.reward
 from ple_fast.models import build_tiny_llama, build_word_tokenizer, load_policy, save_policy
 from ple_fast.reward import BuiltinReward, CallableReward, HFReward, RewardFunction, RewardNormalizer, build_reward
 
@@ -187,15 +187,15 @@ def padded_pairs(reward, queries, first, second):
 
 
 def count_forwards(monkeypatch):
-    """Record the packed batches dual_forward sees."""
+    """Record the packed batches dual_forward sees (the reward model's packed forwards)."""
     seen = []
-    real = ple_fast.forward.dual_forward
+    real = ple_fast.reward.dual_forward
 
-    def spy(model, batch, backend="auto"):
+    def spy(model, batch, backend="auto", **kwargs):
         seen.append(batch)
-        return real(model, batch, backend)
+        return real(model, batch, backend, **kwargs)
 
-    monkeypatch.setattr(ple_fast.forward, "dual_forward", spy)
+    monkeypatch.setattr(ple_fast.reward, "dual_forward", spy)
     return seen
 
 
@@ -274,15 +274,15 @@ def test_pairs_fall_back_to_padded_without_a_score_head(tmp_path, monkeypatch):
 def test_pairs_fall_back_when_tree_attention_refuses(tmp_path, monkeypatch, error):
     import torch._dynamo.exc
 
-    if error == "compile":      # e.g. the flex kernel fails to compile (out of shared memory)
+    if error == "compile":      # e.g. a compiled kernel fails to compile (out of shared memory)
         error = torch._dynamo.exc.TorchDynamoException("No valid triton configs")
     reward = HFReward(str(tiny_reward_folder(tmp_path / "rm", word_tokenizer())), max_length=MAX_LENGTH)
     queries, first, second = pair_cases()
 
-    def refuse(model, batch, backend="auto"):
+    def refuse(model, batch, backend="auto", **kwargs):
         raise error
 
-    monkeypatch.setattr(ple_fast.forward, "dual_forward", refuse)
+    monkeypatch.setattr(ple_fast.reward, "dual_forward", refuse)
     with pytest.warns(UserWarning, match="padded path"):
         got = reward.score_pairs(queries, first, second)
     assert not reward.packed
@@ -292,10 +292,10 @@ def test_pairs_fall_back_when_tree_attention_refuses(tmp_path, monkeypatch, erro
 def test_pairs_do_not_swallow_other_errors(tmp_path, monkeypatch):
     reward = HFReward(str(tiny_reward_folder(tmp_path / "rm", word_tokenizer())), max_length=MAX_LENGTH)
 
-    def broken(model, batch, backend="auto"):
+    def broken(model, batch, backend="auto", **kwargs):
         raise IndexError("a bug")
 
-    monkeypatch.setattr(ple_fast.forward, "dual_forward", broken)
+    monkeypatch.setattr(ple_fast.reward, "dual_forward", broken)
     with pytest.raises(IndexError, match="a bug"):
         reward.score_pairs(*pair_cases())
     assert reward.packed

@@ -10,11 +10,11 @@ import torch
 import yaml
 from transformers import ViTConfig
 
-from ple_fast.config import ConfigError
+from ple_fast.config import ConfigError, RewardTrainConfig
 from ple_fast.data import LengthRule, PreferenceExample
 from ple_fast.models import build_tiny_llama, build_word_tokenizer
 from ple_fast.reward import build_reward, join_text
-from ple_fast.reward_train import (EncodedPairs, RewardTrainConfig, bradley_terry_loss, build_embedded_model,
+from ple_fast.reward_train import (EncodedPairs, bradley_terry_loss, build_embedded_model,
                                    build_rm_config, encode_pairs, encode_scored_text, encode_scored_texts,
                                    load_reward_base, lr_factor,
                                    main, pairwise_eval, score, score_pairs, score_reference)
@@ -214,8 +214,14 @@ def test_bad_config_key_suggests_the_closest(tmp_path, capsys):
         build_rm_config(str(path))
     with pytest.raises(ConfigError, match="train.decay: 'step' is not one of"):
         build_rm_config(None, ["train.decay=step"])
-    with pytest.raises(ConfigError, match="train.batch_size: must be > 0"):
-        build_rm_config(None, ["train.batch_size=0"])
+    for override, message in (("train.batch_size=0", "train.batch_size: must be at least 1, got 0"),
+                              ("train.lr=0", "train.lr: must be greater than 0.0"),
+                              ("data.eval_fraction=1", "data.eval_fraction: must be less than 1.0"),
+                              ("train.warmup_steps=-1", "train.warmup_steps: must be at least 0")):
+        with pytest.raises(ConfigError, match=message):
+            build_rm_config(None, [override])
+    with pytest.raises(ConfigError, match="model.hidden_size=30 must be a multiple of model.heads=4"):
+        build_rm_config(None, ["model.hidden_size=30", "model.heads=4"])     # a rule between keys
     with pytest.raises(SystemExit) as exc:
         main(["data.pth=x.jsonl", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2 and "did you mean 'data.path'" in capsys.readouterr().err

@@ -1,13 +1,12 @@
 """The fast rollout engine against Hugging Face generate and against the model's own softmax."""
 import math
-import re
 from collections import Counter
 
 import pytest
 import torch
 
-from ple_fast.engine import (ENGINE_ATTENTION, RolloutEngine, candidate_probs, engine_for,
-                             reference_candidate_probs, sample_tokens)
+from ple_fast.engine import ENGINE_ATTENTION, RolloutEngine, candidate_probs, reference_candidate_probs, sample_tokens
+from ple_fast.plan import engine_options
 from ple_fast.rollout import BACKENDS, generate, generate_dual
 
 VOCAB = 97
@@ -66,22 +65,25 @@ def test_greedy_dual_equals_hf_generate_run_separately(family):
     hf_prin = generate(model, [principle + q for q in queries], max_new_tokens=new, eos_token_id=eos)
     stopped = [r[-1] == eos and len(r) < new for r in hf_orig + hf_prin]
     assert any(stopped) and not all(stopped), "the test must see EOS mid-batch"
-    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast")
+    engine = RolloutEngine(model)
+    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast",
+                         engine=engine)
     assert fast.originals == hf_orig
     assert fast.principled == hf_prin
     assert model.training, "the model's training flag is restored"
     assert model.config._attn_implementation != ENGINE_ATTENTION
     if family != "llama":
         return
-    # the engine is cached per model: a second call with other shapes reuses or regrows its buffers
+    # the caller's engine is kept between calls: a second call with other shapes reuses or regrows its buffers
     longer = random_tokens([12, 2], seed=3)
-    again = generate_dual(model, longer, principle, max_new_tokens=new + 10, eos_token_id=eos, backend="fast")
+    again = generate_dual(model, longer, principle, max_new_tokens=new + 10, eos_token_id=eos, backend="fast",
+                          engine=engine)
     assert again.originals == generate(model, longer, max_new_tokens=new + 10, eos_token_id=eos)
     assert again.principled == generate(model, [principle + q for q in longer], max_new_tokens=new + 10,
                                         eos_token_id=eos)
 
 
-@pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"), (32768, "flex"),
+@pytest.mark.parametrize("prefill_tokens,attention", [(32768, "sdpa"), (7, "sdpa"), (1, "sdpa"),
                                                       (32768, "segments"), (7, "segments"),
                                                       (32768, "triton"), (7, "triton")])
 def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens, attention):
@@ -90,7 +92,7 @@ def test_packed_prefill_computes_the_principle_once_and_equals_hf(prefill_tokens
     prompts = random_tokens([4, 1, 6, 2, 5], seed=21)
     prefixed = [True, False, True, True, False]
     principle = random_tokens([6], seed=22)[0]
-    engine = RolloutEngine(model, prefill_tokens=prefill_tokens, prefill_attention=attention)
+    engine = RolloutEngine(model, engine_options(model, prefill_tokens=prefill_tokens, prefill_attention=attention))
     fed = []
     hook = model.get_input_embeddings().register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
     try:
@@ -128,7 +130,8 @@ def test_decode_attention_kernel_engine_equals_hf(family, window, fused_layers):
     prompts = random_tokens([3, 9, 1, 6], seed=51)
     principle = random_tokens([4], seed=52)[0]
     prefixed = [True, False, False, True]
-    engine = RolloutEngine(model, decode_attention="triton", fused_layers=fused_layers)
+    engine = RolloutEngine(model, engine_options(model, decode_attention="triton",
+                                                 layers="fused" if fused_layers else "stock"))
     got = engine.generate(prompts, max_new_tokens=12, eos_token_ids=[NO_EOS], prefix=principle, prefixed=prefixed)
     full = [principle + p if f else p for p, f in zip(prompts, prefixed)]
     if window:      # one prompt per HF call: no padding inside its window
@@ -141,10 +144,11 @@ def test_decode_attention_kernel_engine_equals_hf(family, window, fused_layers):
 def test_live_weights_are_used_after_an_in_place_update():
     model = tiny_model("llama")
     prompts = random_tokens([4, 7], seed=5)
-    before = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
+    engine = RolloutEngine(model)                # one engine across the update, as the trainer keeps it
+    before = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast", engine=engine)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)        # what an optimizer step does: same storage, new values
-    after = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast")
+    after = generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS, backend="fast", engine=engine)
     assert after == generate(model, prompts, max_new_tokens=8, eos_token_id=NO_EOS)
     assert after != before
 
@@ -160,7 +164,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     model = tiny_model("llama", init=0.05)
     queries = random_tokens([3, 5, 2, 6], seed=7)
     principle = random_tokens([4], seed=8)[0]
-    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=40, eos_token_id=NO_EOS, backend="fast")
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, top_k=40, eos_token_id=NO_EOS, backend="fast",
+              engine=RolloutEngine(model))
     a = generate_dual(model, queries, principle, seed=11, **kw)
     b = generate_dual(model, queries, principle, seed=11, **kw)
     c = generate_dual(model, queries, principle, seed=12, **kw)
@@ -196,17 +201,18 @@ def test_dense_mask_prefill_runs_in_smaller_chunks(monkeypatch):
     """The CPU's dense-mask prefill holds [N, N] masks and scores per chunk, so its chunks default to
     DENSE_PREFILL_TOKENS (one 32768-token chunk of 6000 short prompts peaked at 13.7 GB); varlen
     backends keep PREFILL_TOKENS, and an explicit size wins."""
-    from ple_fast.engine import DENSE_PREFILL_TOKENS, PREFILL_TOKENS
+    import ple_fast.engine.prefill as prefill_module
+    from ple_fast.plan import DENSE_PREFILL_TOKENS, PREFILL_TOKENS
 
     model = tiny_model("llama").eval()
-    assert RolloutEngine(model).prefill_tokens == DENSE_PREFILL_TOKENS              # auto -> sdpa on CPU
-    assert RolloutEngine(model, prefill_attention="segments").prefill_tokens == PREFILL_TOKENS
-    assert RolloutEngine(model, prefill_tokens=100).prefill_tokens == 100
+    assert RolloutEngine(model).options.prefill_tokens == DENSE_PREFILL_TOKENS      # auto -> sdpa on CPU
+    assert engine_options(model, prefill_attention="segments").prefill_tokens == PREFILL_TOKENS
+    assert engine_options(model, prefill_tokens=100).prefill_tokens == 100
     engine = RolloutEngine(model)
     chunks = []
-    real = engine._prefill_chunk
-    monkeypatch.setattr(engine, "_prefill_chunk", lambda first, prompts, *a: chunks.append(len(prompts)) or
-                        real(first, prompts, *a))
+    real = prefill_module._prefill_chunk
+    monkeypatch.setattr(prefill_module, "_prefill_chunk", lambda model, cache, first, prompts, *a:
+                        chunks.append(len(prompts)) or real(model, cache, first, prompts, *a))
     prompts = [[5, 7, 3]] * (DENSE_PREFILL_TOKENS // 3 + 10)
     out = engine.generate(prompts, max_new_tokens=1)
     assert chunks == [DENSE_PREFILL_TOKENS // 3, 10] and len(set(map(tuple, out))) == 1     # greedy: one answer
@@ -224,7 +230,7 @@ def test_sampled_first_tokens_follow_the_model_distribution(temperature, top_k, 
     probs = reference_candidate_probs(logits, temperature, top_k, top_p)[0]
     assert (probs[probs > 0] * draws).min() >= 5, "expected counts too small for a chi-square test"
     assert (probs > 0).sum() >= 3
-    engine = RolloutEngine(model, fused_sampling=fused)
+    engine = RolloutEngine(model, engine_options(model, fused_sampling=fused))
     first = engine.generate([prompt] * draws, max_new_tokens=1, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=123)
     counts = torch.bincount(torch.tensor([r[0] for r in first]), minlength=vocab).double()
@@ -248,8 +254,8 @@ def test_fused_sampling_follows_the_race_oracle_at_every_step(decode_attention):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_model("llama", init=0.05).eval().to(device)
     prompts = random_tokens([3, 5, 2, 6], seed=41)
-    engine = RolloutEngine(model, fused_sampling=True, decode_attention=decode_attention)
-    assert engine.record_kernel == (decode_attention == "triton" or device == "cuda")
+    engine = RolloutEngine(model, engine_options(model, fused_sampling=True, decode_attention=decode_attention))
+    assert engine.decode_kernel == (decode_attention == "triton" or device == "cuda")
     out = engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
     assert out == engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=17)
     assert out != engine.generate(prompts, max_new_tokens=6, temperature=0.9, seed=18)
@@ -297,7 +303,7 @@ def test_all_rows_done_stops_decoding_early():
     model = tiny_model("llama")
     prompts = random_tokens([3, 4], seed=12)
     firsts = {r[0] for r in generate(model, prompts, max_new_tokens=1, eos_token_id=NO_EOS)}
-    engine = engine_for(model)
+    engine = RolloutEngine(model)
     out = engine.generate(prompts, max_new_tokens=30, eos_token_ids=sorted(firsts))
     assert all(len(r) == 1 and r[0] in firsts for r in out)
     assert engine.last_stats.decode_steps == 1
@@ -316,10 +322,10 @@ def test_edge_cases_and_errors():
         generate_dual(model, [[4]], [3], max_new_tokens=3, backend="vllm")
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[4]], max_new_tokens=3, temperature=1.0, top_p=0.0, backend="fast")
-    with pytest.raises(ValueError, match="cuda_graphs=True"):
-        RolloutEngine(model, cuda_graphs=True)
-    with pytest.raises(ValueError, match="attention backend 'dense'"):
-        RolloutEngine(model, prefill_attention="dense")
+    with pytest.raises(ValueError, match="cuda_graphs=True but the model is on cpu"):
+        engine_options(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="prefill_attention='dense': choose one of auto, sdpa"):
+        engine_options(model, prefill_attention="dense")
     with pytest.raises(TypeError, match="not a Hugging Face causal LM"):
         RolloutEngine(torch.nn.Linear(2, 2))
     assert BACKENDS == ("hf", "fast")
@@ -366,110 +372,16 @@ def test_cuda_graph_engine_equals_hf_generate_on_gpu(family):
     new = 60                                            # ends past slot 64: two cache lengths, two graphs
     probe = generate(model, queries + [principle + q for q in queries], max_new_tokens=new, eos_token_id=NO_EOS)
     eos = midbatch_eos(probe)
-    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast")
-    assert engine_for(model).last_stats.graphs, "decode steps ran as CUDA graphs"
+    engine = RolloutEngine(model)
+    fast = generate_dual(model, queries, principle, max_new_tokens=new, eos_token_id=eos, backend="fast",
+                         engine=engine)
+    assert engine.last_stats.graphs, "decode steps ran as CUDA graphs"
     assert fast.originals == generate(model, queries, max_new_tokens=new, eos_token_id=eos)
     assert fast.principled == generate(model, [principle + q for q in queries], max_new_tokens=new, eos_token_id=eos)
     for top_p in (0.9, 1.0):
-        sample = dict(max_new_tokens=24, temperature=1.0, top_p=top_p, eos_token_id=NO_EOS, backend="fast")
+        sample = dict(max_new_tokens=24, temperature=1.0, top_p=top_p, eos_token_id=NO_EOS, backend="fast",
+                      engine=engine)
         first = generate_dual(model, queries, principle, seed=5, **sample)
-        assert engine_for(model).last_stats.graphs
+        assert engine.last_stats.graphs
         assert first == generate_dual(model, queries, principle, seed=5, **sample)
         assert first != generate_dual(model, queries, principle, seed=6, **sample)
-
-
-def test_compiled_decode_step_equals_eager_and_hf():
-    """compile_decode=True: the torch.compile'd step (one compile, symbolic batch and length) gives the
-    eager engine's tokens, across calls of other batch sizes and lengths, with a shared principle."""
-    model = tiny_model("llama")
-    queries = random_tokens([3, 9, 1, 6, 4], seed=21)
-    principle = random_tokens([5], seed=22)[0]
-    compiled = RolloutEngine(model, compile_decode=True, kv_block=16)
-    eager = RolloutEngine(model, kv_block=16)
-    for batch, new in [(5, 40), (2, 23)]:
-        prompts = queries[:batch] + [principle + q for q in queries[:batch]]
-        want = generate(model, prompts, max_new_tokens=new, eos_token_id=NO_EOS)
-        kw = dict(max_new_tokens=new, eos_token_ids=[NO_EOS], prefix=principle,
-                  prefixed=[False] * batch + [True] * batch)
-        plain = queries[:batch] + queries[:batch]
-        assert eager.generate(plain, **kw) == want
-        assert compiled.generate(plain, **kw) == want
-    assert compiled.last_stats.decode_steps == 23
-
-
-def _compiled_step_code(engine, prompts, **kw):
-    """(tokens, inductor's output code) of engine.generate, compiled afresh."""
-    from torch._inductor.utils import fresh_cache, run_and_get_code
-
-    torch._dynamo.reset()
-    with fresh_cache():
-        return run_and_get_code(lambda: engine.generate(prompts, **kw))
-
-
-def assert_decode_kernel_writes_cache_inputs(code: str, layers: int) -> None:
-    """Inductor's code of a compiled decode step on the Triton path: no separate cache write, and every
-    layer's decode-attention op takes the cache graph inputs themselves (K and V), so nothing copies them."""
-    assert "kv_cache_write" not in code
-    calls = re.findall(r"ple_fast\.decode_attention\.default\((\w+), (\w+), (\w+)", code)
-    assert len(calls) == layers and all(k.startswith("arg") and v.startswith("arg") for _, k, v in calls), calls
-
-
-@pytest.mark.parametrize("decode_attention", ["sdpa", "triton"])
-def test_compiled_decode_step_keeps_the_cache_in_place(decode_attention):
-    """The compiled step writes K/V into the cache in place and attends over views of it: no copy of
-    the cache per layer. Traced as plain torch, the index_copy_ was functionalised into a write to a
-    fresh copy of each layer's cache and SDPA read a materialised slice of it (inductor's CPU code
-    showed both); the torch.library ops of ple_fast.ops keep them out. With the Triton decode
-    kernel and the fused sampler (interpreted here) the compiled tokens equal the eager engine's."""
-    model = tiny_model("llama")
-    queries = random_tokens([3, 9, 1, 6], seed=71)
-    kw = dict(max_new_tokens=10, eos_token_ids=[NO_EOS], temperature=1.0, seed=4)
-    triton = decode_attention == "triton"
-    options = dict(kv_block=16, decode_attention=decode_attention, fused_sampling=triton)
-    tokens, code = _compiled_step_code(RolloutEngine(model, compile_decode=True, **options), queries, **kw)
-    assert tokens == RolloutEngine(model, **options).generate(queries, **kw)
-    code = "\n".join(code)
-    layers = model.config.num_hidden_layers
-    if triton:     # the kernel writes the new K/V itself, into the cache graph inputs
-        assert_decode_kernel_writes_cache_inputs(code, layers)
-    else:          # one in-place write per layer; SDPA reads views of the cache input, not copies
-        assert code.count("torch.ops.ple_fast.kv_cache_write.default(") == layers
-        calls = re.findall(r"aten\._scaled_dot_product_\w+\.default\((\w+), (\w+)\((\w+)", code)
-        assert len(calls) == layers, calls
-        for _, keys_op, keys_of in calls:
-            assert keys_op == "reinterpret_tensor" and keys_of.startswith("arg"), calls
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_compiled_decode_on_gpu_equals_hf_generate():
-    """compile_decode on the GPU path: the compiled step (Triton decode attention and fused sampler
-    inside it) captured in CUDA graphs; greedy tokens equal HF generate, seeded sampling repeats."""
-    model = tiny_model("llama").to("cuda")
-    queries = random_tokens([3, 9, 1, 6], seed=61)
-    principle = random_tokens([4], seed=62)[0]
-    engine = RolloutEngine(model, compile_decode=True, kv_block=16)
-    kw = dict(max_new_tokens=20, eos_token_ids=[NO_EOS], prefix=principle, prefixed=[True, False, True, False])
-    got, code = _compiled_step_code(engine, queries, **kw)
-    assert_decode_kernel_writes_cache_inputs("\n".join(code), model.config.num_hidden_layers)   # CUDA codegen too
-    full = [principle + q if f else q for q, f in zip(queries, kw["prefixed"])]
-    assert got == generate(model, full, max_new_tokens=20, eos_token_id=NO_EOS)
-    assert engine.last_stats.graphs
-    sampled = engine.generate(queries, temperature=1.0, seed=5, **kw)
-    assert sampled == engine.generate(queries, temperature=1.0, seed=5, **kw)
-
-
-def test_engine_for_rebuilds_only_for_other_options():
-    from ple_fast.config import build_config
-
-    model = tiny_model("llama")
-    plain = engine_for(model)
-    assert engine_for(model) is plain and not plain.compile_decode
-    compiled = engine_for(model, compile_decode=True)
-    assert compiled is not plain and compiled.compile_decode
-    assert engine_for(model) is compiled and engine_for(model, compile_decode=True) is compiled
-    assert build_config(None, ["rollout.compile_decode=true"]).rollout.compile_decode
-    assert not build_config(None, []).rollout.compile_decode
-    assert build_config(None, []).rollout.layer_impl == "auto"
-    with pytest.raises(ValueError, match="rollout.layer_impl"):
-        build_config(None, ["rollout.layer_impl=on"])

@@ -1,4 +1,4 @@
-"""The fused race sampler (kernels/sampling.py) against its fp64 oracle fed the kernel's own uniforms,
+"""The fused race sampler (ple_fast/kernels/sampling.py) against its fp64 oracle fed the kernel's own uniforms,
 plus the statistics of the draws. CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` compiles."""
 import math
 

@@ -1,4 +1,4 @@
-"""The decode step's bookkeeping kernel (kernels/step_record.py) against the torch op sequence it
+"""The decode step's bookkeeping kernel (ple_fast/kernels/step_record.py) against the torch op sequence it
 replaces, on random states. CPU runs under TRITON_INTERPRET=1; the suite's `-m gpu` compiles."""
 import pytest
 import torch

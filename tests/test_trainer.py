@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ple_fast.config import build_config
+from ple_fast.config import ConfigError, build_config
 from ple_fast.reward import RewardFunction
-from ple_fast.trainer import MetricsLog, Trainer, lr_lambda
+from ple_fast.runtime import MetricsLog
+from ple_fast.trainer import Trainer, lr_lambda
 
 SMALL = ["sft.steps=24", "ple.iterations=3", "ple.batch_size=48", "eval.samples=1", "run.save_every=4",
          "run.progress=false", "run.plots=false", "run.threads=1"]
@@ -102,7 +103,7 @@ def test_resume_from_an_explicit_path_and_bad_paths(tmp_path):
 
 def small_trainer(tmp_path, *overrides):
     from ple_fast.reward import BuiltinReward
-    from ple_fast.train import embedded_workload
+    from ple_fast.workload import embedded_workload
 
     cfg = build_config(None, ["sft.steps=6", "sft.batch_size=8", "ple.iterations=1", "ple.batch_size=8",
                               "eval.samples=1", "run.progress=false", *overrides])
@@ -144,22 +145,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
         torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
 
 
-def test_pairs_loss_gives_the_same_alignment_update_as_torch(tmp_path):
-    """ple.loss_impl=pairs (gradient formed in the forward) hands the optimizer the same gradient."""
-    grads = {}
-    for impl in ("torch", "pairs"):
-        grads[impl] = first_update(small_trainer(tmp_path / impl, f"ple.loss_impl={impl}"), "ple")
-    assert grads["torch"][1] == pytest.approx(grads["pairs"][1], rel=1e-5)
-    for a, b in zip(grads["torch"][0], grads["pairs"][0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-
-
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     from ple_fast.train import prepare_model
 
     params = {}
     for ckpt in (False, True):
         trainer = small_trainer(tmp_path / str(ckpt), f"run.gradient_checkpointing={ckpt}")
+        assert trainer.plan.forward.layout == ("padded" if ckpt else "packed")     # ple.layout=auto
         trainer.model = prepare_model(trainer.model, trainer.cfg)
         active = getattr(trainer.model, "is_activation_checkpointing", None)
         assert (active if active is not None else trainer.model.is_gradient_checkpointing) == ckpt
@@ -171,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
 
 def test_bf16_autocast_trains(tmp_path):
     trainer = small_trainer(tmp_path, "run.precision=bf16")
-    assert trainer.autocast_dtype == torch.bfloat16
+    assert trainer.plan.autocast == torch.bfloat16
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.run_sft()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -184,10 +176,11 @@ def test_cuda_defaults_train_under_bf16_autocast(tmp_path):
     agrees with the stock layers on the sdpa attention to bf16 accuracy; before the tree attention cast
     q / k / v to the autocast dtype, its backward failed on mixed dtypes."""
     grads = {}
-    for name, overrides in (("defaults", ("ple.attention=triton", "ple.layer_impl=fused")),
-                            ("stock", ("ple.attention=sdpa", "ple.layer_impl=stock"))):
+    for name, overrides in (("defaults", ("ple.attention=triton", "ple.layers=fused")),
+                            ("stock", ("ple.attention=sdpa", "ple.layers=stock"))):
         trainer = small_trainer(tmp_path / name, "run.precision=bf16", "sft.steps=1", *overrides)
-        assert trainer.autocast_dtype == torch.bfloat16 and trainer.fused_layers == (name == "defaults")
+        assert trainer.plan.autocast == torch.bfloat16
+        assert trainer.plan.forward.layers == ("fused" if name == "defaults" else "stock")
         grads[name], loss = first_update(trainer, "ple")
         assert math.isfinite(loss) and all(torch.isfinite(g).all() for g in grads[name])
     assert len(grads["defaults"]) == len(grads["stock"])
@@ -196,18 +189,18 @@ def test_cuda_defaults_train_under_bf16_autocast(tmp_path):
 
 
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, monkeypatch):
-    import ple_fast.trainer as trainer_module
+    import ple_fast.algorithms as algorithms_module
 
     trainer = small_trainer(tmp_path, "ple.max_nonfinite_steps=2")
     trainer.cfg.sft.steps = 0
-    real = trainer_module.ple_loss
+    real = algorithms_module.ple_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "ple_loss", poisoned)
+    monkeypatch.setattr(algorithms_module, "ple_loss", poisoned)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
         trainer.run_alignment()
@@ -312,50 +305,49 @@ def test_wandb_logging_when_requested(tmp_path, monkeypatch):
     assert calls["finish"] == 1
 
 
-def test_compile_decode_key_gives_the_trainer_a_compiled_engine(tmp_path):
-    from ple_fast.engine import engine_for
-
-    trainer = small_trainer(tmp_path, "rollout.compile_decode=true")
-    assert engine_for(trainer.model).compile_decode
-    assert not engine_for(small_trainer(tmp_path / "b").model).compile_decode
-
-
 def test_merged_projections_key_reaches_the_engine(tmp_path):
-    """Refused where the engine's fused layers do not run (this CPU), naming the key; the engine and
-    its merged step are tested in test_merged_projections."""
-    with pytest.raises(ValueError, match="rollout.merged_projections=true: .*needs the fused layers"):
+    """Experimental: refused without experimental=true; with it, refused where the engine's fused layers
+    do not run (this CPU), naming the key; the engine and its merged step are tested in
+    test_merged_projections."""
+    with pytest.raises(ConfigError, match="rollout.merged_projections=true is experimental"):
         small_trainer(tmp_path, "rollout.merged_projections=true")
+    with pytest.raises(ConfigError, match="rollout.merged_projections needs the fused layers"):
+        small_trainer(tmp_path / "b", "rollout.merged_projections=true", "experimental=true")
 
 
-def test_layer_impl_key_reaches_the_engine(tmp_path):
+def test_rollout_layers_key_reaches_the_engine(tmp_path):
     """stock: the HF layers; fused: refused where the Triton decode attention is not the engine's
     (this CPU), naming the key. The GPU default (auto) is covered by the engine tests."""
-    from ple_fast.engine import engine_for
-
-    assert not engine_for(small_trainer(tmp_path, "rollout.layer_impl=stock").model).fused_layers
-    with pytest.raises(ValueError, match="rollout.layer_impl=fused.*decode_attention='triton'"):
-        small_trainer(tmp_path / "b", "rollout.layer_impl=fused")
+    trainer = small_trainer(tmp_path, "rollout.layers=stock")
+    assert trainer.plan.engine.fused_layers is False
+    assert trainer.policy.engine.options is trainer.plan.engine and not trainer.policy.engine.options.fused_layers
+    assert not small_trainer(tmp_path / "a").policy.engine.options.fused_layers       # auto: stock on a CPU
+    with pytest.raises(ConfigError, match="rollout.layers=fused: it needs the triton decode attention"):
+        small_trainer(tmp_path / "b", "rollout.layers=fused")
+    assert small_trainer(tmp_path / "c", "rollout.backend=hf").policy.engine is None
 
 
 @pytest.mark.parametrize("phase", ["sft", "ple"])
 def test_compiled_layers_give_the_same_update(tmp_path, phase):
-    """ple.compile=true (torch.compile'd decoder layers in the packed forwards) hands the optimizer the
+    """ple.layers=compiled (torch.compile'd decoder layers in the packed forwards) hands the optimizer the
     eager gradient, in SFT and in the alignment step."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     grads = {}
-    for flag in ("false", "true"):
-        grads[flag] = first_update(small_trainer(tmp_path / flag, f"ple.compile={flag}", "sft.steps=1"), phase)
-        assert (counters["stats"]["unique_graphs"] > 0) == (flag == "true")    # the layers did run compiled
-    assert grads["false"][1] == pytest.approx(grads["true"][1], rel=1e-5)
-    for a, b in zip(grads["false"][0], grads["true"][0]):
+    for layers in ("stock", "compiled"):
+        trainer = small_trainer(tmp_path / layers, f"ple.layers={layers}", "experimental=true", "sft.steps=1")
+        assert trainer.plan.forward.layers == layers
+        grads[layers] = first_update(trainer, phase)
+        assert (counters["stats"]["unique_graphs"] > 0) == (layers == "compiled")    # the layers did run compiled
+    assert grads["stock"][1] == pytest.approx(grads["compiled"][1], rel=1e-5)
+    for a, b in zip(grads["stock"][0], grads["compiled"][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("key,plain,faster", [("ple.compile", "false", "true"), ("ple.layer_impl", "stock", "fused")])
-def test_compiled_or_fused_layers_with_lora_give_the_same_update(tmp_path, key, plain, faster):
+@pytest.mark.parametrize("faster", ["compiled", "fused"])
+def test_compiled_or_fused_layers_with_lora_give_the_same_update(tmp_path, faster):
     """PEFT's LoRA layers inside the compiled / fused decoder layers: the adapters get the eager,
     stock-layer gradient."""
     pytest.importorskip("peft")
@@ -363,19 +355,20 @@ def test_compiled_or_fused_layers_with_lora_give_the_same_update(tmp_path, key, 
 
     torch._dynamo.reset()
     grads = {}
-    for value in (plain, faster):
-        trainer = small_trainer(tmp_path / value, "lora.enabled=true", f"{key}={value}", "sft.steps=0")
+    for layers in ("stock", faster):
+        trainer = small_trainer(tmp_path / layers, "lora.enabled=true", f"ple.layers={layers}", "experimental=true",
+                                "sft.steps=0")
         torch.manual_seed(0)                     # the same LoRA initialisation for both
         trainer.model = prepare_model(trainer.model, trainer.cfg)
-        grads[value] = first_update(trainer, "ple")[0]
-    assert grads[plain] and len(grads[plain]) == len(grads[faster])
-    for a, b in zip(grads[plain], grads[faster]):
+        grads[layers] = first_update(trainer, "ple")[0]
+    assert grads["stock"] and len(grads["stock"]) == len(grads[faster])
+    for a, b in zip(grads["stock"], grads[faster]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("phase", ["sft", "ple"])
 def test_fused_layers_give_the_same_update(tmp_path, phase, monkeypatch):
-    """ple.layer_impl=fused (ple_fast.fused_layers in the packed forwards; Triton interpreted on this
+    """ple.layers=fused (ple_fast.fused_layers in the packed forwards; Triton interpreted on this
     CPU) hands the optimizer the stock layers' gradient, in SFT and in the alignment step."""
     import ple_fast.fused_layers as fused_layers
 
@@ -383,23 +376,44 @@ def test_fused_layers_give_the_same_update(tmp_path, phase, monkeypatch):
     real = fused_layers.layer_forward
     monkeypatch.setattr(fused_layers, "layer_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     grads = {}
-    for impl in ("stock", "fused"):
-        trainer = small_trainer(tmp_path / impl, f"ple.layer_impl={impl}", "sft.steps=1")
-        assert trainer.fused_layers == (impl == "fused")
-        grads[impl] = first_update(trainer, phase)
-        assert bool(calls) == (impl == "fused")          # the layers did run fused
+    for layers in ("stock", "fused"):
+        trainer = small_trainer(tmp_path / layers, f"ple.layers={layers}", "sft.steps=1")
+        assert trainer.plan.forward.layers == layers
+        grads[layers] = first_update(trainer, phase)
+        assert bool(calls) == (layers == "fused")          # the layers did run fused
     assert grads["stock"][1] == pytest.approx(grads["fused"][1], rel=1e-5)
     for a, b in zip(grads["stock"][0], grads["fused"][0]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-def test_layer_impl_choices_and_conflicts(tmp_path):
-    assert not small_trainer(tmp_path / "a").fused_layers            # auto: stock on a CPU
-    with pytest.raises(ValueError, match="ple.layer_impl=fused: ple.compile=true"):
-        small_trainer(tmp_path / "b", "ple.layer_impl=fused", "ple.compile=true")
-    assert not small_trainer(tmp_path / "c", "ple.layer_impl=fused", "ple.packed=false").fused_layers
-    with pytest.raises(ValueError, match="ple.layer_impl"):
-        build_config(None, ["ple.layer_impl=on"])
+def test_ple_layers_and_layout_choices_and_conflicts(tmp_path):
+    """ple.layout / ple.layers reach trainer.plan.forward; combinations that cannot run are ConfigErrors
+    naming the key, before any work."""
+    from ple_fast.plan import ForwardPlan
+
+    assert small_trainer(tmp_path / "a").plan.forward == ForwardPlan("packed", "sdpa", "stock", "torch")  # auto, CPU
+    assert small_trainer(tmp_path / "p", "ple.layout=padded").plan.forward == ForwardPlan("padded", None, "stock",
+                                                                                           "torch")
+    with pytest.raises(ConfigError, match="ple.layers=fused: runs in packed forwards"):
+        small_trainer(tmp_path / "c", "ple.layers=fused", "ple.layout=padded")
+    with pytest.raises(ConfigError, match="ple.layout=packed: gradient checkpointing"):
+        small_trainer(tmp_path / "g", "ple.layout=packed", "run.gradient_checkpointing=true")
+    with pytest.raises(ConfigError, match="ple.layers: 'fast' is not one of auto, stock, fused, compiled"):
+        build_config(None, ["ple.layers=fast"])
+    for removed in ("ple.layer_impl=fused", "ple.compile=true", "ple.packed=false", "rollout.compile_decode=true",
+                    "rollout.layer_impl=stock"):
+        with pytest.raises(ConfigError, match="unknown config key"):
+            build_config(None, [removed])
+
+
+@pytest.mark.parametrize("override", ["ple.layers=compiled", "ple.attention=flash", "rollout.merged_projections=true"])
+def test_experimental_values_need_the_experimental_key(override):
+    """A value not yet timed on a GPU is a ConfigError naming the key unless experimental=true."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"{key}={value} is experimental.*set experimental=true"):
+        build_config(None, [override])
+    cfg = build_config(None, [override, "experimental=true"])
+    assert cfg.experimental is True
 
 
 @pytest.mark.parametrize("algo", ["ple", "raft", "distill"])
@@ -412,6 +426,7 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
     from host_reads import HostReads
 
     from ple_fast import loss
+    from ple_fast.algorithms import Samples
 
     monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)     # CPU-only checks
     # segments: a packed backend with no host reads of its own that runs on CPU tensors on any machine
@@ -425,7 +440,7 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
     drawn = [draw(4) for _ in range(6 * samples)] if algo == "raft" else None
     rewards = torch.randn(6, samples, generator=rng)
     with HostReads() as host:
-        value = trainer.alignment_loss(q_ids, first, second, drawn, rewards, [True] * 6)
+        value = trainer.alignment_loss(q_ids, Samples(first, second, drawn), rewards, [True] * 6)
     assert math.isfinite(value)
     names = [name for name, _ in host.events]
     queued = names[names.index("embedding"):]

@@ -1,4 +1,4 @@
-"""The varlen Triton attention (kernels/varlen_attention.py) against an fp64 loop over segments, and as
+"""The varlen Triton attention (ple_fast/kernels/varlen_attention.py) against an fp64 loop over segments, and as
 the `triton` tree-attention backend against the dense mask. CPU: TRITON_INTERPRET=1; `-m gpu` compiles."""
 import random
 
@@ -170,9 +170,7 @@ def test_a_gpu_launch_failure_falls_back_to_segments_once(monkeypatch):
         calls.append(1)
         raise RuntimeError("simulated: out of shared memory")
 
-    import ple_fast.kernels.varlen_attention as kernel_module
-
-    monkeypatch.setattr(kernel_module, "varlen_attention", out_of_resources)
+    monkeypatch.setattr(attention, "varlen_attention", out_of_resources)    # the name the backend calls
     monkeypatch.setattr(attention, "_gpu_launch_failure", lambda err, device: True)
     monkeypatch.setattr(attention, "_triton_failed", [])
     with pytest.warns(RuntimeWarning, match="using the 'segments' backend from now on"):

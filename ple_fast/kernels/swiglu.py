@@ -11,8 +11,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from ple_fast.kernels.host import cdiv
-from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, require_runnable, round_to
+
 
 BLOCK = 1024 if not INTERPRETED else 65536       # the interpreter pays per program, not per lane
 # A GPU build's tl.exp is ex2.approx after a rounded multiply by log2(e), and its fp32 division is
@@ -43,8 +43,8 @@ def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, width, row_stride, BLOCK: tl.
         src = (offs // width) * row_stride + offs % width
     g = tl.load(gate_ptr + src, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + src, mask=ok, other=0.0).to(tl.float32)
-    act = _round_to(_over_one_plus_exp_neg(g, g, PRECISE), gate_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + offs, _round_to(act * u, out_ptr.dtype.element_ty), mask=ok)
+    act = round_to(_over_one_plus_exp_neg(g, g, PRECISE), gate_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + offs, round_to(act * u, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import cdiv, next_power_of_2
-from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, next_power_of_2, require_runnable, round_to
+
 
 FP_FUSION = False         # the launch option of every kernel that calls _rotary (see there)
 INTERPRETED_ROWS = 256     # (token, head) rows per program under the interpreter, which pays per program
@@ -35,9 +35,9 @@ def _rotary(x, x_partner, first_half, cos, sin, OUT: tl.constexpr):
     PTX), which rounds once where HF rounds twice, and the rotated value can land a unit or more
     from HF's (many units of a sum that cancels)."""
     rotated = tl.where(first_half, -x_partner.to(tl.float32), x_partner.to(tl.float32))
-    a = _round_to(x.to(tl.float32) * cos, OUT).to(tl.float32)
-    b = _round_to(rotated * sin, OUT).to(tl.float32)
-    return _round_to(a + b, OUT)
+    a = round_to(x.to(tl.float32) * cos, OUT).to(tl.float32)
+    b = round_to(rotated * sin, OUT).to(tl.float32)
+    return round_to(a + b, OUT)
 
 
 @triton.jit

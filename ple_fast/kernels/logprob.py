@@ -21,27 +21,14 @@ N=16k, H=4k) instead of a V*H*4 = 2 GiB dW accumulator. g is kept out of dz so t
 not underflow when g is small (1 / (pairs * tokens)); g is applied to hidden (normalised by
 max|g|) for dW and to the rows of dX32.
 
-Why this design (measured on an H200, bf16, N=16384, H=4096, V=128256, 6NHV = 51.6 TFLOP;
-bench/results/2026-11-28-h200-suite, in-run matmul rate 797 TFLOP/s):
-  * this hybrid (impl="triton"): 113 ms, 457 useful TFLOP/s, 0.88 GiB extra. It does 8NHV, the
-    recompute being the price of an exact fp32 dW without a V*H accumulator: 76% of the matmul
-    rate on the FLOPs it runs.
-  * exact 6NHV by chunks of whole pairs (impl="pairs", ple_fast/loss_pairs.py): the per-row
-    upstream gradient depends on the whole pair's log-probs through the gated loss, so the chunks
-    must follow pair boundaries (one host sync). 115 ms and 1.96 GiB: the fp32 V*H dW accumulator
-    is read and written once per ~520-row chunk.
-  * row chunks with materialised fp32 logits (impl="torch", 8NHV on cuBLAS): 191 ms, 3.3 GiB
-    (the earlier partial run, bench/results/2026-11-28-h200).
-  * the naive path, full logits -> log_softmax -> gather: 93 ms, but 22.4 GiB extra.
-  * CCE-style, gradients by atomics from every tile: (V/BLOCK_V) * N * H fp32 atomics for dX
-    alone; Cut Cross-Entropy itself took 237 ms (229 in its exact mode).
-  * Liger's fused linear cross-entropy: 84 ms at 0.12 GiB. It does 6NHV on cuBLAS and accumulates
-    dW in bf16 across row chunks, which this module refuses; at H <= 2048, or N = 4096, the hybrid
-    is 1.5x faster than it.
-  The hybrid is the default on CUDA: the fastest exact design here, at the least memory.
+Why a V-chunked recompute (8NHV) rather than 6NHV: the per-row upstream gradient depends on a whole
+pair's log-probs through the gated loss, so a 6NHV design must chunk by whole pairs and hold an fp32
+V x H dW accumulator, which it re-reads every chunk; this design keeps dW exact in fp32 within
+~1 GiB at N=16k, H=4k, V=128k. docs/performance.md has the measured comparisons (Liger, Cut
+Cross-Entropy, the naive path).
 
-fp64 inputs are not a tensor-core dtype; they are routed to the chunked torch path of
-ple_fast.loss (same contract, fp64 accumulation), which is what gradcheck-level tests use.
+fp64 inputs are not a tensor-core dtype: ple_fast.loss routes them to its chunked torch path (same
+contract, fp64 accumulation), which is what gradcheck-level tests use.
 """
 
 from __future__ import annotations
@@ -53,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ple_fast.kernels.host import cdiv
+from ple_fast.kernels._common import INTERPRETED, cdiv, dot_precision, require_runnable, tanh
 
 # Bytes of one [N, cv] dz chunk in backward; read at call time so tests and benches can shrink it.
 DZ_CHUNK_BYTES = 256 * 2**20
@@ -82,24 +69,11 @@ def gpu_tile_config(major: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32, GROUP_N=8, num_warps=4, num_stages=2)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's matmul setting: tf32 tensor cores only if torch allows tf32
-    for matmuls, else exact fp32 (FMA, slow). For half inputs the setting is moot."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
 
 # ----------------------------------------------------------------------------------------
 # Triton kernels
 
 
-@triton.jit
-def _tanh(x):
-    # tanh without libdevice (the interpreter has none): stable for both signs, exp never overflows
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
 
 
 @triton.jit
@@ -158,7 +132,7 @@ def _lse_partials_kernel(x_ptr, w_ptr, labels_ptr, part_max_ptr, part_sum_ptr, t
     z = _logits_tile(x_ptr, w_ptr, rows, cols, N, V, H, stride_x, stride_w,
                      BLOCK_N, BLOCK_V, BLOCK_K, EVEN_K, PRECISION, DOT_UPCAST)
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * tanh(z / softcap)
     z = z * inv_temp
     z = tl.where(cols[None, :] < V, z, float("-inf"))
     row_max = tl.max(z, axis=1)
@@ -191,7 +165,7 @@ def _dlogits_kernel(x_ptr, w_ptr, labels_ptr, lse_ptr, dz_ptr,
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     if HAS_SOFTCAP:
-        t = _tanh(z / softcap)
+        t = tanh(z / softcap)
         logits = (softcap * inv_temp) * t
         scale = (1.0 - t * t) * inv_temp
     else:
@@ -204,29 +178,6 @@ def _dlogits_kernel(x_ptr, w_ptr, labels_ptr, lse_ptr, dz_ptr,
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < V))
 
 
-# Kernels decorated under TRITON_INTERPRET=1 run on CPU tensors (slowly); compiled ones need CUDA.
-INTERPRETED = type(_lse_partials_kernel).__name__ == "InterpretedFunction"
-_BF16_RTNE_BY_HAND = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr):
-    """fp32 x -> dtype, rounded to nearest even as a GPU (and torch) rounds. The interpreter's own
-    fp32 -> bf16 cast truncates, so there the rounding is done on the bits first."""
-    if _BF16_RTNE_BY_HAND and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
-def require_runnable(device: torch.device, caller: str, otherwise: str) -> None:
-    """CPU tensors need the interpreter: say how to get it, or what to call instead (every kernel module)."""
-    if device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(f"{caller} got CPU tensors but Triton is not in interpreter mode: set "
-                           f"TRITON_INTERPRET=1 before importing triton, or {otherwise}")
-
-
 # ----------------------------------------------------------------------------------------
 # host side
 
@@ -235,7 +186,7 @@ def _launch_args(x: Tensor, w: Tensor, softcap, temperature, cfg: dict) -> dict:
     return dict(
         softcap=float(softcap or 1.0), inv_temp=1.0 / temperature, HAS_SOFTCAP=softcap is not None,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], GROUP_N=cfg["GROUP_N"],
-        EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0, PRECISION=_dot_precision(x.dtype),
+        EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0, PRECISION=dot_precision(x.dtype),
         DOT_UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -356,15 +307,14 @@ def fused_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, seq_
                             softcap: float | None = None, temperature: float = 1.0) -> Tensor:
     """[num_seqs] fp32 summed token log-probs, differentiable wrt hidden and weight (dW is
     skipped when weight does not require grad). Rows with seq_index -1 are ignored and their
-    labels never read. The contract of ple_fast.loss.sequence_logprobs(impl="triton")."""
-    from ple_fast import loss  # lazy: ple_fast.loss imports this module lazily too
+    labels never read.
 
-    labels, seq_index, softcap, temperature = loss._check_logprob_args(
-        hidden, weight, labels, seq_index, num_seqs, softcap, temperature
-    )
-    loss._check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
+    The kernel behind ple_fast.loss.sequence_logprobs(impl="triton"), which checks the arguments
+    first: hidden [N, H] and weight [V, H] in fp16 / bf16 / fp32 (fp64 is not a tensor-core dtype:
+    that entry point routes it to the torch path), labels and seq_index int64 [N], a softcap that
+    is None or positive, a positive temperature."""
     if torch.float64 in (hidden.dtype, weight.dtype):
-        return loss._torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
+        raise ValueError("fused_sequence_logprobs: fp64 inputs take the torch path (ple_fast.loss)")
     require_runnable(hidden.device, "fused_sequence_logprobs", "use impl='torch'")
     safe_labels = torch.where(seq_index >= 0, labels, 0)
     slots = torch.where(seq_index >= 0, seq_index, num_seqs)

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import cdiv, next_power_of_2
-from ple_fast.kernels.logprob import INTERPRETED, _round_to, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, next_power_of_2, require_runnable, round_to
+
 
 
 @triton.jit
@@ -33,12 +33,12 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, rows, hidden, 
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:     # HF: hidden = residual + hidden, in the promoted dtype
         x = x + tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-        x = _round_to(x, sum_ptr.dtype.element_ty).to(tl.float32)
+        x = round_to(x, sum_ptr.dtype.element_ty).to(tl.float32)
         tl.store(sum_ptr + row * stride_s + cols, x.to(sum_ptr.dtype.element_ty), mask=ok)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / hidden + eps)
-    normed = _round_to(x * rstd[:, None], sum_ptr.dtype.element_ty).to(tl.float32)
+    normed = round_to(x * rstd[:, None], sum_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, _round_to(w * normed, out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, round_to(w * normed, out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _rms_norm_backward_kernel(dy_ptr, ds_ptr, s_ptr, w_ptr, dx_ptr, dw_ptr, rows
         dy = tl.load(dy_ptr + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / hidden + eps)
         x_hat = s * rstd
-        dw += dy * _round_to(x_hat, s_ptr.dtype.element_ty).to(tl.float32)
+        dw += dy * round_to(x_hat, s_ptr.dtype.element_ty).to(tl.float32)
         g = dy * w
         dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / hidden))
         if HAS_DS:

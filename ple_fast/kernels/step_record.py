@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import next_power_of_2
-from ple_fast.kernels.logprob import require_runnable
+from ple_fast.kernels._common import next_power_of_2, require_runnable
+
 
 _NO_TOKEN = tl.constexpr(2147483647)     # an int32 column above any vocabulary
 

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import cdiv
-from ple_fast.kernels.logprob import INTERPRETED, _tanh, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, require_runnable, tanh
+
 
 LANES = 256                 # j: counters per Philox call of a [ROWS, LANES] tile
 GROUP = 4 * LANES           # columns drawn by one call, four outputs per counter
@@ -54,7 +54,7 @@ def _race_update(best_score, best_col, z, u, cols, ok, inv_temp, softcap, HAS_SO
     """Fold one [ROWS, LANES] tile of logits z and uniforms u into the per-lane best (score, column)."""
     z = z.to(tl.float32)
     if HAS_SOFTCAP:
-        z = softcap * _tanh(z / softcap)
+        z = softcap * tanh(z / softcap)
     # -log(E) with E = -log(U); U = 0 gives E = inf and a score of -inf: never chosen
     score = z * inv_temp - tl.log(-tl.log(u))
     score = tl.where(ok, score, float("-inf"))     # the softcap maps a masked -inf to -softcap

@@ -22,15 +22,15 @@ buffers and index_add into them: six torch kernels a layer, and atomics.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import cdiv, next_power_of_2
-from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, dot_precision, next_power_of_2, require_runnable
+
 
 
 @triton.jit
@@ -268,7 +268,7 @@ DELTA_ROWS = 64      # rows per program of the backward's preprocess
 
 
 def _config(q: Tensor) -> dict:
-    common = dict(PRECISION=_dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
+    common = dict(PRECISION=dot_precision(q.dtype), UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
     if q.device.type != "cuda" or INTERPRETED:
         block_d = max(16, next_power_of_2(q.shape[-1]))
         return dict(common, BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
@@ -316,7 +316,7 @@ def _gather_args(gather: KVGather | None, cu_k: Tensor) -> dict:
 def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                    scale: float, sliding_window: int | None, gather: KVGather | None = None) -> tuple[Tensor, Tensor]:
     """(out [N, H, D], lse [H, N] fp32): the forward launch, shared by the autograd Function and the
-    torch.library op of compiled regions (ple_fast.ops). With gather, the keys are k / v rows by index."""
+    torch.library op of compiled regions (`varlen_op`). With gather, the keys are k / v rows by index."""
     num_rows, heads, dim = q.shape
     groups = heads // k.shape[1]
     out = torch.empty_like(q)
@@ -408,13 +408,59 @@ class _VarlenAttention(torch.autograd.Function):
 def varlen_inputs(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                   cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(q, k, v, cu_q, cu_k) as the launches take them: shapes checked, unit-stride head dims, int32
-    offsets. Shared by `varlen_attention` and the torch.library op of compiled regions (ple_fast.ops)."""
+    offsets."""
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError(f"varlen_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not "
                          "[Nq, H, D], [Nk, Hkv, D] with H a multiple of Hkv")
     require_runnable(q.device, "varlen_attention", "use another attention backend")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
+
+
+# ---- the same launches as torch.library ops, for torch.compile'd regions --------------------------
+# Dynamo then sees one opaque op with its own backward instead of tracing the Triton launcher (on CPU
+# it would trace the interpreter itself). Used while torch.compile traces; eager calls skip the
+# op's dispatch (~50-90 us a call on the CPU).
+
+def _op_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+                scale: float, sliding_window: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    return varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window)
+
+
+def _op_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                 cu_k: Tensor, max_q: int, max_k: int, scale: float,
+                 sliding_window: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, sliding_window)
+
+
+varlen_op = torch.library.custom_op("ple_fast::varlen_attention", _op_forward, mutates_args=())
+_varlen_backward_op = torch.library.custom_op("ple_fast::varlen_attention_backward", _op_backward, mutates_args=())
+
+
+@varlen_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window=None):
+    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@_varlen_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, sliding_window=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, sliding_window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.meta = (max_q, max_k, scale, sliding_window)
+
+
+def _op_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _varlen_backward_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.meta)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+varlen_op.register_autograd(_op_grad, setup_context=_op_setup_context)
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -426,6 +472,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 
     gather (`kv_gather`): the keys are rows gather.index of k / v, the same as passing
     k.index_select(0, gather.index) (and v's) without the copies, and with their backward summed in
-    fp32 in a fixed order instead of index_add's atomics."""
+    fp32 in a fixed order instead of index_add's atomics. While torch.compile traces, the call is
+    the op `varlen_op` (same kernels and backward), a gather an index_select in front of it."""
+    if torch.compiler.is_compiling():
+        if gather is not None:
+            k, v = k.index_select(0, gather.index), v.index_select(0, gather.index)
+        out, _ = varlen_op(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), int(max_seqlen_q),
+                           int(max_seqlen_k), float(scale), sliding_window)
+        return out
     return _VarlenAttention.apply(*varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k), int(max_seqlen_q),
                                   int(max_seqlen_k), scale, sliding_window, gather)

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ple_fast.kernels.host import cdiv, next_power_of_2
-from ple_fast.kernels.logprob import INTERPRETED, _dot_precision, require_runnable
+from ple_fast.kernels._common import INTERPRETED, cdiv, dot_precision, next_power_of_2, require_runnable
 from ple_fast.kernels.rotary import FP_FUSION as ROTARY_FP_FUSION, _rotary, _rotate_half_partners
 from ple_fast.kernels.varlen_attention import _online_softmax_step
 
@@ -212,7 +211,7 @@ def decode_attention(query: Tensor, keys: Tensor, values: Tensor, positions: Ten
             cos.stride(0), sin.stride(0), out.stride(0), out.stride(1), out.stride(2),
             kv_heads, groups, dim, kv_length, keys_per_split, int(sliding_window or 0), float(scale),
             HAS_WINDOW=sliding_window is not None, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK=tile["BLOCK"],
-            PRECISION=_dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
+            PRECISION=dot_precision(query.dtype), UPCAST=INTERPRETED and query.dtype == torch.bfloat16,
             FINAL=final, WRITE=write, ROPE=rope, ROPE_TABLE=rope and rope_table, num_warps=tile["num_warps"],
             num_stages=tile["num_stages"], enable_fp_fusion=ROTARY_FP_FUSION if rope else True,
         )
