@@ -6,12 +6,11 @@ For each (query / original / principled) length, P pairs of random tokens (P = 8
   packed_duplicated[B]  pack_sequences: query + original, query + principled, packed, nothing shared
   padded_hf             padded_response_rows: 2P right-padded rows, the model's own SDPA attention
 B is each tree-attention backend run: by default flash (flash-attn installed), triton+fused (our
-varlen Triton kernel, the CUDA default without flash-attn, in the fused decoder layers of
-ple_fast.fused_layers, the trainer's CUDA default ple.layer_impl=auto), triton (the same attention
-in the stock HF layers) and triton+compile (the stock layers torch.compile'd, ple.compile=true). A
-+fused or +compile backend brings its like-for-like baseline: padded_hf[fused] / padded_hf[compile],
-HF's padded forward through the same layers. --backends names others: segments (varlen on stock
-SDPA) and flex (timed in a last pass, its compile being slow; a compile failure is recorded per row).
+varlen Triton kernel in the fused decoder layers of ple_fast.fused_layers: the trainer's CUDA
+default, ple.layers=auto), triton (the same attention in the stock HF layers) and triton+compile (the
+stock layers torch.compile'd: ple.layers=compiled, experimental until timed here). A +fused or +compile
+backend brings its like-for-like baseline: padded_hf[fused] / padded_hf[compile], HF's padded forward
+through the same layers. --backends names others, e.g. segments (varlen on stock SDPA).
 --allow-cpu runs a smoke test on CPU (fp32, tiny shapes, segments unless --backends; no figures).
 The packed layouts are built on the CPU before timing, as the trainer builds them (the layout op is
 timed separately, pack_ms); each step moves its layout to the GPU and picks the scored rows as the
@@ -33,6 +32,7 @@ over duplicated is the token-FLOP ratio (2Q+C+R)/(Q+C+R); the measured one is be
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import traceback
 from pathlib import Path
@@ -126,6 +126,7 @@ def variants(model, queries, originals, principled, backends: list[str], device:
     from ple_fast.fused_layers import fused_decoder_layers
     from ple_fast.layout import pack_dual, pack_sequences
     from ple_fast.models import decoder_of
+    from ple_fast.plan import ForwardPlan
 
     prompts = [q for q in queries for _ in (0, 1)]
     responses = [r for pair in zip(originals, principled) for r in pair]
@@ -133,9 +134,9 @@ def variants(model, queries, originals, principled, backends: list[str], device:
     duplicated = pack_sequences(prompts, responses)
 
     def packed(batch, backend):
-        compile, fused = backend.endswith(COMPILED), backend.endswith(FUSED)
-        backend = backend.removesuffix(COMPILED).removesuffix(FUSED)
-        return lambda: packed_rows(model, batch, len(prompts), backend, compile=compile, fused=fused)
+        layers = "compiled" if backend.endswith(COMPILED) else "fused" if backend.endswith(FUSED) else "stock"
+        plan = ForwardPlan("packed", backend.removesuffix(COMPILED).removesuffix(FUSED), layers, "torch")
+        return lambda: packed_rows(model, batch, len(prompts), plan)    # the plan's loss_impl is not read here
 
     def padded_compiled():
         with compiled_layers(decoder_of(model)):
@@ -145,7 +146,7 @@ def variants(model, queries, originals, principled, backends: list[str], device:
         with fused_decoder_layers(model):
             return padded_response_rows(model, prompts, responses, pad_token_id=0)
 
-    # padded HF first, flex last: a flex compile that fails slowly must not eat the baselines' time
+    # padded HF first: a compile that fails slowly must not eat the baselines' time
     width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     padded = (len(prompts) * width, len(prompts) * width * (width + 1) // 2)     # causal over the padded width
     out = {"padded_hf": (lambda: padded_response_rows(model, prompts, responses, pad_token_id=0), *padded)}
@@ -162,13 +163,11 @@ def variants(model, queries, originals, principled, backends: list[str], device:
 
 def available_backends(dtype: torch.dtype, device: str) -> list[str]:
     """The default backends: flash (if installed), triton in fused, stock and compiled layers. `segments`
-    (0.52x of padded on an H200) and `flex` (failed to compile there) run when named by --backends."""
-    from ple_fast.attention import _flash_available
-
-    if device == "cpu":   # smoke runs: flex has no CPU backward, interpreted triton takes minutes
+    (0.52x of padded on an H200) runs when named by --backends."""
+    if device == "cpu":   # smoke runs: interpreted triton takes minutes
         return ["segments"]
     backends = []
-    if dtype in (torch.float16, torch.bfloat16) and _flash_available():
+    if dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None:
         backends.append("flash")
     backends += ["triton" + FUSED, "triton", "triton" + COMPILED]
     return backends
@@ -210,11 +209,10 @@ def main() -> None:
                    note="tokens/s = tokens of the 2P separate sequences / fwd+bwd time; "
                         "theory = (2Q+C+R)/(Q+C+R)")
     print(f"{BENCH}: {payload['model']['params'] / 1e9:.2f}B params, {num_pairs} pairs/step, backends {backends}")
-    # Eager backends over every shape first; then compiled layers (a compile per shape and backward);
-    # flex last: its compile is slow (and failed on the H200 once). So a tight budget spends its time
-    # on the shapes of the default paths, not on compiles.
+    # Eager backends over every shape first, then compiled layers (a compile per shape and backward): a
+    # tight budget spends its time on the shapes of the default paths, not on compiles.
     compiled = [b for b in backends if b.endswith(COMPILED)]
-    passes = [[b for b in backends if b != "flex" and b not in compiled], compiled, [b for b in backends if b == "flex"]]
+    passes = [[b for b in backends if b not in compiled], compiled]
     measured: dict[tuple, dict[str, float]] = {}
     for pass_backends in (p for p in passes if p):
         for q_len, o_len, p_len in shapes:
@@ -249,7 +247,7 @@ def main() -> None:
                                model_tflops=tflops, peak_fraction=tflops / peak_tflops,
                                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
                     row.update({key: timing[key] for name in PHASES for key in (f"{name}_ms", f"{name}_host_ms")})
-                    if not name.startswith("packed_shared[flex") and seconds_left() > MIN_SECONDS_PER_SHAPE:
+                    if seconds_left() > MIN_SECONDS_PER_SHAPE:
                         row["profile"] = kernel_profile(lambda: training_step(model, rows_fn), timed_ms=timing["ms"],
                                                         host=True)
                 except Exception as err:  # noqa: BLE001 - record and go on to the next variant

@@ -4,8 +4,6 @@ For each (N, H, V), bf16 hidden [N, H] and weight [V, H], forward + backward (dX
   ple_triton            ple_loss(impl="triton"): fused Triton forward, V-chunked backward (default)
   ple_torch_chunked     ple_loss(impl="torch"): the recompute design on cuBLAS: row chunks, chunk
                         logits for lse in the forward and again in the backward (8NHV)
-  ple_torch_pairs       ple_loss(impl="pairs"): chunks of whole pairs, the loss gradient formed in
-                        the forward from the chunk's logits, in place (6NHV on cuBLAS; one host sync)
   ple_naive             full logits -> float -> log_softmax -> gather, as HF / TRL do it
   ple_compiled_chunked  torch.compile'd chunk (logits -> log_softmax -> gather) under checkpoint
   ce_torch_linear_ce    torch.nn.functional.linear_cross_entropy, when this torch has it
@@ -13,12 +11,9 @@ For each (N, H, V), bf16 hidden [N, H] and weight [V, H], forward + backward (dX
   ce_cce / ce_cce_exact Cut Cross-Entropy, default (gradient filtering) and filter_eps=None
 ple_* compute the gated PLE loss; ce_* a summed token cross-entropy: the same 6NHV of useful
 work (logits, their softmax, dX, dW) and the same memory problem, a different scalar on top.
-The ple_* rows are the candidates for ple_loss(impl="auto") on CUDA (today: triton).
-  ple_torch_pairs_2048  the same with 2048-row chunks: fewer passes over the fp32 dW accumulator,
-                        more memory
-ple_torch_pairs never computes unscored rows (here the 128-row queries, 1/4 of N) while the
-others do, so its 6NHV / time figure credits it with work it skips: compare by ms (the trainer
-hands every implementation scored rows only, where that advantage is gone).
+The ple_* rows are the candidates for ple_loss(impl="auto") on CUDA (today: triton). (An exact 6NHV
+design by chunks of whole pairs, impl="pairs", was slower than triton at every shape on an H200,
+bench/results/2026-11-28-h200-suite, and is gone.)
 
 Reported per method: ms (median fwd+bwd), useful TFLOP/s = 6NHV / time and its fraction of
 the bf16 matmul rate measured in this run, peak extra memory (above inputs and the returned
@@ -80,18 +75,6 @@ def _ple_impl(impl):
         from ple_fast.loss import ple_loss
 
         return lambda h, w: ple_loss(h, w, b["labels"], b["seq_index"], b["rewards"], 0.2, impl=impl).loss
-    return factory
-
-
-def _ple_pairs_rows(chunk_rows):
-    """impl="pairs" with a fixed chunk size. Its default chunk (loss.CHUNK_BYTES: ~520 rows at
-    V = 128k) makes every chunk read and write the whole fp32 dW accumulator (2 GiB at
-    V x H = 128k x 4k), so the dW GEMM is memory-bound; bigger chunks trade memory for that."""
-    def factory(b):
-        from ple_fast.loss_pairs import pairs_ple_loss
-
-        return lambda h, w: pairs_ple_loss(h, w, b["labels"], b["seq_index"], b["rewards"], 0.2,
-                                           chunk_rows=chunk_rows).loss
     return factory
 
 
@@ -171,8 +154,6 @@ METHODS = {  # in run order: the comparisons the issue's targets name first, slo
     "ce_cce": ("ce", _ce_cce("auto")),
     "ce_cce_exact": ("ce", _ce_cce(None)),
     "ple_torch_chunked": ("ple", _ple_impl("torch")),
-    "ple_torch_pairs": ("ple", _ple_impl("pairs")),
-    "ple_torch_pairs_2048": ("ple", _ple_pairs_rows(2048)),
     "ple_naive": ("ple", _ple_naive),
     "ce_torch_linear_ce": ("ce", _ce_torch_linear_ce),
     "ple_compiled_chunked": ("ple", _ple_compiled_chunked),

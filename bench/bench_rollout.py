@@ -13,10 +13,9 @@ sampling with a noise tensor), `fast_sdpa_decode` (masked SDPA over the cache, s
 `fast_merged` (the other way: q / k / v and gate / up as one matmul each, over weights laid out back to
 back by ple_fast.merged_projections; CUDA) and
 `fast[BLOCK=.. num_stages=.. num_warps=..]` (the decode attention kernel with each of its other
-CANDIDATE_TILES, in the step; at --tile-batches, default 256); and `fast_compiled`, the defaults with
-the decode step torch.compile'd (RolloutEngine(compile_decode=True): inductor fuses each layer's
-elementwise kernels; its one compile is in the warm-up call, not timed).
-For `fast`, `fast_stock_layers` and `fast_compiled` a "profile" of 16 early decode steps records
+CANDIDATE_TILES, in the step; at --tile-batches, default 256). (A torch.compile'd decode step was
+slower than the fused layers at every batch on an H200, bench/results/2026-11-28-h200-session2, and
+is gone.) For `fast`, `fast_stock_layers` and `fast_merged` a "profile" of 16 early decode steps records
 kernels per step, the GPU's busy time per step (sum of kernel durations) against those steps'
 CUDA-event time, and the top kernels: whether a step is launch-bound, and which kernels to fuse
 next. After each batch's engine rows, `attention_kernel[triton]` and `attention_kernel[sdpa]` time
@@ -41,8 +40,8 @@ other is far off; the two together say which one binds at that batch.
 named, e.g. 128, the one its speed target is set at; the default times it at every batch.
 
 Batches run in target order (128: speed over HF, 256: floor fraction, then 32), first for the
-eager methods (each batch followed by its step-part rows), then for the compiled ones
-(`fast_compiled`, HF + compile), only while BENCH_DEADLINE leaves time. The JSON is rewritten
+eager methods (each batch followed by its step-part rows), then for HF + compile, only while
+BENCH_DEADLINE leaves time. The JSON is rewritten
 after every row.
 Without CUDA it exits 0 with a message (--allow-cpu runs the quick shapes anyway, a smoke test).
 """
@@ -129,7 +128,7 @@ def run_hf(model, input_ids, new_tokens: int, static: bool):
 
 
 PROFILED_STEPS = 16
-PROFILED_METHODS = ("fast", "fast_stock_layers", "fast_compiled", "fast_merged")
+PROFILED_METHODS = ("fast", "fast_stock_layers", "fast_merged")
 
 
 def decode_step_profile(engine, prompts: list[list[int]]) -> dict:
@@ -318,6 +317,7 @@ def main(argv=None) -> int:
         require_cuda(BENCH)
     from ple_fast.engine import RolloutEngine
     from ple_fast.kernels.decode_attention import CANDIDATE_TILES
+    from ple_fast.plan import engine_options
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -327,14 +327,14 @@ def main(argv=None) -> int:
     new_tokens = args.new_tokens or (32 if quick else 256)
     batches = [int(b) for b in (args.batches or ("4,8" if quick else "128,256,32")).split(",")]
     hf_batches = set(batches) if args.hf_batches is None else batch_set(args.hf_batches)
-    # the compiled methods in a pass of their own, after every batch of the eager ones: a first compile can
+    # the compiled baseline in a pass of its own, after every batch of the eager ones: a first compile can
     # take minutes, and must not push the batch-256 rows (the floor target) past the deadline
     tile_batches = batch_set(args.tile_batches)
     eager = ("hf", "fast", "fast_one_stream", "fast_stock_layers", "fast_torch_sampling", "fast_sdpa_decode")
     # the engine with each other tile of its decode attention kernel (CUDA: the fused step's launch)
     tiled = {f"fast[{tile_label(tile)}]": tile for tile in (CANDIDATE_TILES if device.type == "cuda" else ())}
     passes = [eager + (("fast_cublaslt", "fast_merged") if device.type == "cuda" else ()) + tuple(tiled),
-              ("fast_compiled",) + (() if quick or args.skip_compile else ("hf_static_compile",))]
+              () if quick or args.skip_compile else ("hf_static_compile",)]
     if args.methods:
         chosen = args.methods.split(",")
         if "fast_tiles" in chosen:
@@ -349,16 +349,16 @@ def main(argv=None) -> int:
     bandwidth = 1e9 * copy_bandwidth_gbs()
     peak_tflops = matmul_peak_tflops()
     weights = weight_bytes_read_per_step(model)
-    engines = {"fast": RolloutEngine(model),
-               "fast_one_stream": RolloutEngine(model, concurrent_projections=False),
-               "fast_stock_layers": RolloutEngine(model, fused_layers=False),
-               "fast_torch_sampling": RolloutEngine(model, fused_sampling=False),
-               "fast_sdpa_decode": RolloutEngine(model, decode_attention="sdpa"),
-               "fast_compiled": RolloutEngine(model, compile_decode=True),
-               "fast_cublaslt": RolloutEngine(model),      # its graphs captured with cuBLASLt matmuls
+    engine = lambda **options: RolloutEngine(model, engine_options(model, **options))  # noqa: E731
+    engines = {"fast": engine(),
+               "fast_one_stream": engine(side_stream=False),
+               "fast_stock_layers": engine(layers="stock"),
+               "fast_torch_sampling": engine(fused_sampling=False),
+               "fast_sdpa_decode": engine(decode_attention="sdpa"),
+               "fast_cublaslt": engine(),      # its graphs captured with cuBLASLt matmuls
                # q / k / v and gate / up as one matmul each (its first call lays the weights out so)
-               **({"fast_merged": RolloutEngine(model, merged_projections=True)} if device.type == "cuda" else {}),
-               **{name: RolloutEngine(model, decode_tile=tile) for name, tile in tiled.items()}}
+               **({"fast_merged": engine(merged_projections=True)} if device.type == "cuda" else {}),
+               **{name: engine(decode_tile=tile) for name, tile in tiled.items()}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  weights {weights / 1e9:.2f} GB  "
           f"prompt {prompt_len}  new {new_tokens}  batches {batches}")
     out_path = result_path(args.out, BENCH)
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
                     continue
                 row = {"batch": batch, "method": method}
                 rows.append(row)
-                if seconds_left() < (90 if method in ("hf_static_compile", "fast_compiled") else 20):   # compiles
+                if seconds_left() < (90 if method == "hf_static_compile" else 20):   # compiles
                     row["error"] = "skipped: BENCH_DEADLINE"
                     save()
                     continue
