@@ -48,7 +48,6 @@ class Algorithm:
     aligns = True                  # False: the warm-up alone
     ranks = False                  # reports the share of pairs that took the ranking branch
     second_key = "principled"      # the second response's name in samples/*.jsonl
-    second_label = "r(y_p)"        # ... and its reward's in the iteration line
 
     def __init__(self, cfg: PLEConfig, rollout: RolloutConfig):
         self.cfg = cfg
@@ -71,6 +70,21 @@ class Algorithm:
         """[B] the reward gap the iteration line reports."""
         return rewards[:, -1] - rewards[:, 0]
 
+    def totals(self, raw: torch.Tensor, rewards: torch.Tensor, finite: torch.Tensor) -> dict[str, float]:
+        """This step's sums for the iteration's record, over the queries whose rewards are all finite."""
+        return {"delta": float(self.delta(raw, rewards)[finite].sum()), "s": float(raw[finite, 0].sum()),
+                "s_p": float(raw[finite, -1].sum())}
+
+    def report(self, totals: dict, scored: int) -> dict:
+        """The iteration record's fields of this algorithm, from the summed totals."""
+        return {"mean_delta": totals["delta"] / scored, "mean_reward": totals["s"] / scored,
+                "mean_reward_principled": totals["s_p"] / scored}
+
+    def line(self, record: dict) -> str:
+        """The middle of the iteration line: the quantities this algorithm acts on."""
+        return (f"delta {record['mean_delta']:+.3f}  r(y) {record['mean_reward']:+.3f}  "
+                f"r(y_p) {record['mean_reward_principled']:+.3f}")
+
     def loss(self, policy: Policy, step: Step, micro: list[int], scale: float,
              tau: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(this micro-batch's share of the batch loss, ranked pairs or None). `scale` turns a sum over
@@ -82,6 +96,9 @@ class PLE(Algorithm):
     """The paper's method; the gate and both branches are `ple_fast.loss.ple_loss`."""
     name = "ple"
     ranks = True
+
+    def line(self, record):
+        return f"tau {record['tau']:.3f}  ranked {record['ranked_share']:.2f}  " + super().line(record)
 
     def loss(self, policy, step, micro, scale, tau):
         pc = self.cfg
@@ -116,7 +133,6 @@ class RAFT(_SFTOnTarget):
     """Best-of-n without the principle (n = ple.raft_samples, 2 by default: PLE's budget)."""
     name = "raft"
     second_key = "second_sample"
-    second_label = "r(2nd sample)"
 
     def sample(self, policy, queries, seed):
         n = self.cfg.raft_samples
@@ -124,14 +140,33 @@ class RAFT(_SFTOnTarget):
         return Samples(drawn[0::n], drawn[1::n], drawn)
 
     def score(self, reward, texts, samples, decode):
+        """[B, n]: the samples two by two through `score_pairs`, the batched path PLE's pairs take (a
+        reward model computes each query once per pair); an odd last sample alone."""
         n = self.cfg.raft_samples
-        return reward([t for t in texts for _ in range(n)], decode(samples.drawn)).view(len(texts), n)
+        sample = [decode(samples.drawn[j::n]) for j in range(n)]
+        columns = [reward.score_pairs(texts, sample[j], sample[j + 1]) for j in range(0, n - 1, 2)]
+        if n % 2:
+            columns.append(reward(texts, sample[-1]).float()[:, None])
+        return torch.cat(columns, dim=1)
 
     def valid(self, rewards, real):
         return torch.isfinite(rewards).any(dim=1)       # the best finite sample is still a target
 
     def delta(self, raw, rewards):
         return raw[:, 1] - raw[:, 0]
+
+    def totals(self, raw, rewards, finite):
+        top2 = raw[finite].topk(2, dim=1).values if self.cfg.raft_samples > 1 else raw[finite].repeat(1, 2)
+        return {**super().totals(raw, rewards, finite), "best": float(top2[:, 0].sum()),
+                "second": float(top2[:, 1].sum()), "beat": float((top2[:, 0] > top2[:, 1]).sum())}
+
+    def report(self, totals, scored):
+        return {**super().report(totals, scored), "mean_reward_best": totals["best"] / scored,
+                "mean_reward_second": totals["second"] / scored, "best_beat_share": totals["beat"] / scored}
+
+    def line(self, record):
+        return (f"best {record['mean_reward_best']:+.3f}  2nd {record['mean_reward_second']:+.3f}  "
+                f"best beat the 2nd {record['best_beat_share']:.0%}")
 
     def target(self, step, k, best):
         return step.samples.drawn[k * self.cfg.raft_samples + best]

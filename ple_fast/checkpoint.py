@@ -37,6 +37,8 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
+from ple_fast.config import InputError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -52,7 +54,7 @@ STEP_DIR = re.compile(r"^step-(\d{8,})$")
 HF_FORMAT, PEFT_FORMAT = "hf_safetensors", "peft_adapter"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is incomplete, or does not match the model/optimizer it is loaded into."""
 
 

@@ -20,7 +20,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input from the user (a config value, a file, a data record, a checkpoint): the command lines
+    print its one line and exit with status 2."""
+
+
+class ConfigError(InputError):
     pass
 
 
@@ -112,6 +117,8 @@ class PLEConfig:
     warmup_steps: int = opt(0, "linear LR warm-up steps", ge=0)
     schedule: Schedule = opt("constant", "LR schedule after the warm-up")
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses in a row", ge=1)
+    max_empty_batches: int = opt(0, "stop after this many batches in a row without a pair of finite rewards; "
+                                    "0: one iteration's batches", ge=0)
 
 
 @dataclass
@@ -185,6 +192,25 @@ class Config:
     lora: LoRAConfig = section(LoRAConfig, "LoRA adapters")
     run: RunConfig = section(RunConfig, "run folder, device, checkpoints, logging")
 
+    def check(self) -> None:
+        """Keys the chosen task would ignore are errors: data without a model folder (the embedded task
+        brings its own), the embedded model's shape with one, a reward path the built-in reward ignores."""
+        changed = [key for key, f, value in leaves(self) if value != f.default]
+        if self.model.path is None:
+            data = [key for key in changed if key.startswith("data.")]
+            if data:
+                raise ConfigError(f"{data[0]} is set but model.path is not: the embedded task brings its own data "
+                                  "and model; name the policy folder (model.path=...) to train on data files, or "
+                                  "drop the data.* keys to train on the embedded task")
+        else:
+            shape = [key for key in changed if key in ("model.hidden_size", "model.layers", "model.heads")]
+            if shape:
+                raise ConfigError(f"{shape[0]} sets the embedded model's shape, but model.path names a model "
+                                  "folder, which has its own; drop it")
+        if self.reward.kind == "builtin" and self.reward.path is not None:
+            raise ConfigError("reward.path is set but reward.kind=builtin ignores it: set reward.kind=hf (a "
+                              "reward-model folder) or reward.kind=python (module:function)")
+
 
 # ---- the reward-model trainer (`python -m ple_fast.reward_train`) ----------------------------------
 
@@ -226,6 +252,18 @@ class RewardTrainConfig:
     data: PreferenceDataConfig = section(PreferenceDataConfig, "preference pairs")
     train: RewardTrainingConfig = section(RewardTrainingConfig, "the Bradley-Terry training")
     run: RewardRunConfig = section(RewardRunConfig, "run folder and device")
+
+    def check(self) -> None:
+        """The rules between keys (each key's own choices and bounds are checked as it is set)."""
+        if self.model.hidden_size % self.model.heads:
+            raise ConfigError(f"model.hidden_size={self.model.hidden_size} must be a multiple of "
+                              f"model.heads={self.model.heads}")
+        if self.model.path is None and (self.data.path or self.data.eval_path):
+            raise ConfigError("data.path is set but model.path is not: name the local HF model folder to "
+                              "train from (model.path=...), or drop data.* to train on the embedded task")
+        if self.model.path is not None and not self.data.path:
+            raise ConfigError("model.path is set, so data.path must name preference data "
+                              "(HH-RLHF or prompt/chosen/rejected JSONL)")
 
 
 # ---- checking and setting ---------------------------------------------------------------------------
@@ -419,6 +457,7 @@ def build_config(yaml_path: str | None = None, overrides: typing.Sequence[str] =
         except ConfigError as err:
             raise ConfigError(f"command line: {err}") from None
     check_experimental(config)
+    config.check()
     return config
 
 
@@ -437,34 +476,26 @@ def _show(value: Any) -> str:
     return "`null`" if value is None else f"`{str(value).lower() if isinstance(value, bool) else value}`"
 
 
+def _row(name: str, f: dataclasses.Field, annotation: Any) -> str:
+    meta = f.metadata
+    bounds = ", ".join(f"{sym} {meta[b]}" for b, sym in (("ge", ">="), ("gt", ">"), ("lt", "<")) if meta.get(b) is not None)
+    marked = "; experimental: " + ", ".join(map(_show, meta["experimental"])) if meta.get("experimental") else ""
+    return (f"| `{name}` | {_type_words(annotation)}{f' ({bounds})' if bounds else ''} | {_show(f.default)} | "
+            f"{meta.get('help', '')}{marked} |")
+
+
 def reference(config_type: type) -> str:
     """A markdown table per section of `config_type`: key, type or choices, default, meaning."""
-    lines, top = [], []
-    hints = typing.get_type_hints(config_type)
+    head = ["| key | values | default | meaning |", "|---|---|---|---|"]
+    hints, top, sections = typing.get_type_hints(config_type), [], []
     for f in dataclasses.fields(config_type):
         if f.default_factory is dataclasses.MISSING:
-            top.append((f.name, hints[f.name], f))
-    blocks = [("", top)] + [(f.name, [(g.name, typing.get_type_hints(f.default_factory)[g.name], g)
-                                      for g in dataclasses.fields(f.default_factory)])
-                            for f in dataclasses.fields(config_type) if f.default_factory is not dataclasses.MISSING]
-    helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_type)}
-    for name, rows in blocks:
-        if not rows:
+            top.append(_row(f.name, f, hints[f.name]))
             continue
-        lines += [f"### `{name}`: {helps[name]}" if name else "### top level", "",
-                  "| key | values | default | meaning |", "|---|---|---|---|"]
-        for key, annotation, f in rows:
-            meta = f.metadata
-            bounds = ", ".join(f"{sym} {meta[b]}" for b, sym in (("ge", ">="), ("gt", ">"), ("lt", "<"))
-                               if meta.get(b) is not None)
-            values = _type_words(annotation) + (f" ({bounds})" if bounds else "")
-            help_text = meta.get("help", "")
-            if meta.get("experimental"):
-                marked = ", ".join(_show(v) for v in meta["experimental"])
-                help_text += f"; experimental: {marked}"
-            lines.append(f"| `{name + '.' if name else ''}{key}` | {values} | {_show(f.default)} | {help_text} |")
-        lines.append("")
-    return "\n".join(lines)
+        inner = typing.get_type_hints(f.default_factory)
+        sections += [f"### `{f.name}`: {f.metadata.get('help', '')}", "", *head,
+                     *(_row(f"{f.name}.{g.name}", g, inner[g.name]) for g in dataclasses.fields(f.default_factory)), ""]
+    return "\n".join((["### top level", "", *head, *top, ""] if top else []) + sections)
 
 
 def help_epilog(config_type: type, example: str) -> str:

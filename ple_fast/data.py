@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ple_fast.config import InputError
+
 log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -62,7 +64,7 @@ class PreferenceExample:
     rejected: str
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A bad record. Raised bare by the pure helpers; loaders re-raise it with file and line."""
 
     def __init__(self, reason: str, path: str | os.PathLike | None = None, line: int | None = None):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ple_fast.distributed import Dist
 from ple_fast.policy import Policy, Sampling
+from ple_fast.runtime import Progress
 from ple_fast.workload import EvalSet
 
 
@@ -44,11 +44,12 @@ def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples
     texts = [all_texts[i] for i in indices]
     token_lists: list[list[int]] = []
     start = time.perf_counter()
-    with tqdm(total=len(prompts), desc="eval", disable=not progress, leave=False, unit="resp") as bar:
-        for index, lo in enumerate(range(0, len(prompts), batch_size)):
-            token_lists += policy.generate(prompts[lo:lo + batch_size], sampling, seed=seed + index)
-            bar.update(len(prompts[lo:lo + batch_size]))
-            bar.set_postfix(tok_s=f"{sum(map(len, token_lists)) / (time.perf_counter() - start):,.0f}")
+    bar = Progress(len(prompts), "eval", enabled=progress, unit="resp")
+    for index, lo in enumerate(range(0, len(prompts), batch_size)):
+        token_lists += policy.generate(prompts[lo:lo + batch_size], sampling, seed=seed + index)
+        bar.set_postfix(generated_tok_s=f"{sum(map(len, token_lists)) / (time.perf_counter() - start):,.0f}")
+        bar.update(len(prompts[lo:lo + batch_size]))
+    bar.close()
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
     rewards = reward_fn(texts, responses).float() if texts else torch.zeros(0)
     token_lists = dist.gather(token_lists, real)
@@ -58,6 +59,7 @@ def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples
     finite = torch.isfinite(rewards)
     metrics = {"mean_reward": rewards[finite].mean().item() if finite.any() else float("nan"),
                "nonfinite_rewards": int((~finite).sum()),
+               "nonfinite_share": (~finite).float().mean().item() if len(rewards) else 0.0,
                "mean_response_tokens": sum(len(t) for t in token_lists) / max(len(token_lists), 1)}
     if baseline_rewards is not None:
         both = finite & torch.isfinite(baseline_rewards)
@@ -94,8 +96,26 @@ ROWS = [("mean_reward", "mean reward (no principle)", "{:+.3f}"),
         ("perplexity", "perplexity of held-out refs", "{:.3f}")]
 
 
+def _show(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt.format(value)
+
+
+def _nonfinite(metrics: dict) -> str:
+    return f"{metrics.get('nonfinite_rewards', 0)} ({metrics.get('nonfinite_share', 0.0):.1%})"
+
+
+def format_line(metrics: dict, extra_rows: Sequence[tuple[str, str, str]] = ()) -> str:
+    """One evaluation's numbers on one line, labelled as in the table."""
+    parts = [f"{label} {_show(metrics[key], fmt)}" for key, label, fmt in list(ROWS) + list(extra_rows)
+             if key in metrics]
+    if metrics.get("nonfinite_rewards"):
+        parts.append(f"non-finite rewards {_nonfinite(metrics)}")
+    return " | ".join(parts)
+
+
 def format_table(before: dict, after: dict, algo: str, extra_rows: Sequence[tuple[str, str, str]] = ()) -> str:
-    """A before/after table; rows absent from both sides are left out."""
+    """A before/after table; rows absent from both sides are left out, and non-finite rewards (left out of
+    the means) get a row of their own where there were any."""
     rows = list(ROWS) + list(extra_rows)
     header = ("metric", "SFT start", f"after {algo}", "change")
     lines = []
@@ -103,10 +123,11 @@ def format_table(before: dict, after: dict, algo: str, extra_rows: Sequence[tupl
         if key not in before and key not in after:
             continue
         b, a = before.get(key), after.get(key)
-        show = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)  # noqa: E731
         change = "-" if b is None or a is None else ("{:+.3f}".format(a - b) if "%" not in fmt
                                                       else "{:+.1f} pts".format(100 * (a - b)))
-        lines.append((label, show(b), show(a), change))
+        lines.append((label, _show(b, fmt), _show(a, fmt), change))
+    if before.get("nonfinite_rewards") or after.get("nonfinite_rewards"):
+        lines.append(("non-finite rewards (left out)", _nonfinite(before), _nonfinite(after), "-"))
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(4)]
     fmt_row = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(r, widths)))

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerFast)
 
+from ple_fast.config import InputError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -72,7 +74,7 @@ def load_tokenizer(path: str | os.PathLike):
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"tokenizer in {str(path)!r} has neither a pad nor an eos token")
+            raise InputError(f"tokenizer in {str(path)!r} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -84,17 +86,17 @@ def load_policy(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in architectures):
-        raise ValueError(f"{str(folder)!r} is not a causal language model: its architectures are "
+        raise InputError(f"{str(folder)!r} is not a causal language model: its architectures are "
                          f"{architectures} (expected e.g. LlamaForCausalLM)")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
                                                            output_loading_info=True)
     except ValueError as err:
-        raise ValueError(f"{str(folder)!r} is not a causal language model "
+        raise InputError(f"{str(folder)!r} is not a causal language model "
                          f"(model_type={config.model_type!r}): {err}") from err
     missing = [k for k in info.get("missing_keys", ()) if "lm_head" not in k or not config.tie_word_embeddings]
     if missing:
-        raise ValueError(f"{str(folder)!r}: the checkpoint lacks {len(missing)} weights of "
+        raise InputError(f"{str(folder)!r}: the checkpoint lacks {len(missing)} weights of "
                          f"{type(model).__name__}, e.g. {sorted(missing)[:3]}")
     tokenizer = load_tokenizer(folder)
     if model.generation_config.pad_token_id is None:

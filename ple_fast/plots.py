@@ -33,6 +33,8 @@ class Curves:
     mean_reward: list[float] = field(default_factory=list)
     mean_reward_principled: list[float] = field(default_factory=list)
     mean_delta: list[float] = field(default_factory=list)
+    mean_reward_best: list[float] = field(default_factory=list)       # RAFT: its best and second-best samples
+    mean_reward_second: list[float] = field(default_factory=list)
     align_loss: list[float] = field(default_factory=list)
 
 
@@ -81,24 +83,31 @@ def load_curves(path: str | os.PathLike) -> Curves:
         record = align[iteration]
         curves.algo = record.get("algo", curves.algo)
         curves.iteration.append(iteration)
-        for key in ("tau", "ranked_share", "mean_reward", "mean_reward_principled", "mean_delta"):
+        for key in ("tau", "ranked_share", "mean_reward", "mean_reward_principled", "mean_delta", "mean_reward_best",
+                    "mean_reward_second"):
             getattr(curves, key).append(_number(record, key))
         curves.align_loss.append(_number(record, "loss"))
     return curves
 
 
 def _matplotlib():
-    """(Figure, FigureCanvasAgg), or None when matplotlib is not installed."""
+    """(Figure, FigureCanvasAgg, MaxNLocator), or None when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
-    return Figure, FigureCanvasAgg
+    return Figure, FigureCanvasAgg, MaxNLocator
+
+
+def _iteration_axis(mpl, ax) -> None:
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(mpl[2](integer=True))     # iterations are whole numbers
 
 
 def _new_figure(mpl, width=6.4, height=4.0, panels=1):
-    Figure, FigureCanvasAgg = mpl
+    Figure, FigureCanvasAgg, _ = mpl
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     axes = [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
@@ -112,11 +121,13 @@ def _save(figure, path: Path) -> Path:
 
 def plot_rewards(mpl, curves: Curves, path: Path) -> Path:
     figure, (ax,) = _new_figure(mpl)
-    raft = curves.algo == "raft"
-    ax.plot(curves.iteration, curves.mean_reward, "o-", label="first sample r(y)" if raft else "original r(y)")
-    ax.plot(curves.iteration, curves.mean_reward_principled, "s-",
-            label="second sample" if raft else "principle-guided r(y_p)")
-    ax.set_xlabel("iteration")
+    if curves.algo == "raft":
+        ax.plot(curves.iteration, curves.mean_reward_best, "o-", label="best sample")
+        ax.plot(curves.iteration, curves.mean_reward_second, "s-", label="second-best sample")
+    else:
+        ax.plot(curves.iteration, curves.mean_reward, "o-", label="original r(y)")
+        ax.plot(curves.iteration, curves.mean_reward_principled, "s-", label="principle-guided r(y_p)")
+    _iteration_axis(mpl, ax)
     ax.set_ylabel("mean reward")
     ax.set_title(f"Rewards of both responses per iteration ({curves.algo or 'align'})")
     ax.grid(alpha=0.3)
@@ -127,7 +138,7 @@ def plot_rewards(mpl, curves: Curves, path: Path) -> Path:
 def plot_ranked_share(mpl, curves: Curves, path: Path) -> Path:
     figure, (ax,) = _new_figure(mpl)
     share_line, = ax.plot(curves.iteration, curves.ranked_share, "o-", color="C0", label="ranking-branch share")
-    ax.set_xlabel("iteration")
+    _iteration_axis(mpl, ax)
     ax.set_ylabel("share of pairs with delta > tau")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -147,7 +158,12 @@ def plot_loss(mpl, curves: Curves, path: Path) -> Path:
     figure, axes = _new_figure(mpl, width=5.0 * len(panels), panels=len(panels))
     for ax, (x, y, xlabel, title) in zip(axes, panels):
         ax.plot(x, y, "o-" if len(x) < 50 else "-")
-        ax.set_xlabel(xlabel)
+        if xlabel == "iteration":
+            _iteration_axis(mpl, ax)
+        else:                            # the warm-up's loss falls by orders of magnitude: a log scale
+            ax.set_xlabel(xlabel)
+            if all(v > 0 for v in y if not math.isnan(v)):
+                ax.set_yscale("log")
         ax.set_ylabel("loss")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -17,10 +17,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from ple_fast.attention import BACKENDS, resolve_backend
+from ple_fast.config import InputError
 from ple_fast.forward import dual_forward
 from ple_fast.layout import SEGMENTS_PER_PAIR, pack_dual, pack_sequences
 from ple_fast.models import check_model_dir, decoder_of, load_tokenizer
 from ple_fast.task import builtin_reward
+
+
+class RewardError(InputError):
+    """The reward gave nothing to learn from (every pair NaN or inf, batch after batch)."""
 
 
 def join_text(query: str, response: str) -> str:
@@ -99,7 +104,7 @@ def _packing_unsupported(err: Exception) -> bool:
     return dynamo is not None and isinstance(err, dynamo.TorchDynamoException)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -195,7 +200,7 @@ class HFReward(RewardFunction):
         scores = torch.empty(len(queries), 2, dtype=torch.float32)
         shared, separate, padded = {}, [], []           # shared: pair -> its common token prefix
         for k, (a, b) in enumerate(zip(ids_a, ids_b)):
-            lcp = _common_prefix(a, b)
+            lcp = common_prefix(a, b)
             if not a or not b:
                 padded.append(k)          # nothing to pack: leave an empty text to the reference
             elif lcp == 0:

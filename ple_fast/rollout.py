@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ple_fast.distributed import unsharded_for_inference
-from ple_fast.engine import RolloutEngine
+from ple_fast.engine import RolloutEngine, cut_at_eos
 
 BACKENDS = ("hf", "fast")
 
@@ -24,14 +24,6 @@ BACKENDS = ("hf", "fast")
 class DualRollout:
     originals: list[list[int]]     # response to queries[k] (ends with EOS unless cut by max_new_tokens)
     principled: list[list[int]]    # response to principle + queries[k]
-
-
-def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
-    """Everything up to and including the first EOS."""
-    for i, tok in enumerate(tokens):
-        if tok in eos_ids:
-            return tokens[:i + 1]
-    return tokens
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -52,10 +44,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     eos_ids = _eos_set(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = model.generation_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = min(eos_ids) if eos_ids else 0
+    pad_token_id = _pad_id(model, pad_token_id, eos_ids)
     if backend == "fast":       # before the empty check: under torchrun every rank must gather weights
         return _generate_fast(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, eos_ids=eos_ids, pad_token_id=pad_token_id, seed=seed,

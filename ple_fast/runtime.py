@@ -1,19 +1,26 @@
-"""What both commands share at run time: the device, the seeds, and the metrics log.
+"""What both commands share at run time: the device, the seeds, progress output and the metrics log.
 
-MetricsLog writes metrics.jsonl (always) and, when asked, TensorBoard and Weights & Biases (both
-optional installs, imported only then), and echoes a short line per record.
+On a terminal, progress is a bar per phase and lines print above it; anywhere else (a file, a pipe,
+a scheduler's log) there are no bars and no carriage returns: a plain line now and then, and one
+line per record. MetricsLog writes metrics.jsonl (always) and, when asked, TensorBoard and Weights &
+Biases (both optional installs, imported only then).
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ple_fast.config import ConfigError
+
+PLAIN_EVERY_S = 30.0     # without a terminal: at most one progress line per phase this often
 
 
 def pick_device(name: str) -> torch.device:
@@ -34,10 +41,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_files(section, keys: tuple[str, ...], prefix: str) -> None:
+    """Each of the section's keys that names a file names one that exists."""
+    for key in keys:
+        value = getattr(section, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{prefix}.{key}: file {value!r} does not exist")
+
+
+def say(line: str) -> None:
+    """A line on stdout that does not break a progress bar on the terminal."""
+    tqdm.write(line, file=sys.stdout)
+
+
+class Progress:
+    """A phase's progress: a tqdm bar on a terminal; elsewhere a plain line at most every PLAIN_EVERY_S
+    seconds (`enabled` False: nothing)."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, *, enabled: bool = True, unit: str = "step"):
+        self.total, self.desc, self.n = total, desc, initial
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, unit=unit) \
+            if enabled and sys.stderr.isatty() else None
+        self.plain = enabled and self.bar is None
+        self.postfix: dict = {}
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.plain and time.monotonic() - self.last >= PLAIN_EVERY_S and self.n < self.total:
+            self.last = time.monotonic()
+            extra = "  ".join(f"{k} {v}" for k, v in self.postfix.items())
+            say(f"  {self.desc} {self.n}/{self.total}" + (f"  {extra}" if extra else ""))
+
+    def set_postfix(self, **values) -> None:
+        """Figures shown beside the bar (off a terminal: in the next plain line)."""
+        self.postfix = values
+        if self.bar is not None:
+            self.bar.set_postfix(**values, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class MetricsLog:
     """metrics.jsonl (always), plus TensorBoard / W&B when asked for; echoes a short line."""
 
-    def __init__(self, path: Path | None, echo: Callable[[str], None] = print, *, tensorboard_dir=None,
+    def __init__(self, path: Path | None, echo: Callable[[str], None] = say, *, tensorboard_dir=None,
                  wandb_project: str | None = None, config: dict | None = None):
         self.path, self.echo = path, echo
         self.lines = 0

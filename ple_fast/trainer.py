@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ple_fast.algorithms import Samples, Step, make_algorithm
 from ple_fast.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
@@ -28,11 +27,11 @@ from ple_fast.config import Config
 from ple_fast.data import adds_bos
 from ple_fast.distributed import (Dist, clip_grad_norm, load_distributed_checkpoint, reshard,
                                   save_distributed_checkpoint, sync_replicated_grads)
-from ple_fast.evaluate import evaluate
+from ple_fast.evaluate import evaluate, format_line
 from ple_fast.plan import Plan, build_plan
 from ple_fast.policy import Policy, Sampling
-from ple_fast.reward import RewardFunction, RewardNormalizer
-from ple_fast.runtime import MetricsLog
+from ple_fast.reward import RewardError, RewardFunction, RewardNormalizer
+from ple_fast.runtime import MetricsLog, Progress
 from ple_fast.workload import Query, Workload
 
 PHASES = ("sft", "eval_before", "align", "eval_after", "done")
@@ -49,6 +48,7 @@ class TrainerState:
     iteration: int = 0
     batch_in_iteration: int = 0
     nonfinite_streak: int = 0
+    empty_streak: int = 0                            # batches in a row without a pair of finite rewards
     skipped_steps: int = 0
     normalizer: dict = field(default_factory=dict)
     totals: dict = field(default_factory=dict)       # accumulators of the iteration in progress
@@ -250,9 +250,8 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return True
 
-    def progress(self, total: int, desc: str, initial: int = 0):
-        return tqdm(total=total, initial=initial, desc=desc, leave=False,
-                    disable=not self.cfg.run.progress or not self.dist.is_main, dynamic_ncols=True, unit="step")
+    def progress(self, total: int, desc: str, initial: int = 0) -> Progress:
+        return Progress(total, desc, initial, enabled=self.cfg.run.progress and self.dist.is_main)
 
     def decode(self, seqs: Sequence[Sequence[int]]) -> list[str]:
         return [self.tokenizer.decode(s, skip_special_tokens=True) for s in seqs]
@@ -269,7 +268,8 @@ class Trainer:
                 result["metrics"].update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)
                 self.state.before = result
                 self.log.write({"phase": "eval", "when": "sft", "global_step": self.state.global_step,
-                                **result["metrics"]})
+                                **result["metrics"]},
+                               f"[eval] SFT start: {format_line(result['metrics'], self.work.extra_rows)}")
                 self.state.phase = "align"
             if self.state.phase == "align":
                 self.run_alignment()
@@ -278,7 +278,8 @@ class Trainer:
                 result = self.evaluate(baseline=self.state.before)
                 self.state.after = result
                 self.log.write({"phase": "eval", "when": "final", "global_step": self.state.global_step,
-                                **result["metrics"]})
+                                **result["metrics"]},
+                               f"[eval] after {self.cfg.ple.algo}: {format_line(result['metrics'], self.work.extra_rows)}")
                 self.state.phase = "done"
                 self.save()
         return self.state
@@ -307,7 +308,7 @@ class Trainer:
             step = self.state.sft_step
             rng = random.Random(self.cfg.run.seed * 1_000_003 + step)
             batch = [examples[rng.randrange(len(examples))] for _ in range(sc.batch_size)]
-            n_tokens = sum(len(b[1]) for b in batch)
+            n_tokens = sum(len(b[1]) for b in batch)                 # the loss averages over response tokens
             local, _ = self.dist.shard(batch)      # sft.batch_size is a multiple of the world size
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)   # read once, as in alignment
             for micro in _chunks(local, sc.grad_accum):
@@ -319,14 +320,15 @@ class Trainer:
             loss_value = self.dist.sum(loss_sum.item()) / self.dist.world_size
             self.apply_update(loss_value)
             self.state.sft_step += 1
-            tokens += n_tokens
+            tokens += sum(len(b[0]) + len(b[1]) for b in batch)     # the rate counts every token forwarded
             rate = tokens / (time.perf_counter() - start)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{rate:,.0f}")
+            bar.update(1)
             if step % 50 == 0 or step == sc.steps - 1:
                 self.log.write({"phase": "sft", "step": step, "global_step": self.state.global_step,
                                 "loss": loss_value, "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate},
-                               f"[sft] step {step:4d}/{sc.steps}  loss {loss_value:.4f}  {rate:,.0f} tok/s")
+                               f"[sft] step {step:4d}/{sc.steps}  loss {loss_value:.4f}  "
+                               f"{rate:,.0f} tok/s (prompts + responses)")
             self.after_step()
         bar.close()
 
@@ -356,10 +358,10 @@ class Trainer:
                 if pc.decay == "step":
                     self.state.tau *= pc.alpha
                 t = self.state.totals
-                bar.update(1)
-                bar.set_postfix(gen_tok_s=f"{t['tokens'] / max(t['gen_seconds'], 1e-9):,.0f}",
+                bar.set_postfix(generated_tok_s=f"{t['tokens'] / max(t['gen_seconds'], 1e-9):,.0f}",
                                 score_s=f"{t['score_seconds']:.1f}",
-                                upd_tok_s=f"{t['tokens'] / max(t['update_seconds'], 1e-9):,.0f}")
+                                update_response_tok_s=f"{t['tokens'] / max(t['update_seconds'], 1e-9):,.0f}")
+                bar.update(1)
                 self.after_step()
             bar.close()
             if pc.decay == "iteration":
@@ -389,6 +391,18 @@ class Trainer:
             t["steps"] += 1
         t["update_seconds"] += time.perf_counter() - tick
         self.record_step(batch, drawn, raw, rewards, real, samples)
+        self.check_rewards(loss_value is None, raw)
+
+    def check_rewards(self, empty: bool, raw: torch.Tensor) -> None:
+        """Stop, naming the reward and what it returned, after ple.max_empty_batches batches in a row
+        (default: one iteration's) without a single pair of finite rewards: nothing would be learnt."""
+        self.state.empty_streak = self.state.empty_streak + 1 if empty else 0
+        limit = self.cfg.ple.max_empty_batches or self.batches_per_iteration()
+        if self.state.empty_streak >= limit:
+            shown = ", ".join(f"{v:g}" for v in raw.flatten()[:6].tolist())
+            raise RewardError(f"{self.state.empty_streak} batches in a row had no pair with finite rewards: the reward "
+                              f"{self.reward_fn.name} returned e.g. [{shown}]; check it (reward.kind, reward.path), "
+                              f"or raise ple.max_empty_batches")
 
     def alignment_loss(self, q_ids: list[list[int]], drawn: Samples, rewards: torch.Tensor,
                        real: list[bool]) -> float | None:
@@ -424,9 +438,8 @@ class Trainer:
         t = self.state.totals
         finite = torch.isfinite(raw).all(dim=1)
         t["pairs"] += sum(real)
-        t["delta"] += float(self.algorithm.delta(raw, rewards)[finite].sum())
-        t["s"] += float(raw[finite, 0].sum())
-        t["s_p"] += float(raw[finite, -1].sum())
+        for key, value in self.algorithm.totals(raw, rewards, finite).items():
+            t[key] = t.get(key, 0.0) + value
         t["tokens"] += sum(len(r) + len(r2) for r, r2, keep in zip(drawn.first, drawn.second, real) if keep)
         if len(samples) < SAMPLES_PER_ITERATION:
             firsts, seconds = self.decode(drawn.first), self.decode(drawn.second)
@@ -447,19 +460,15 @@ class Trainer:
         record = {"phase": "align", "algo": pc.algo, "iteration": iteration + 1, "step": self.state.align_step,
                   "global_step": self.state.global_step, "tau": t["tau"],
                   "ranked_share": t["ranked"] / scored if ranks else None,
-                  "mean_delta": t["delta"] / scored, "mean_reward": t["s"] / scored,
-                  "mean_reward_principled": t["s_p"] / scored, "loss": t["loss"] / max(t["steps"], 1),
+                  **self.algorithm.report(t, scored), "loss": t["loss"] / max(t["steps"], 1),
                   "dropped_pairs": t["dropped"], "skipped_steps": self.state.skipped_steps,
                   "generated_tokens_per_s": t["tokens"] / max(t["gen_seconds"], 1e-9),
                   "update_tokens_per_s": t["tokens"] / max(t["update_seconds"], 1e-9),
                   "scoring_seconds": t["score_seconds"]}
         self.state.history.append(record)
-        second = self.algorithm.second_label
-        ranked = f"ranked {record['ranked_share']:.2f}  " if ranks else ""
-        self.log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  tau {t['tau']:.3f}  {ranked}"
-                               f"delta {record['mean_delta']:+.3f}  r(y) {record['mean_reward']:+.3f}  "
-                               f"{second} {record['mean_reward_principled']:+.3f}  loss {record['loss']:.4f}"
-                               + (f"  dropped {t['dropped']}" if t["dropped"] else ""))
+        dropped = f"  dropped {t['dropped']} of {t['pairs']} ({t['dropped'] / max(t['pairs'], 1):.0%})"
+        self.log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  {self.algorithm.line(record)}  "
+                               f"loss {record['loss']:.4f}" + (dropped if t["dropped"] else ""))
         every = self.cfg.run.sample_every
         if self.run_dir is not None and self.dist.is_main and every > 0 and (iteration + 1) % every == 0 \
                 and samples:

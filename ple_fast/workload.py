@@ -69,7 +69,7 @@ def embedded_workload(cfg: Config, device):
             ("over_refusal_benign", "refusal rate, benign requests", "{:.1%}"))
     principle = cfg.principle if cfg.principle is not None else task.principle
     workload = Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set, task_metrics, rows)
-    return model.to(device), tokenizer, workload
+    return model.to(device=device, dtype=parse_dtype(cfg.model.dtype)), tokenizer, workload
 
 
 def file_workload(cfg: Config, device):

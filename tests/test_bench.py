@@ -83,7 +83,7 @@ def test_time_cuda_splits_a_call_at_its_marks():
     timing = time_cuda(two_parts, warmup=1, iters=3, phases=("slow", "fast"))
     assert timing["slow_ms"] >= 20 and timing["slow_ms"] > timing["fast_ms"] >= 0
     assert (timing["slow_host_ms"], timing["fast_host_ms"]) == (timing["slow_ms"], timing["fast_ms"])
-    assert timing["ms"] >= timing["slow_ms"] + timing["fast_ms"]
+    assert timing["ms"] >= 0.95 * (timing["slow_ms"] + timing["fast_ms"])     # medians: the parts' need not add up
     assert "slow_ms" not in time_cuda(lambda: None, warmup=0, iters=1)
     with pytest.raises(ValueError, match="3 phases need 4 marks, fn made 3"):
         time_cuda(two_parts, warmup=0, iters=1, phases=("a", "b", "c"))

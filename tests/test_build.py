@@ -9,8 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 IMPORT_ALL = """
+import torch                             # first, as ple_fast._ext loads _C: it links libtorch without an RPATH
 import ple_fast, ple_fast._C, ple_fast.kernels, ple_fast.layout
-import torch
 assert ple_fast.kernels.__name__ == "ple_fast.kernels"
 assert ple_fast.kernels.__file__.startswith(REPO + "/ple_fast/kernels/"), ple_fast.kernels.__file__
 import ple_fast.kernels.logprob

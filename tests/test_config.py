@@ -47,7 +47,20 @@ def test_bounds_on_the_fields_name_the_key():
                               ("sft.steps=-1", "sft.steps: must be at least 0, got -1")):
         with pytest.raises(ConfigError, match=message):
             build_config(None, [override])
-    assert build_config(None, ["ple.iterations=0", "data.eval_fraction=0"]).ple.iterations == 0
+    cfg = build_config(None, ["ple.iterations=0", "model.path=/m", "reward.kind=hf", "data.eval_fraction=0"])
+    assert cfg.ple.iterations == 0 and cfg.data.eval_fraction == 0.0
+
+
+def test_keys_the_task_would_ignore_are_errors():
+    """Data files without a model folder (the embedded task brings its own), the embedded model's shape
+    with one, a reward path the built-in reward ignores: each a ConfigError naming the key."""
+    for overrides, message in ((["data.sft_path=hh.jsonl"], "data.sft_path is set but model.path is not"),
+                               (["data.max_queries=8"], "data.max_queries is set but model.path is not"),
+                               (["model.path=/m", "model.layers=4"], "model.layers sets the embedded model's shape"),
+                               (["reward.path=m:f"], "reward.path is set but reward.kind=builtin ignores it")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(None, overrides)
+    assert build_config(None, ["model.path=/m", "data.sft_path=hh.jsonl"]).data.sft_path == "hh.jsonl"
 
 
 def test_experimental_values_from_a_file(tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ple_fast.config import ConfigError, build_config
 from ple_fast.distributed import Dist
-from ple_fast.train import check_distributed
+from ple_fast.run import check_distributed
 
 GREEDY = ["sft.steps=120", "ple.iterations=2", "ple.batch_size=16", "eval.samples=1", "rollout.temperature=0",
           "eval.temperature=0", "run.progress=false", "run.plots=false", "run.threads=1"]

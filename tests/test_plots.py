@@ -100,3 +100,23 @@ def test_pngs_for_ple_baseline_sft_only_and_empty_runs(tmp_path):
     empty = tmp_path / "empty"
     write_metrics(empty, [{"phase": "eval", "when": "final"}])
     assert plot_run(empty) == [] and not (empty / "plots").exists()
+
+
+def test_iteration_axes_tick_whole_numbers_and_the_warmup_loss_is_logarithmic(tmp_path, monkeypatch):
+    """Iterations get integer ticks (a 3-iteration run showed 1.5, 2.5); the SFT loss, which falls by
+    orders of magnitude, a log scale; RAFT's rewards plot its best and second-best samples."""
+    pytest.importorskip("matplotlib")
+    import ple_fast.plots as plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.setdefault(path.name, figure) and path)
+    raft = [dict(align_record(i, 0.2, None, 1.0, algo="raft"), mean_reward_best=0.5 + i, mean_reward_second=i)
+            for i in (1, 2, 3)]
+    plot_run(write_metrics(tmp_path, [{"phase": "sft", "step": s, "loss": 10.0 ** -s} for s in range(3)]
+                           + raft).parent)
+    sft_axes, align_axes = figures["loss.png"].axes
+    assert sft_axes.get_yscale() == "log" and align_axes.get_yscale() == "linear"
+    for axes in (align_axes, figures["rewards.png"].axes[0]):
+        assert all(float(t).is_integer() for t in axes.get_xticks())
+    best, second = figures["rewards.png"].axes[0].get_lines()
+    assert list(best.get_ydata()) == [1.5, 2.5, 3.5] and list(second.get_ydata()) == [1, 2, 3]

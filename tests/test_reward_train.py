@@ -14,10 +14,10 @@ from ple_fast.config import ConfigError, RewardTrainConfig
 from ple_fast.data import LengthRule, PreferenceExample
 from ple_fast.models import build_tiny_llama, build_word_tokenizer
 from ple_fast.reward import build_reward, join_text
-from ple_fast.reward_train import (EncodedPairs, bradley_terry_loss, build_embedded_model,
-                                   build_rm_config, encode_pairs, encode_scored_text, encode_scored_texts,
-                                   load_reward_base, lr_factor,
-                                   main, pairwise_eval, score, score_pairs, score_reference)
+from ple_fast.reward_run import (EncodedPairs, bradley_terry_loss, build_embedded_model, encode_pairs,
+                                 encode_scored_text, encode_scored_texts, load_reward_base, lr_factor, pairwise_eval,
+                                 score, score_pairs, score_reference)
+from ple_fast.reward_train import build_rm_config, main
 
 HH_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
 WORDS = "<bos> human : how do i make tea ? assistant : sure , boil water and add leaves . sorry no"

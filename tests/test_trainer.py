@@ -146,7 +146,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
-    from ple_fast.train import prepare_model
+    from ple_fast.run import prepare_model
 
     params = {}
     for ckpt in (False, True):
@@ -235,19 +235,30 @@ def test_lr_schedules():
     assert lr_lambda(4, 100, "constant")(50) == 1.0
 
 
-def test_samples_and_progress_are_written(tmp_path, capsys):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_samples_and_progress_are_written(tmp_path, capsys, monkeypatch, terminal):
+    """On a terminal a bar per phase (stderr); off one a plain line now and then (stdout, here after every
+    update), never a carriage return."""
+    import ple_fast.runtime as runtime
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    monkeypatch.setattr(runtime, "PLAIN_EVERY_S", 0.0)
     trainer = small_trainer(tmp_path, "run.progress=true")
     trainer.run_sft()
     trainer.run_alignment()
     samples = [json.loads(line) for line in (tmp_path / "samples" / "iter-0001.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and {"query", "original", "principled", "reward", "reward_2"} <= samples[0].keys()
-    err = capsys.readouterr().err
-    assert "sft" in err and "ple iter 1/1" in err and "gen_tok_s" in err
+    out, err = capsys.readouterr()
+    if terminal:
+        assert "sft" in err and "ple iter 1/1" in err and "generated_tok_s" in err and "\r" in err
+    else:
+        assert "\r" not in out + err and "  sft 1/6  loss " in out
+        assert "  ple iter 1/1 1/2  generated_tok_s " in out and "update_response_tok_s" in out
 
 
 def test_lora_trains_adapters_only(tmp_path):
     pytest.importorskip("peft")
-    from ple_fast.train import prepare_model, save_final_model
+    from ple_fast.run import prepare_model, save_final_model
 
     trainer = small_trainer(tmp_path, "lora.enabled=true", "sft.steps=3")
     trainer.model = prepare_model(trainer.model, trainer.cfg)
@@ -351,7 +362,7 @@ def test_compiled_or_fused_layers_with_lora_give_the_same_update(tmp_path, faste
     """PEFT's LoRA layers inside the compiled / fused decoder layers: the adapters get the eager,
     stock-layer gradient."""
     pytest.importorskip("peft")
-    from ple_fast.train import prepare_model
+    from ple_fast.run import prepare_model
 
     torch._dynamo.reset()
     grads = {}

@@ -9,8 +9,8 @@
 """
 from ple_fast.engine.attention import ENGINE_ATTENTION
 from ple_fast.engine.cache import DecodeState, StaticKVCache
-from ple_fast.engine.rollout_engine import RolloutEngine, RolloutStats
+from ple_fast.engine.rollout_engine import RolloutEngine, RolloutStats, cut_at_eos
 from ple_fast.engine.sampling import candidate_probs, noise_width, reference_candidate_probs, sample_tokens
 
 __all__ = ["ENGINE_ATTENTION", "DecodeState", "RolloutEngine", "RolloutStats", "StaticKVCache", "candidate_probs",
-           "noise_width", "reference_candidate_probs", "sample_tokens"]
+           "cut_at_eos", "noise_width", "reference_candidate_probs", "sample_tokens"]

@@ -1,21 +1,14 @@
 """RolloutEngine: batched sampling from a live HF causal LM, composed of the engine's parts.
 
 It drives the model's own modules and live weights (LoRA included); only the attention core is
-swapped (ple_fast.engine.attention). Per call: the packed prefill fills the static cache
-(ple_fast.engine.prefill), the first token is picked from the prefill's last hidden states, then
-each decode step feeds every row one token, entirely on device and in place, replayed from a CUDA
-graph on a GPU (ple_fast.engine.graphs). How it runs is an EngineOptions (ple_fast.plan):
-
-- decode attention: the Triton kernel (it rotates q and the new key, writes the cache, and reads
-  each K/V block once per KV head) or masked SDPA over the cache;
-- fused layers (Llama, Mistral, Qwen2, Qwen3): each layer's glue in Triton kernels
-  (ple_fast.fused_layers), the rotary cos / sin read from tables filled once per call, the k / v
-  projections on a second stream beside q (and gate beside up);
-- a step's bookkeeping (pick, record, EOS check, advance) as one kernel (kernels/step_record.py)
-  with the Triton decode attention;
-- sampling: plain temperature sampling by the fused race kernel (kernels/sampling.py), its random
-  numbers drawn on chip from the call's seed and the step counter; top-k / top-p by the torch path
-  (ple_fast.engine.sampling) with noise drawn outside the graph into a static buffer.
+swapped (engine/attention.py). Per call the packed prefill fills the static cache (engine/prefill.py),
+the first token is picked from its last hidden states, then each decode step feeds every row one
+token, on device and in place, replayed from a CUDA graph on a GPU (engine/graphs.py). EngineOptions
+(ple_fast.plan) say how: the Triton decode attention (it rotates q and the new key, writes the cache,
+reads each K/V block once per KV head) or masked SDPA; fused layers (their rotary read from tables
+filled once per call, k / v beside q on a second stream); a step's bookkeeping as one kernel
+(kernels/step_record.py); plain temperature sampling by the race kernel (kernels/sampling.py, random
+numbers drawn on chip), top-k / top-p by the torch path with noise drawn outside the graph.
 """
 from __future__ import annotations
 
@@ -270,16 +263,17 @@ class RolloutEngine:
             rows = st.out[:, :max_new_tokens].tolist()
         prefill_s, decode_s = timer.intervals()
         self.last_stats = RolloutStats(prefill_s, decode_s, steps, use_graphs and self.graphs.enabled)
-        return [_cut(row[:steps], set(eos_ids)) for row in rows]
+        return [cut_at_eos(row[:steps], set(eos_ids)) for row in rows]
 
 
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
-def _cut(tokens: list[int], eos: set[int]) -> list[int]:
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Everything up to and including the first EOS."""
     for i, tok in enumerate(tokens):
-        if tok in eos:
+        if tok in eos_ids:
             return tokens[:i + 1]
     return tokens
 
