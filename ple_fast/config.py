@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -79,9 +80,11 @@ class RewardConfig:
 class SFTConfig:
     steps: int = opt(400, "warm-up steps; 0 skips the warm-up", ge=0)
     batch_size: int = opt(32, "examples per step (global: split across torchrun processes)", ge=1)
-    lr: float = opt(3e-3, "AdamW peak learning rate", gt=0.0)
+    lr: float | None = opt(None, "AdamW peak learning rate; null: by model kind (resolve_defaults: 3e-3 for the "
+                                 "embedded model, 1e-5 with model.path, 2e-4 with LoRA)", gt=0.0)
     grad_accum: int = opt(1, "micro-batches per step (batch_size is split across them)", ge=1)
-    warmup_steps: int = opt(40, "linear LR warm-up steps", ge=0)
+    warmup_steps: int | None = opt(None, "linear LR warm-up steps; null: 40 for the embedded model, 3% of the "
+                                         "steps with model.path", ge=0)
     schedule: Schedule = opt("cosine", "LR schedule after the warm-up")
 
 
@@ -91,7 +94,8 @@ class PLEConfig:
                                                                 "(docs/method.md)")
     iterations: int = opt(5, "passes over the queries", ge=0)
     batch_size: int = opt(16, "queries per update (global)", ge=1)
-    lr: float = opt(1e-4, "AdamW peak learning rate of the alignment updates", gt=0.0)
+    lr: float | None = opt(None, "AdamW peak learning rate of the alignment updates; null: by model kind (1e-4 "
+                                 "for the embedded model, 1e-6 with model.path, 1e-4 with LoRA)", gt=0.0)
     tau0: float = opt(0.2, "initial threshold of the gate (delta > tau: ranking branch)")
     alpha: float = opt(0.9, "tau <- alpha * tau after each iteration (or step, see decay)")
     decay: Literal["iteration", "step"] = opt("iteration", "when tau decays")
@@ -114,7 +118,8 @@ class PLEConfig:
         experimental=("compiled",))
     grad_clip: float = opt(1.0, "max global grad norm (SFT and alignment)", gt=0.0)
     grad_accum: int = opt(1, "micro-batches per update (generation runs on the whole batch)", ge=1)
-    warmup_steps: int = opt(0, "linear LR warm-up steps", ge=0)
+    warmup_steps: int | None = opt(None, "linear LR warm-up steps; null: none for the embedded model, 3% of the "
+                                         "updates with model.path", ge=0)
     schedule: Schedule = opt("constant", "LR schedule after the warm-up")
     max_nonfinite_steps: int = opt(3, "stop after this many non-finite losses in a row", ge=1)
     max_empty_batches: int = opt(0, "stop after this many batches in a row without a pair of finite rewards; "
@@ -151,6 +156,9 @@ class EvalConfig:
     temperature: float = opt(1.0, "0 = greedy", ge=0.0)
     max_new_tokens: int = opt(24, "cap on generated tokens", ge=0)
     batch_size: int = opt(64, "prompts per generate / perplexity batch", ge=1)
+    warn_length_change: float = opt(0.5, "warn when the mean response length moves by more than this share "
+                                         "from the SFT start", ge=0.0)
+    warn_kl: float = opt(20.0, "warn when KL(SFT || policy) per response passes this (nats)", ge=0.0)
 
 
 @dataclass
@@ -264,6 +272,39 @@ class RewardTrainConfig:
         if self.model.path is not None and not self.data.path:
             raise ConfigError("model.path is set, so data.path must name preference data "
                               "(HH-RLHF or prompt/chosen/rejected JSONL)")
+
+
+# ---- defaults by model kind -------------------------------------------------------------------------
+
+# The embedded tiny model trains from scratch and wants large steps; a pretrained policy is wrecked by
+# them (a 135M model collapsed to one-line answers in eight updates at 1e-4). With model.path, full
+# fine-tuning takes TRL's and OpenRLHF's order of magnitude: SFT 1e-5 (TRL SFTConfig 2e-5, OpenRLHF
+# SFT 5e-6), online alignment 1e-6 (TRL GRPOConfig 1e-6, OpenRLHF actor 5e-7 to 1e-6); LoRA moves
+# fewer weights and takes ~100x larger steps (2e-4 for SFT as the QLoRA paper, 1e-4 for alignment).
+# Warm-ups: OpenRLHF's default lr_warmup_ratio, 3% of the phase's steps.
+LEARNING_RATES = {"embedded": (3e-3, 1e-4), "full": (1e-5, 1e-6), "lora": (2e-4, 1e-4)}   # (sft, alignment)
+WARMUP_RATIO = 0.03
+
+
+def model_kind(config: "Config") -> str:
+    return "embedded" if config.model.path is None else "lora" if config.lora.enabled else "full"
+
+
+def resolve_defaults(config: "Config", align_steps: int) -> dict[str, Any]:
+    """Fill the learning rates and warm-ups left null by the model kind, so the saved config says what ran;
+    returns what was filled (key -> value). Explicit values are kept."""
+    kind = model_kind(config)
+    sft_lr, align_lr = LEARNING_RATES[kind]
+    embedded = kind == "embedded"
+    wanted = {("sft", "lr"): sft_lr, ("ple", "lr"): align_lr,
+              ("sft", "warmup_steps"): 40 if embedded else math.ceil(WARMUP_RATIO * config.sft.steps),
+              ("ple", "warmup_steps"): 0 if embedded else math.ceil(WARMUP_RATIO * align_steps)}
+    filled = {}
+    for (section, key), value in wanted.items():
+        if getattr(getattr(config, section), key) is None:
+            setattr(getattr(config, section), key, value)
+            filled[f"{section}.{key}"] = value
+    return filled
 
 
 # ---- checking and setting ---------------------------------------------------------------------------

@@ -4,6 +4,12 @@ Measures, on held-out queries: the mean reward of responses generated WITHOUT th
 the reward margin and win rate over the SFT model's responses (same queries, same sampling
 seeds), and the perplexity of held-out reference responses. A task may add its own rates
 (the embedded task reports refusals of harmful and helpfulness on benign requests).
+
+Drift, which a reward can reward: the mean response length, the share of degenerate responses
+(empty, or ending in a loop), the share of distinct responses, and KL(SFT || policy) per response,
+estimated on the SFT model's own held-out samples, whose SFT log-probs are taken once at the SFT
+start: mean over them of log pi_SFT(y|x) - log pi(y|x). (That direction needs no copy of the SFT
+model; KL(policy || SFT) would score the policy's samples under it.)
 """
 from __future__ import annotations
 
@@ -20,20 +26,60 @@ from ple_fast.runtime import Progress
 from ple_fast.workload import EvalSet
 
 
+LOOP_PERIODS = range(1, 9)     # a response ending in a cycle of 1-8 tokens, three times over, is degenerate
+
+
 @dataclass
 class EvalResult:
     metrics: dict
     rewards: torch.Tensor         # [queries * samples] per-response rewards (for margins later)
     responses: list[str]
+    samples: list[list[int]]      # their token ids: sample i answers query i // samples
+    logps: list[float]            # log pi(sample | query) under the evaluated policy
+
+
+def degenerate(tokens: Sequence[int], special: set[int]) -> bool:
+    """Empty (special tokens only), or ending in a loop: a cycle of at most 8 tokens three times over."""
+    body = [t for t in tokens if t not in special]
+    return not body or any(len(body) >= 3 * p and body[-3 * p:] == body[-p:] * 3 for p in LOOP_PERIODS)
+
+
+def drift_metrics(samples: Sequence[Sequence[int]], texts: Sequence[str], special: set[int]) -> dict:
+    """Length, degenerate share and distinct share of a set of responses (token ids and their texts)."""
+    count = max(len(samples), 1)
+    return {"mean_response_tokens": sum(map(len, samples)) / count,
+            "degenerate_share": sum(degenerate(t, special) for t in samples) / count,
+            "distinct_share": len(set(texts)) / count}
+
+
+def sample_logprobs(policy: Policy, prompts: Sequence[Sequence[int]], samples: Sequence[Sequence[int]],
+                    batch_size: int) -> list[float]:
+    """log pi(sample | prompt) of each sample under the policy, in batches."""
+    out: list[float] = []
+    for lo in range(0, len(prompts), batch_size):
+        out += policy.logprobs(prompts[lo:lo + batch_size], samples[lo:lo + batch_size]).double().cpu().tolist()
+    return out
+
+
+def kl_from_sft(policy: Policy, reference: dict, prompts_of: Callable[[int], Sequence[int]], batch_size: int,
+                dist: Dist, limit: int | None = None) -> float:
+    """KL(SFT || policy) per response: the mean of log pi_SFT - log pi over the SFT start's samples
+    (reference["samples"] / ["logps"], the first `limit`), split across ranks."""
+    samples, ref = reference["samples"][:limit], reference["logps"][:limit]
+    indices, real = dist.shard(list(range(len(samples))))
+    now = sample_logprobs(policy, [prompts_of(i) for i in indices], [samples[i] for i in indices], batch_size)
+    gap = sum(ref[i] - value for i, value, keep in zip(indices, now, real) if keep)
+    return dist.sum(gap) / max(len(samples), 1)
 
 
 @torch.no_grad()
 def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples: int, sampling: Sampling,
-             batch_size: int, seed: int, baseline_rewards: torch.Tensor | None = None,
+             batch_size: int, seed: int, baseline: dict | None = None,
              task_metrics: Callable[[Sequence[str], Sequence[str]], dict] | None = None,
              progress: bool = False, dist: Dist | None = None) -> EvalResult:
     """Generate `samples` responses per held-out query (seeded per batch, so two models are
-    compared on the same draws), score them, and compare with the SFT model's rewards."""
+    compared on the same draws), score them, and compare with the SFT start's result `baseline`
+    (its rewards, samples and log-probs; None: this is the SFT start)."""
     dist = dist if dist is not None else Dist()
     model = policy.model
     was_training = model.training
@@ -52,6 +98,7 @@ def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples
     bar.close()
     responses = [tokenizer.decode(t, skip_special_tokens=True) for t in token_lists]
     rewards = reward_fn(texts, responses).float() if texts else torch.zeros(0)
+    logps = dist.gather(sample_logprobs(policy, prompts, token_lists, batch_size), real)
     token_lists = dist.gather(token_lists, real)
     responses = dist.gather(responses, real)
     rewards = torch.tensor(dist.gather(rewards.tolist(), real), dtype=torch.float32)
@@ -61,17 +108,22 @@ def evaluate(policy: Policy, tokenizer, eval_set: EvalSet, reward_fn, *, samples
                "nonfinite_rewards": int((~finite).sum()),
                "nonfinite_share": (~finite).float().mean().item() if len(rewards) else 0.0,
                "mean_response_tokens": sum(len(t) for t in token_lists) / max(len(token_lists), 1)}
-    if baseline_rewards is not None:
+    metrics.update(drift_metrics(token_lists, responses, set(tokenizer.all_special_ids)))
+    if baseline is None:
+        metrics["kl_vs_sft"] = 0.0
+    else:
+        baseline_rewards = torch.tensor(baseline["rewards"], dtype=torch.float32)
         both = finite & torch.isfinite(baseline_rewards)
         diff = rewards[both] - baseline_rewards[both]
         metrics["margin_vs_sft"] = diff.mean().item() if both.any() else float("nan")
         metrics["win_rate_vs_sft"] = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() \
             if both.any() else float("nan")
+        metrics["kl_vs_sft"] = kl_from_sft(policy, baseline, lambda i: eval_set.ids[i // samples], batch_size, dist)
     metrics["perplexity"] = reference_perplexity(policy, eval_set, batch_size=batch_size, dist=dist)
     if task_metrics is not None:
         metrics.update(task_metrics(texts, responses))
     model.train(was_training)
-    return EvalResult(metrics, rewards, responses)
+    return EvalResult(metrics, rewards, responses, token_lists, logps)
 
 
 def reference_perplexity(policy: Policy, eval_set: EvalSet, *, batch_size: int, dist: Dist | None = None) -> float:
@@ -93,7 +145,11 @@ def reference_perplexity(policy: Policy, eval_set: EvalSet, *, batch_size: int, 
 ROWS = [("mean_reward", "mean reward (no principle)", "{:+.3f}"),
         ("margin_vs_sft", "reward margin over SFT", "{:+.3f}"),
         ("win_rate_vs_sft", "win rate over SFT", "{:.1%}"),
-        ("perplexity", "perplexity of held-out refs", "{:.3f}")]
+        ("perplexity", "perplexity of held-out refs", "{:.3f}"),
+        ("mean_response_tokens", "mean response length (tokens)", "{:.1f}"),
+        ("degenerate_share", "degenerate responses (empty, loops)", "{:.1%}"),
+        ("distinct_share", "distinct responses", "{:.1%}"),
+        ("kl_vs_sft", "KL(SFT || policy) per response", "{:.3f}")]
 
 
 def _show(value, fmt: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from ple_fast.checkpoint import find_checkpoint
-from ple_fast.config import Config, ConfigError, build_config, save_yaml, to_dict
+from ple_fast.config import Config, ConfigError, build_config, model_kind, resolve_defaults, save_yaml, to_dict
 from ple_fast.distributed import Dist, full_state_dict, init_distributed, shard_model, whole_model
 from ple_fast.evaluate import format_table
 from ple_fast.models import check_model_dir, save_policy
@@ -145,6 +146,8 @@ def run(cfg: Config, dist: Dist) -> dict:
     if dist.enabled:
         model = shard_model(model)
     plan = build_plan(cfg, model, device)
+    align_steps = cfg.ple.iterations * math.ceil(len(work.queries) / cfg.ple.batch_size)
+    filled = resolve_defaults(cfg, align_steps)
 
     # every input is checked: from here on the run folder is written
     if cfg.run.resume and checkpoint is None:
@@ -167,7 +170,11 @@ def run(cfg: Config, dist: Dist) -> dict:
          + f"; {len(work.sft)} SFT examples, {len(work.queries)} queries, {len(work.eval_set.texts)} held-out; "
            f"run folder {out_dir}")
     note(f"[run] plan: {plan.describe()}")
-    for line in schedule_warnings(cfg, cfg.ple.iterations * trainer.batches_per_iteration()):
+    if filled:
+        kind = {"embedded": "the embedded model", "full": "a pretrained model, full fine-tuning",
+                "lora": "a pretrained model with LoRA"}[model_kind(cfg)]
+        note(f"[run] defaults for {kind}: " + ", ".join(f"{key}={value:g}" for key, value in filled.items()))
+    for line in schedule_warnings(cfg, align_steps):
         note(f"[warn] {line}")
     if checkpoint is not None:
         trainer.resume_from(checkpoint)

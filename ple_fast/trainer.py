@@ -23,11 +23,11 @@ import torch
 
 from ple_fast.algorithms import Samples, Step, make_algorithm
 from ple_fast.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
-from ple_fast.config import Config
+from ple_fast.config import Config, resolve_defaults
 from ple_fast.data import adds_bos
 from ple_fast.distributed import (Dist, clip_grad_norm, load_distributed_checkpoint, reshard,
                                   save_distributed_checkpoint, sync_replicated_grads)
-from ple_fast.evaluate import evaluate, format_line
+from ple_fast.evaluate import degenerate, evaluate, format_line, kl_from_sft
 from ple_fast.plan import Plan, build_plan
 from ple_fast.policy import Policy, Sampling
 from ple_fast.reward import RewardError, RewardFunction, RewardNormalizer
@@ -36,6 +36,7 @@ from ple_fast.workload import Query, Workload
 
 PHASES = ("sft", "eval_before", "align", "eval_after", "done")
 SAMPLES_PER_ITERATION = 32
+KL_PROBE = 64                # SFT-start held-out samples the iteration line's KL is read on
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Trainer:
         self.optimizer = self.scheduler = None
         self.optimizer_phase: str | None = None        # the phase self.optimizer belongs to
         self.stop_signals: list[int] = []
+        resolve_defaults(cfg, cfg.ple.iterations * self.batches_per_iteration())   # no-op where run.py did it
         self.plan = build_plan(cfg, model, self.device) if plan is None else plan
         self.algorithm = make_algorithm(cfg.ple, cfg.rollout)
         self.policy = Policy(model, self.plan, pad_token_id=tokenizer.pad_token_id,
@@ -286,14 +288,45 @@ class Trainer:
 
     def evaluate(self, baseline: dict | None) -> dict:
         ec = self.cfg.eval
-        base = None if baseline is None else torch.tensor(baseline["rewards"], dtype=torch.float32)
         with self.policy.autocast():
             result = evaluate(self.policy, self.tokenizer, self.work.eval_set, self.reward_fn, samples=ec.samples,
                               sampling=Sampling(ec.max_new_tokens, ec.temperature), batch_size=ec.batch_size,
-                              seed=self.cfg.run.seed + 7, baseline_rewards=base, task_metrics=self.work.task_metrics,
+                              seed=self.cfg.run.seed + 7, baseline=baseline, task_metrics=self.work.task_metrics,
                               progress=self.cfg.run.progress and self.dist.is_main, dist=self.dist)
         self.reshard()
-        return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses}
+        if baseline is not None:
+            self.warn_about_drift(result.metrics, "the held-out evaluation")
+        return {"metrics": result.metrics, "rewards": result.rewards.tolist(), "responses": result.responses,
+                "samples": result.samples, "logps": result.logps}
+
+    def kl_probe(self) -> float:
+        """KL(SFT || policy) on the first KL_PROBE of the SFT start's held-out samples: a per-iteration
+        reading at the cost of one small forward (evaluate.kl_from_sft)."""
+        samples, ids = self.cfg.eval.samples, self.work.eval_set.ids
+        with torch.no_grad(), self.policy.autocast():
+            kl = kl_from_sft(self.policy, self.state.before, lambda i: ids[i // samples], self.cfg.eval.batch_size,
+                             self.dist, limit=KL_PROBE)
+        self.reshard()
+        return kl
+
+    def warn_about_drift(self, metrics: dict, where: str) -> None:
+        """A response length or KL from the SFT start past eval.warn_length_change / eval.warn_kl: say so,
+        and what usually causes it."""
+        ec, start = self.cfg.eval, (self.state.before or {}).get("metrics", {})
+        length, length0 = metrics.get("mean_response_tokens"), start.get("mean_response_tokens")
+        if length is not None and length0 and abs(length / length0 - 1) > ec.warn_length_change:
+            self.log.write({"phase": "warning", "global_step": self.state.global_step, "drift": "length",
+                            "mean_response_tokens": length, "sft_start": length0},
+                           f"[warn] {where}: mean response length {length0:.1f} -> {length:.1f} tokens "
+                           f"({length / length0 - 1:+.0%} from the SFT start): the reward may favour "
+                           f"{'short' if length < length0 else 'long'} answers (reward hacking), or the learning "
+                           f"rate (ple.lr={self.cfg.ple.lr:g}) is too high")
+        kl = metrics.get("kl_vs_sft")
+        if kl is not None and kl > ec.warn_kl:
+            self.log.write({"phase": "warning", "global_step": self.state.global_step, "drift": "kl", "kl_vs_sft": kl},
+                           f"[warn] {where}: KL(SFT || policy) {kl:.2f} nats per response (eval.warn_kl="
+                           f"{ec.warn_kl:g}): the policy is moving far from the SFT start; check for reward hacking, "
+                           f"or lower the learning rate (ple.lr={self.cfg.ple.lr:g})")
 
     def run_sft(self) -> None:
         """Warm-up: token-averaged NLL of responses sampled (with replacement) from the SFT set."""
@@ -441,6 +474,10 @@ class Trainer:
         for key, value in self.algorithm.totals(raw, rewards, finite).items():
             t[key] = t.get(key, 0.0) + value
         t["tokens"] += sum(len(r) + len(r2) for r, r2, keep in zip(drawn.first, drawn.second, real) if keep)
+        special = set(self.tokenizer.all_special_ids)
+        firsts = [r for r, keep in zip(drawn.first, real) if keep]      # y: what the unprincipled policy says
+        t["first_tokens"] = t.get("first_tokens", 0) + sum(map(len, firsts))
+        t["first_degenerate"] = t.get("first_degenerate", 0) + sum(degenerate(r, special) for r in firsts)
         if len(samples) < SAMPLES_PER_ITERATION:
             firsts, seconds = self.decode(drawn.first), self.decode(drawn.second)
             for k in range(min(len(batch), SAMPLES_PER_ITERATION - len(samples))):
@@ -465,10 +502,20 @@ class Trainer:
                   "generated_tokens_per_s": t["tokens"] / max(t["gen_seconds"], 1e-9),
                   "update_tokens_per_s": t["tokens"] / max(t["update_seconds"], 1e-9),
                   "scoring_seconds": t["score_seconds"]}
+        queries = max(t["pairs"], 1)
+        record.update(mean_response_tokens=t.get("first_tokens", 0) / queries,
+                      degenerate_share=t.get("first_degenerate", 0) / queries,
+                      kl_vs_sft=self.kl_probe() if "samples" in (self.state.before or {}) else None)
         self.state.history.append(record)
         dropped = f"  dropped {t['dropped']} of {t['pairs']} ({t['dropped'] / max(t['pairs'], 1):.0%})"
+        start = (self.state.before or {}).get("metrics", {}).get("mean_response_tokens")
+        drift = (f"  len {record['mean_response_tokens']:.1f}"
+                 + (f" ({record['mean_response_tokens'] - start:+.1f} from SFT)" if start is not None else "")
+                 + f"  degenerate {record['degenerate_share']:.0%}"
+                 + (f"  KL {record['kl_vs_sft']:.3f}" if record["kl_vs_sft"] is not None else ""))
         self.log.write(record, f"[{pc.algo}] iter {iteration + 1}/{pc.iterations}  {self.algorithm.line(record)}  "
-                               f"loss {record['loss']:.4f}" + (dropped if t["dropped"] else ""))
+                               f"loss {record['loss']:.4f}" + drift + (dropped if t["dropped"] else ""))
+        self.warn_about_drift(record, f"iteration {iteration + 1}")
         every = self.cfg.run.sample_every
         if self.run_dir is not None and self.dist.is_main and every > 0 and (iteration + 1) % every == 0 \
                 and samples:
