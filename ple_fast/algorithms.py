@@ -22,6 +22,7 @@ from ple_fast.layout import to_device
 from ple_fast.loss import ple_loss
 from ple_fast.policy import Policy, Sampling
 from ple_fast.reward import RewardFunction
+from ple_fast.workload import Query
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Algorithm:
         self.cfg = cfg
         self.sampling = Sampling(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
 
-    def sample(self, policy: Policy, queries: list[list[int]], seed: int) -> Samples:
+    def sample(self, policy: Policy, queries: list[Query], seed: int) -> Samples:
         """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query."""
         roll = policy.generate_dual(queries, self.sampling, seed)
         return Samples(roll.originals, roll.principled)
@@ -136,7 +137,7 @@ class RAFT(_SFTOnTarget):
 
     def sample(self, policy, queries, seed):
         n = self.cfg.raft_samples
-        drawn = policy.generate([q for q in queries for _ in range(n)], self.sampling, seed)
+        drawn = policy.generate([q.ids for q in queries for _ in range(n)], self.sampling, seed)
         return Samples(drawn[0::n], drawn[1::n], drawn)
 
     def score(self, reward, texts, samples, decode):

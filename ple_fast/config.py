@@ -65,6 +65,9 @@ class DataConfig:
     max_response_tokens: int = opt(256, "longer responses keep their first tokens (truncate) or are dropped (skip)",
                                    ge=1)
     length_policy: LengthPolicy = opt("truncate", "what happens to over-long samples")
+    chat_template: Literal["auto", "always", "never"] = opt(
+        "auto", "HH dialogues through the tokenizer's chat template (the principle as the system message): auto, "
+                "where the tokenizer has one; always; never (raw Human/Assistant text)")
 
 
 @dataclass

@@ -413,10 +413,11 @@ def _encode_prompt(tokenizer, text: str, with_bos: bool) -> list[int]:
     return ids
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids, led by BOS when the tokenizer adds one, never two (a chat template may already
-    have written it) and never a trailing EOS (some tokenizers append one as a special token)."""
-    return _encode_prompt(tokenizer, text, adds_bos(tokenizer))
+def encode_prompt(tokenizer, text: str, with_bos: bool | None = None) -> list[int]:
+    """Prompt ids, led by BOS when the tokenizer adds one (with_bos: `adds_bos`, when known), never two
+    (a chat template may already have written it) and never a trailing EOS (some tokenizers append one
+    as a special token)."""
+    return _encode_prompt(tokenizer, text, adds_bos(tokenizer) if with_bos is None else with_bos)
 
 
 def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
@@ -499,24 +500,6 @@ class LengthStats:
             f"kept {self.kept}/{total}, skipped {self.skipped}, truncated {self.truncated} "
             f"(prompt {self.truncated_prompts}, response {self.truncated_responses})"
         )
-
-
-def tokenize_sft(
-    examples: Sequence[SFTExample], tokenizer, rule: LengthRule, *, add_eos: bool = True
-) -> tuple[list[tuple[list[int], list[int]]], LengthStats]:
-    """(prompt ids, response ids) per kept example, and what the length rule did."""
-    with_bos = adds_bos(tokenizer)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    out, stats = [], LengthStats()
-    for example in examples:
-        prompt = _encode_prompt(tokenizer, example.prompt, with_bos)
-        response = encode_response(tokenizer, example.response, add_eos=add_eos)
-        keep_first = 1 if bos is not None and prompt[:1] == [bos] else 0
-        result = apply_length_rule(prompt, response, rule, keep_first=keep_first)
-        stats.record(prompt, response, result)
-        if result is not None:
-            out.append(result)
-    return out, stats
 
 
 # --------------------------------------------------------------------------- splits

@@ -16,7 +16,8 @@ from torch import nn
 from ple_fast.engine import RolloutEngine
 from ple_fast.forward import ResponseRows, dual_response_rows, response_logprobs
 from ple_fast.plan import Plan
-from ple_fast.rollout import DualRollout, generate, generate_dual
+from ple_fast.rollout import DualRollout, generate, generate_dual, generate_pairs
+from ple_fast.workload import Query
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Sampling:
 
 
 class Policy:
-    def __init__(self, model: nn.Module, plan: Plan, *, pad_token_id: int, eos_token_id: int | None,
+    def __init__(self, model: nn.Module, plan: Plan, *, pad_token_id: int, eos_token_id: int | Sequence[int] | None,
                  bos_token_id: int | None = None, principle: Sequence[int] = (), device: torch.device | None = None):
         self.model, self.plan = model, plan
         self.pad_id, self.eos_id, self.bos_id = pad_token_id, eos_token_id, bos_token_id
@@ -52,10 +53,14 @@ class Policy:
         with self.autocast():
             return generate(self.model, prompts, **self._sampling_kwargs(sampling, seed))
 
-    def generate_dual(self, queries: Sequence[Sequence[int]], sampling: Sampling, seed: int) -> DualRollout:
-        """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query x, p the principle, seeded."""
+    def generate_dual(self, queries: Sequence[Query], sampling: Sampling, seed: int) -> DualRollout:
+        """y ~ pi(.|x) and y_p ~ pi(.|p + x) for each query x, p the principle, seeded; where the queries carry
+        their whole principle-guided prompts (a chat template places the principle), those."""
         with self.autocast():
-            return generate_dual(self.model, queries, self.principle, bos_token_id=self.bos_id,
+            if queries and all(q.principled_ids is not None for q in queries):
+                return generate_pairs(self.model, [q.ids for q in queries], [q.principled_ids for q in queries],
+                                      **self._sampling_kwargs(sampling, seed))
+            return generate_dual(self.model, [q.ids for q in queries], self.principle, bos_token_id=self.bos_id,
                                  **self._sampling_kwargs(sampling, seed))
 
     def dual_rows(self, queries, originals, principled) -> ResponseRows:

@@ -149,3 +149,30 @@ def generate_dual(model, queries: Sequence[Sequence[int]], principle: Sequence[i
     out = generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed)
     return DualRollout(out[:len(queries)], out[len(queries):])
+
+
+def generate_pairs(model, originals: Sequence[Sequence[int]], principled: Sequence[Sequence[int]], *,
+                   max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                   eos_token_id=None, pad_token_id: int | None = None, seed: int = 0, backend: str = "hf",
+                   engine: RolloutEngine | None = None) -> DualRollout:
+    """y ~ pi(.|x) for each original prompt x and y_p ~ pi(.|principled[k]) for its principle-guided prompt,
+    given whole (a chat template puts the principle inside the conversation: ple_fast.chat). The fast
+    engine prefills the longest prefix the principle-guided prompts share once."""
+    _check_backend(backend)
+    if len(originals) != len(principled) or any(len(p) == 0 for p in [*originals, *principled]):
+        raise ValueError("generate_pairs: one non-empty principle-guided prompt per non-empty original")
+    if backend == "hf" or not principled:
+        out = generate(model, [*originals, *principled], max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, top_k=top_k, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+                       backend=backend, engine=engine)
+        return DualRollout(out[:len(originals)], out[len(originals):])
+    shared = min(len(p) for p in principled) - 1                      # every prompt keeps a token of its own
+    for prompt in principled[1:]:
+        shared = next((i for i in range(shared) if prompt[i] != principled[0][i]), shared)
+    eos_ids = _eos_set(model, eos_token_id)
+    out = _generate_fast(model, [list(q) for q in originals] + [list(p[shared:]) for p in principled],
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         eos_ids=eos_ids, pad_token_id=_pad_id(model, pad_token_id, eos_ids), seed=seed,
+                         prefix=list(principled[0][:shared]),
+                         prefixed=[False] * len(originals) + [True] * len(principled), engine=engine)
+    return DualRollout(out[:len(originals)], out[len(originals):])

@@ -144,7 +144,8 @@ class Trainer:
         self.plan = build_plan(cfg, model, self.device) if plan is None else plan
         self.algorithm = make_algorithm(cfg.ple, cfg.rollout)
         self.policy = Policy(model, self.plan, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id,
+                             eos_token_id=[tokenizer.eos_token_id, *workload.stop_ids] if workload.stop_ids
+                             else tokenizer.eos_token_id,
                              bos_token_id=tokenizer.bos_token_id if adds_bos(tokenizer) else None,  # one BOS in p + x
                              principle=workload.principle_ids, device=self.device)
 
@@ -407,7 +408,7 @@ class Trainer:
         batch, real = self.dist.shard(batch)
         q_ids, q_texts = [q.ids for q in batch], [q.text for q in batch]
         tick = time.perf_counter()
-        drawn = algo.sample(self.policy, q_ids, seed=self.cfg.run.seed * 1_000_003 + self.state.align_step)
+        drawn = algo.sample(self.policy, batch, seed=self.cfg.run.seed * 1_000_003 + self.state.align_step)
         self.reshard()
         t["gen_seconds"] += time.perf_counter() - tick
         tick = time.perf_counter()

@@ -1,15 +1,17 @@
 """What a training run trains and evaluates on, tokenized: the embedded task, or files and a model folder.
 
 The embedded task (ple_fast.task) comes with its word tokenizer and a tiny Llama built from scratch;
-files come with a local HF policy folder, whose tokenizer (and chat template) encodes them.
+files come with a local HF policy folder, whose tokenizer encodes them, dialogues through its chat
+template (ple_fast.chat) where it has one.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ple_fast.chat import ChatFormat
 from ple_fast.config import Config, ConfigError
-from ple_fast.data import (DataError, LengthRule, SFTExample, apply_length_rule, encode_prompt, encode_response,
-                           load_queries, load_sft, split_holdout, tokenize_sft)
+from ple_fast.data import (DataError, LengthRule, LengthStats, adds_bos, apply_length_rule, encode_prompt,
+                           encode_response, load_queries, load_sft, split_holdout)
 from ple_fast.models import build_tiny_llama, build_word_tokenizer, load_policy, parse_dtype
 from ple_fast.task import build_task, judge
 
@@ -20,8 +22,9 @@ DEFAULT_PRINCIPLE = ("\n\nPrinciple: Reply as a helpful, honest and harmless ass
 
 @dataclass
 class Query:
-    text: str
-    ids: list[int]
+    text: str                                 # what the reward reads
+    ids: list[int]                            # the prompt x the policy reads
+    principled_ids: list[int] | None = None   # the whole principle-guided prompt, where it is not principle + x
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Workload:
     eval_set: EvalSet
     task_metrics: object = None
     extra_rows: tuple = ()
+    stop_ids: tuple[int, ...] = ()            # tokens besides EOS that end a response (a chat's end of turn)
 
 
 def embedded_workload(cfg: Config, device):
@@ -72,6 +76,52 @@ def embedded_workload(cfg: Config, device):
     return model.to(device=device, dtype=parse_dtype(cfg.model.dtype)), tokenizer, workload
 
 
+class Encoder:
+    """(prompt ids, principle-guided prompt ids or None, response ids) of an example under a length rule;
+    dialogues through the chat format, losing their oldest exchanges first when over budget."""
+
+    def __init__(self, tokenizer, chat: ChatFormat, principle: str):
+        self.tokenizer, self.chat, self.principle = tokenizer, chat, principle
+        self.with_bos = adds_bos(tokenizer)
+        self.bos = getattr(tokenizer, "bos_token_id", None)
+
+    def __call__(self, prompt: str, response: str | None, rule: LengthRule, stats: LengthStats | None = None):
+        turns = self.chat.messages(prompt)
+        principled = None
+        if turns is None:
+            prompt_ids = encode_prompt(self.tokenizer, prompt, self.with_bos)
+            response_ids = encode_response(self.tokenizer, response) if response is not None else []
+        else:
+            while len(turns) > 2 and rule.max_prompt_tokens is not None \
+                    and len(self._render(turns)) > rule.max_prompt_tokens:
+                turns = turns[2:]                       # the oldest exchange goes first
+            prompt_ids, principled = self._render(turns), self._render(turns, self.principle)
+            response_ids = self.chat.response_ids(response) if response is not None else []
+        keep_first = 1 if self.bos is not None and prompt_ids[:1] == [self.bos] else 0
+        fitted = apply_length_rule(prompt_ids, response_ids, rule, keep_first=keep_first)
+        if stats is not None:
+            stats.record(prompt_ids, response_ids, fitted)
+        if fitted is None:
+            return None
+        if principled is not None and len(fitted[0]) < len(prompt_ids):
+            # cut where the prompt was cut, inside the conversation both share, so the principle stays
+            shared = _common_suffix(principled, prompt_ids)
+            kept = fitted[0][keep_first:]
+            principled = principled[:len(principled) - shared] + kept[len(kept) - min(shared, len(kept)):]
+        return fitted[0], principled, fitted[1]
+
+    def _render(self, turns, principle: str | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, self.chat.render(turns, principle), self.with_bos)
+
+
+def _common_suffix(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b end with in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
 def file_workload(cfg: Config, device):
     """A local HF model folder and HH-RLHF / JSONL data files."""
     dc = cfg.data
@@ -80,6 +130,9 @@ def file_workload(cfg: Config, device):
                           "(HH-RLHF or JSONL)")
     model, tokenizer = load_policy(cfg.model.path, dtype=parse_dtype(cfg.model.dtype), device=device)
     rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, dc.length_policy)
+    chat = ChatFormat(tokenizer, dc.chat_template)
+    principle = cfg.principle if cfg.principle is not None else DEFAULT_PRINCIPLE
+    encode = Encoder(tokenizer, chat, principle)
 
     def prompts_and_refs(path):
         """(prompt, reference response) pairs; prompt-only files give no references."""
@@ -96,24 +149,30 @@ def file_workload(cfg: Config, device):
         train_items, eval_items = split_holdout(items, dc.eval_fraction, cfg.run.seed)
     held_prompts = {p for p, _ in eval_items}
     sft_examples = load_sft(dc.sft_path, tokenizer=tokenizer) if dc.sft_path else []
-    sft_examples = [ex for ex in sft_examples if ex.prompt not in held_prompts]   # no held-out leakage
-    sft, stats = tokenize_sft(sft_examples, tokenizer, rule)
-    print(f"[data] SFT examples: {stats.summary()}")
+    stats = LengthStats()
+    sft = []
+    for ex in sft_examples:
+        if ex.prompt in held_prompts:                                                 # no held-out leakage
+            continue
+        fitted = encode(ex.prompt, ex.response, rule, stats)
+        if fitted is not None:
+            sft.append((fitted[0], fitted[2]))
+    print(f"[data] SFT examples: {stats.summary()}" + ("; dialogues through the chat template" if chat.active else ""))
     if dc.max_queries:
         train_items = train_items[:dc.max_queries]
     queries, dropped = [], 0
     for prompt, _ in train_items:
-        fitted = apply_length_rule(encode_prompt(tokenizer, prompt), [], rule)
+        fitted = encode(prompt, None, rule)
         if fitted is None:
             dropped += 1
         else:
-            queries.append(Query(prompt, fitted[0]))
+            queries.append(Query(prompt, fitted[0], fitted[1]))
     print(f"[data] queries: {len(queries)} kept, {dropped} over max_prompt_tokens skipped; "
           f"held-out: {len(eval_items)}")
     eval_items = eval_items[:cfg.eval.max_queries]
     eval_rule = LengthRule(dc.max_prompt_tokens, dc.max_response_tokens, "truncate")
-    eval_tok, _ = tokenize_sft([SFTExample(p, r) for p, r in eval_items], tokenizer, eval_rule)
+    eval_tok = [encode(p, r, eval_rule) for p, r in eval_items]
     eval_set = EvalSet([p for p, _ in eval_items], [t[0] for t in eval_tok],
-                       [t[1] if r else [] for t, (_, r) in zip(eval_tok, eval_items)])
-    principle = cfg.principle if cfg.principle is not None else DEFAULT_PRINCIPLE
-    return model, tokenizer, Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set)
+                       [t[2] if r else [] for t, (_, r) in zip(eval_tok, eval_items)])
+    stop = (chat.end_of_turn,) if chat.active and chat.end_of_turn != tokenizer.eos_token_id else ()
+    return model, tokenizer, Workload(sft, queries, encode_prompt(tokenizer, principle), eval_set, stop_ids=stop)

@@ -23,7 +23,6 @@ from ple_fast.data import (
     render_messages,
     split_hh,
     split_holdout,
-    tokenize_sft,
 )
 
 HH_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-sample.jsonl.gz"
@@ -404,16 +403,27 @@ def test_length_rule_truncate_and_skip():
             LengthRule(**bad)
 
 
-def test_tokenize_sft_stats():
+def test_encoding_sft_examples_under_a_length_rule():
+    """ple_fast.workload.Encoder on plain text (no chat template): BOS kept, the prompt's tail and the
+    response's head, EOS only on an uncut response; the stats say what the rule did."""
+    from ple_fast.chat import ChatFormat
+    from ple_fast.workload import Encoder
+
     tok = make_tokenizer()
+    encode = Encoder(tok, ChatFormat(tok, "never"), "")
     examples = [
         SFTExample("hello", "fine"),                               # prompt 2, response 2: fits
         SFTExample("hello world how are you", "fine"),             # prompt 6: cut to BOS + last 3
         SFTExample("hi", "fine thanks bye ok"),                    # response 5: cut to 3
         SFTExample("hello world how are you", "fine thanks bye"),  # both cut
     ]
-    rule = LengthRule(4, 3)
-    pairs, stats = tokenize_sft(examples, tok, rule)
+
+    def run(rule):
+        stats = LengthStats()
+        fitted = [encode(ex.prompt, ex.response, rule, stats) for ex in examples]
+        return [(f[0], f[2]) for f in fitted if f is not None], stats
+
+    pairs, stats = run(LengthRule(4, 3))
     ids = {w: tok.convert_tokens_to_ids(w) for w in WORDS.split()}
     assert pairs[0] == ([1, ids["hello"]], [ids["fine"], 2])
     assert pairs[1] == ([1, ids["how"], ids["are"], ids["you"]], [ids["fine"], 2])
@@ -422,13 +432,10 @@ def test_tokenize_sft_stats():
     assert (stats.kept, stats.skipped, stats.truncated, stats.truncated_prompts, stats.truncated_responses) == (4, 0, 3, 2, 2)
     assert stats.summary() == "kept 4/4, skipped 0, truncated 3 (prompt 2, response 2)"
 
-    pairs, stats = tokenize_sft(examples, tok, LengthRule(4, 3, "skip"))
+    pairs, stats = run(LengthRule(4, 3, "skip"))
     assert pairs == [([1, ids["hello"]], [ids["fine"], 2])]
     assert (stats.kept, stats.skipped, stats.truncated) == (1, 3, 0)
     assert stats.summary() == "kept 1/4, skipped 3, truncated 0 (prompt 0, response 0)"
-
-    pairs, _ = tokenize_sft(examples[:1], tok, LengthRule(None, None), add_eos=False)
-    assert pairs == [([1, ids["hello"]], [ids["fine"]])]
 
 
 def test_length_stats_record():
