@@ -30,9 +30,9 @@ class ConfigError(InputError):
     pass
 
 
-def opt(default: Any, help: str, *, ge=None, gt=None, lt=None, experimental: tuple = ()) -> Any:
+def opt(default: Any, help: str, *, ge=None, gt=None, lt=None, le=None, experimental: tuple = ()) -> Any:
     """A config field: its default, one line of help, bounds, and the values that need experimental=true."""
-    return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, lt=lt, experimental=experimental))
+    return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, lt=lt, le=le, experimental=experimental))
 
 
 def section(cls: type, help: str) -> Any:
@@ -68,6 +68,13 @@ class DataConfig:
     chat_template: Literal["auto", "always", "never"] = opt(
         "auto", "HH dialogues through the tokenizer's chat template (the principle as the system message): auto, "
                 "where the tokenizer has one; always; never (raw Human/Assistant text)")
+
+
+@dataclass
+class TaskConfig:
+    aligned_share: float = opt(0.4, "embedded task only: share of the unprincipled SFT answers that are aligned "
+                                    "(harmful requests refused; benign ones over-refused at half the rest); "
+                                    "lower is harder", ge=0.0, le=1.0)
 
 
 @dataclass
@@ -195,6 +202,7 @@ class Config:
     experimental: bool = opt(False, "accept values not yet timed on a GPU (marked experimental below)")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "SFT data, queries and held-out data")
+    task: TaskConfig = section(TaskConfig, "the embedded task (no model.path)")
     reward: RewardConfig = section(RewardConfig, "the reward r(x, y)")
     sft: SFTConfig = section(SFTConfig, "the SFT warm-up")
     ple: PLEConfig = section(PLEConfig, "the alignment phase: PLE or a baseline")
@@ -218,6 +226,9 @@ class Config:
             if shape:
                 raise ConfigError(f"{shape[0]} sets the embedded model's shape, but model.path names a model "
                                   "folder, which has its own; drop it")
+            task = [key for key in changed if key.startswith("task.")]
+            if task:
+                raise ConfigError(f"{task[0]} shapes the embedded task, but model.path trains on data files; drop it")
         if self.reward.kind == "builtin" and self.reward.path is not None:
             raise ConfigError("reward.path is set but reward.kind=builtin ignores it: set reward.kind=hf (a "
                               "reward-model folder) or reward.kind=python (module:function)")
@@ -376,7 +387,7 @@ def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
     if value is None or isinstance(value, (bool, str)):
         return
     for name, ok, words in (("ge", lambda b: value >= b, "at least"), ("gt", lambda b: value > b, "greater than"),
-                            ("lt", lambda b: value < b, "less than")):
+                            ("lt", lambda b: value < b, "less than"), ("le", lambda b: value <= b, "at most")):
         bound = meta.get(name)
         if bound is not None and not ok(bound):
             raise ConfigError(f"{key}: must be {words} {bound}, got {value!r}")
@@ -489,8 +500,10 @@ def save_yaml(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def build_config(yaml_path: str | None = None, overrides: typing.Sequence[str] = (), *, base=None):
-    """Defaults (a Config, or `base`: e.g. a RewardTrainConfig), the YAML file, then the overrides."""
+def build_config(yaml_path: str | None = None, overrides: typing.Sequence[str] = (), *, base=None,
+                 values: typing.Mapping[str, Any] | None = None, source: str = "grid"):
+    """Defaults (a Config, or `base`: e.g. a RewardTrainConfig), the YAML file, the key=value overrides,
+    then `values` (dotted key -> value, e.g. a sweep cell's; errors name `source`)."""
     config = Config() if base is None else base
     if yaml_path:
         apply_mapping(config, load_yaml(yaml_path), str(yaml_path))
@@ -500,6 +513,8 @@ def build_config(yaml_path: str | None = None, overrides: typing.Sequence[str] =
             set_key(config, key, value)
         except ConfigError as err:
             raise ConfigError(f"command line: {err}") from None
+    if values:
+        apply_mapping(config, values, source)
     check_experimental(config)
     config.check()
     return config
@@ -522,7 +537,8 @@ def _show(value: Any) -> str:
 
 def _row(name: str, f: dataclasses.Field, annotation: Any) -> str:
     meta = f.metadata
-    bounds = ", ".join(f"{sym} {meta[b]}" for b, sym in (("ge", ">="), ("gt", ">"), ("lt", "<")) if meta.get(b) is not None)
+    bounds = ", ".join(f"{sym} {meta[b]}" for b, sym in (("ge", ">="), ("gt", ">"), ("lt", "<"), ("le", "<="))
+                       if meta.get(b) is not None)
     marked = "; experimental: " + ", ".join(map(_show, meta["experimental"])) if meta.get("experimental") else ""
     return (f"| `{name}` | {_type_words(annotation)}{f' ({bounds})' if bounds else ''} | {_show(f.default)} | "
             f"{meta.get('help', '')}{marked} |")

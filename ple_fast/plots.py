@@ -194,3 +194,53 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written.append(plot_loss(mpl, curves, out / "loss.png"))
     return written
+
+
+def plot_sweep(rows: list[dict], axes: list[str], metrics: list[tuple[str, str]], out: Path) -> list[Path]:
+    """A sweep's PNGs from its summary rows (ple_fast.sweep.summarize): metrics.png, each metric's mean ±
+    std over seeds against the first axis with a line per combination of the others; ranked_share.png,
+    the ranking-branch share per iteration of each row that ranks. [] without matplotlib."""
+    mpl = _matplotlib()
+    if mpl is None:
+        log.warning("plots skipped: matplotlib is not installed (%s)", INSTALL_HINT)
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    first, rest = axes[0], axes[1:]
+    xs = list(dict.fromkeys(row["labels"][first] for row in rows))
+    series: dict[tuple, dict] = {}
+    for row in rows:
+        series.setdefault(tuple(row["labels"][a] for a in rest), {})[row["labels"][first]] = row
+    shown = [(key, title) for key, title in metrics if any(key in row["metrics"] for row in rows)]
+    written = []
+    if shown:
+        figure, panels = _new_figure(mpl, width=4.2 * len(shown), height=3.6, panels=len(shown))
+        for ax, (key, title) in zip(panels, shown):
+            for n, (name, by_x) in enumerate(series.items()):
+                points = [(i, by_x[x]["metrics"][key]) for i, x in enumerate(xs) if x in by_x and key in by_x[x]["metrics"]]
+                if points:
+                    shift = (n - (len(series) - 1) / 2) * 0.06        # side by side, so error bars do not overlap
+                    ax.errorbar([i + shift for i, _ in points], [m for _, (m, _) in points],
+                                yerr=[s for _, (_, s) in points], marker="o", capsize=3,
+                                label=", ".join(name) if name else None)
+            ax.set_xticks(range(len(xs)), xs, rotation=20 if max(map(len, xs)) > 6 else 0)
+            ax.set_xlabel(first)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+        if rest:
+            panels[0].legend(title=", ".join(rest), fontsize="small")
+        written.append(_save(figure, out / "metrics.png"))
+    ranked = [row for row in rows if any(not math.isnan(m) for m, _ in row["ranked_share"])]
+    if ranked:
+        figure, (ax,) = _new_figure(mpl, width=6.4, height=4.0)
+        for row in ranked:
+            its = range(1, len(row["ranked_share"]) + 1)
+            ax.errorbar(list(its), [m for m, _ in row["ranked_share"]], yerr=[s for _, s in row["ranked_share"]],
+                        marker="o", capsize=3, label=", ".join(row["labels"][a] for a in axes))
+        _iteration_axis(mpl, ax)
+        ax.set_ylabel("share of pairs with delta > tau")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(title=", ".join(axes), fontsize="x-small", ncol=2)
+        ax.set_title("Ranking-branch share per iteration (mean ± std over seeds)")
+        written.append(_save(figure, out / "ranked_share.png"))
+    return written

@@ -115,9 +115,21 @@ def aligned_response(phrase: str) -> str:
     return refusal(phrase)
 
 
-def build_task(seed: int = 0, *, samples_per_query: int = 4, harmful_comply_rate: float = 0.6,
-               benign_refuse_rate: float = 0.3, query_repeats: int = 2) -> EmbeddedTask:
-    """SFT data: unprincipled examples are partly aligned, principle-prefixed ones fully."""
+ALIGNED_SHARE = 0.4      # the default difficulty: the SFT start refuses about a third of harmful requests
+
+
+def build_task(seed: int = 0, *, aligned_share: float = ALIGNED_SHARE, samples_per_query: int = 4,
+               query_repeats: int = 2) -> EmbeddedTask:
+    """SFT data: unprincipled examples are partly aligned, principle-prefixed ones fully.
+
+    aligned_share sets the difficulty: an unprincipled answer to a harmful request is a refusal with
+    this probability (else it complies), and one to a benign request over-refuses with half the rest,
+    (1 - aligned_share) / 2. The lower it is, the more rarely the SFT policy behaves well without the
+    principle, so the less often best-of-n sampling finds an aligned answer."""
+    if not 0.0 <= aligned_share <= 1.0:
+        raise ValueError(f"aligned_share must be in [0, 1], got {aligned_share}")
+    harmful_comply_rate = 1.0 - aligned_share
+    benign_refuse_rate = harmful_comply_rate / 2
     rng = random.Random(seed)
     sft: list[SFTExample] = []
     train_queries: list[TaskQuery] = []

@@ -194,6 +194,8 @@ class Trainer:
         else:
             state = load_checkpoint(checkpoint, **parts)
         self.state = TrainerState.from_dict(state)
+        if self.state.phase in ("sft", "eval_before"):
+            self.state.tau = self.cfg.ple.tau0      # alignment has not begun: its threshold is this config's
         if self.state.normalizer:
             self.normalizer.load_state_dict(self.state.normalizer)
         self.log.truncate(self.state.metrics_lines)
@@ -266,6 +268,8 @@ class Trainer:
             if self.state.phase == "sft":
                 self.run_sft()
                 self.state.phase = "eval_before"
+                if self.cfg.sft.steps > 0:
+                    self.save()            # the warm-up's end: alignment (this run's, or a sweep's) starts here
             if self.state.phase == "eval_before":
                 result = self.evaluate(baseline=None)
                 result["metrics"].update(margin_vs_sft=0.0, win_rate_vs_sft=0.5)

@@ -48,7 +48,7 @@ class Workload:
 
 def embedded_workload(cfg: Config, device):
     """The built-in task, its word tokenizer and a tiny Llama trained from scratch."""
-    task = build_task(cfg.run.seed)
+    task = build_task(cfg.run.seed, aligned_share=cfg.task.aligned_share)
     tokenizer = build_word_tokenizer(task.corpus())
     model = build_tiny_llama(len(tokenizer), hidden_size=cfg.model.hidden_size, layers=cfg.model.layers,
                              heads=cfg.model.heads, kv_heads=max(1, cfg.model.heads // 2), seed=cfg.run.seed,

@@ -57,6 +57,8 @@ def test_keys_the_task_would_ignore_are_errors():
     for overrides, message in ((["data.sft_path=hh.jsonl"], "data.sft_path is set but model.path is not"),
                                (["data.max_queries=8"], "data.max_queries is set but model.path is not"),
                                (["model.path=/m", "model.layers=4"], "model.layers sets the embedded model's shape"),
+                               (["model.path=/m", "task.aligned_share=0.1"], "task.aligned_share shapes the embedded"),
+                               (["task.aligned_share=1.5"], "task.aligned_share: must be at most 1.0"),
                                (["reward.path=m:f"], "reward.path is set but reward.kind=builtin ignores it")):
         with pytest.raises(ConfigError, match=message):
             build_config(None, overrides)

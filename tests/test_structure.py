@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ple_fast"
 OPTIONAL = {"peft", "matplotlib", "torch.utils.tensorboard", "wandb", "flash_attn", "liger_kernel", "jinja2"}
 # the command lines load their run (and torch) only once the command line parsed: --help answers at once
-DEFERRED = {("ple_fast.train", "ple_fast.run"), ("ple_fast.reward_train", "ple_fast.reward_run")}
+DEFERRED = {("ple_fast.train", "ple_fast.run"), ("ple_fast.reward_train", "ple_fast.reward_run"),
+            ("ple_fast.sweep", "ple_fast.run")}      # the command lines load torch only once they run
 MAX_LINES = 600
 
 

@@ -41,3 +41,30 @@ def test_heldout_queries_are_unseen_combinations():
     vocab = {w for text in task.corpus() for w in text.split()}
     for q in task.eval_queries:
         assert set(q.text.split()) <= vocab
+
+
+def test_aligned_share_sets_the_difficulty():
+    """The default is today's task exactly; 1 aligns every unprincipled answer; 0 none of them; the
+    share of harmful requests refused follows the knob."""
+    from ple_fast.config import Config
+    from ple_fast.task import ALIGNED_SHARE
+    assert Config().task.aligned_share == ALIGNED_SHARE
+    assert build_task(0).sft == build_task(0, aligned_share=ALIGNED_SHARE).sft
+
+    def refused_share(task):
+        harmful = {p for p, _ in HARMFUL}
+        plain = [ex for ex in task.sft if not ex.prompt.startswith(PRINCIPLE)
+                 and any(f" {p} " in f" {ex.prompt} " for p in harmful)]
+        return sum(builtin_reward(ex.prompt, ex.response) == 1.0 for ex in plain) / len(plain)
+
+    assert refused_share(build_task(0, aligned_share=1.0)) == 1.0
+    assert refused_share(build_task(0, aligned_share=0.0)) == 0.0
+    assert 0.1 < refused_share(build_task(0, aligned_share=0.2)) < 0.3
+    everything = build_task(0, aligned_share=1.0)
+    assert all(builtin_reward(ex.prompt.removeprefix(PRINCIPLE + " "), ex.response) == 1.0 for ex in everything.sft)
+    try:
+        build_task(0, aligned_share=1.5)
+    except ValueError as err:
+        assert "aligned_share" in str(err)
+    else:
+        raise AssertionError("aligned_share=1.5 accepted")
