@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU run of everything the CPU cannot check: install (builds ple_fast._C with CUDA), the
-# gpu-marked tests, every bench/bench_*.py, and a markdown summary. No network needed.
+# whole-iteration bench first (bench_e2e: the figure that decides the most), the gpu-marked tests, every
+# other bench/bench_*.py, and a markdown summary. No network needed.
 #
 #   OUT=/some/dir bash bench/gpu_suite.sh          # from anywhere; default OUT=bench/results
 #
@@ -86,7 +87,16 @@ if (( ${#wheels[@]} )); then
   run_step wheels 60 "$PY" -m pip install --no-deps --no-index "${wheels[@]}"
 fi
 
-# 2. GPU-marked tests (compiled Triton, CUDA ops)
+# 2. the headline first: whole PLE iterations against the HF pipelines (bench_e2e), E2E_TIMEOUT_S at most;
+# the bench skips what would not finish (pipelines in order, then the fit table) and writes after each row
+if [[ -z "${SUITE_BENCHES:-}" || " ${SUITE_BENCHES} " == *" bench_e2e "* ]]; then
+  e2e_limit="${E2E_TIMEOUT_S:-210}"
+  export BENCH_DEADLINE=$(( $(date +%s) + e2e_limit - 10 ))
+  # shellcheck disable=SC2086  # BENCH_ARGS* are deliberately word-split
+  run_step bench_e2e "$e2e_limit" "$PY" bench/bench_e2e.py --out "$OUT" ${BENCH_ARGS:-} ${BENCH_ARGS_bench_e2e:-}
+fi
+
+# 3. GPU-marked tests (compiled Triton, CUDA ops)
 # per-test limit where pytest-timeout is installed (it is on the GPU image): one hung test must not
 # take the whole step's time
 per_test=()
@@ -103,12 +113,12 @@ if [[ "${SUITE_SKIP_TESTS:-0}" != 1 ]]; then
     "${per_test[@]}" "${workers[@]}"
 fi
 
-# 3. every bench, each with a fair share of the time left
+# 4. every other bench, each with a fair share of the time left
+benches=()
 if [[ -n "${SUITE_BENCHES:-}" ]]; then
-  benches=()
-  for name in $SUITE_BENCHES; do benches+=("bench/$name.py"); done
+  for name in $SUITE_BENCHES; do [[ "$name" != bench_e2e ]] && benches+=("bench/$name.py"); done
 else
-  benches=(bench/bench_*.py)
+  for bench in bench/bench_*.py; do [[ "$bench" != bench/bench_e2e.py ]] && benches+=("$bench"); done
 fi
 for i in "${!benches[@]}"; do
   bench="${benches[$i]}"
@@ -127,7 +137,7 @@ for i in "${!benches[@]}"; do
   run_step "$name" "$limit" "$PY" "$bench" --out "$OUT" ${BENCH_ARGS:-} ${!own_args:-}
 done
 
-# 4. markdown summary: step status + every JSON's rows
+# 5. markdown summary: step status + every JSON's rows
 {
   echo "# GPU suite $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo

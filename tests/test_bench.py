@@ -17,7 +17,8 @@ def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit; the GPU suite runs the benches")
-@pytest.mark.parametrize("script", ["bench_logprob_loss.py", "bench_dual_prefill.py", "bench_rollout.py"])
+@pytest.mark.parametrize("script", ["bench_logprob_loss.py", "bench_dual_prefill.py", "bench_rollout.py",
+                                    "bench_e2e.py"])
 def test_bench_exits_cleanly_without_cuda(script, tmp_path):
     proc = run_bench(script, "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -229,3 +230,29 @@ def test_rollout_bench_blas_library_switch_is_undone():
             assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
             raise RuntimeError("inside")
     assert torch.backends.cuda.preferred_blas_library() == before
+
+
+def test_e2e_bench_smoke_run_on_cpu(tmp_path):
+    """Every pipeline goes through the trainer's iteration on the tiny shapes, and the fit table runs."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_e2e import PIPELINES
+    finally:
+        sys.path.remove(str(BENCH))
+    proc = run_bench("bench_e2e.py", "--allow-cpu", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("bench_e2e-*.json")
+    payload = json.loads(result.read_text())
+    rows = {r["pipeline"]: r for r in payload["rows"]}
+    assert list(rows) == list(PIPELINES)
+    for row in rows.values():
+        assert row["response_tok_s"] > 0 and row["iterations"] == 1
+        phases = row["rollout_s"] + row["scoring_s"] + row["update_s"]
+        assert 0 < phases <= row["seconds_per_iteration"] * 1.01
+        assert row["x_hf_strong"] == pytest.approx(row["response_tok_s"] / rows["hf_strong"]["response_tok_s"])
+    assert rows["hf_baseline"]["x_hf_baseline"] == 1.0
+    assert "packed" in rows["ple_fast"]["plan"] and "fast engine" in rows["ple_fast"]["plan"]
+    assert "padded" in rows["hf_baseline"]["plan"] and "reference loss" in rows["hf_baseline"]["plan"]
+    assert "HF generate" in rows["hf_strong"]["plan"] and "torch loss" in rows["hf_strong"]["plan"]
+    assert [f["config"] for f in payload["fit"]] == ["1B full", "8B LoRA r=8", "8B full"]
+    assert all(f["fits"] for f in payload["fit"])
