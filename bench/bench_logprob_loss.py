@@ -1,26 +1,33 @@
 """Fused log-prob + loss (kernels/logprob.py) against the usual ways of computing it.
 
-For each (N, H, V), bf16 hidden [N, H] and weight [V, H], forward + backward (dX and dW):
+For each (N, H, V), bf16 hidden and weight [V, H], forward + backward (dX and dW). N counts the rows of
+a packed layout (per pair a 128-row query and two 192-row responses); every method gets only its
+N_scored response rows, as the trainer's forward passes them (the query rows carry no label and never
+reach the LM head), and useful FLOPs count those rows only.
   ple_triton            ple_loss(impl="triton"): fused Triton forward, V-chunked backward (default)
+  ple_whole_pairs       ple_loss(impl="whole_pairs"): chunks of whole pairs, cuBLAS logits, Triton row
+                        passes, the loss gradient inside the chunk, fp32 dW (6NHV; experimental)
   ple_torch_chunked     ple_loss(impl="torch"): the recompute design on cuBLAS: row chunks, chunk
                         logits for lse in the forward and again in the backward (8NHV)
   ple_naive             full logits -> float -> log_softmax -> gather, as HF / TRL do it
   ple_compiled_chunked  torch.compile'd chunk (logits -> log_softmax -> gather) under checkpoint
   ce_torch_linear_ce    torch.nn.functional.linear_cross_entropy, when this torch has it
-  ce_liger_flce         Liger's fused linear cross-entropy, when importable
+  ce_liger_flce         Liger's fused linear cross-entropy, when importable (bf16 accumulation)
+  ce_liger_flce_fp32    the same with accum_dtype=float32, where this Liger has it
   ce_cce / ce_cce_exact Cut Cross-Entropy, default (gradient filtering) and filter_eps=None
 ple_* compute the gated PLE loss; ce_* a summed token cross-entropy: the same 6NHV of useful
 work (logits, their softmax, dX, dW) and the same memory problem, a different scalar on top.
-The ple_* rows are the candidates for ple_loss(impl="auto") on CUDA (today: triton). (An exact 6NHV
-design by chunks of whole pairs, impl="pairs", was slower than triton at every shape on an H200,
-bench/results/2026-11-28-h200-suite, and is gone.)
+The ple_* rows are the candidates for ple_loss(impl="auto") on CUDA (today: triton). (An earlier 6NHV
+design by chunks of whole pairs, impl="pairs", with fp32 logits, eight elementwise passes and ~520-row
+chunks, was slower than triton at every shape on an H200, bench/results/2026-11-28-h200-suite, and is
+gone; whole_pairs is its redesign.)
 
 Reported per method: ms (median fwd+bwd), useful TFLOP/s = 6NHV / time and its fraction of
 the bf16 matmul rate measured in this run, peak extra memory (above inputs and the returned
 gradients), and max relative error (max|a - b| / max|b|) of loss, dX and dW against fp64.
 fp64 at full size would need N*V*8 bytes of logits several times over, so the error is taken
-on a reduced problem: the first ERR_ROWS rows (whole pairs) with the full weight, i.e. the
-same V and H; the fp64 oracle is the reference implementation on fp64 copies of the bf16 inputs.
+on a reduced problem: a random sample of whole pairs (ERR_ROWS scored rows) with the full weight,
+i.e. the same V and H; the fp64 oracle is the reference implementation on fp64 copies of the bf16 inputs.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ COMPILED_CHUNK_ROWS = 2048
 
 
 def make_batch(num_rows: int, hidden_size: int, vocab: int, seed: int = 0, device: str = "cuda") -> dict:
-    """Packed pairs: per 512 rows, a 128-row query (unscored) and two 192-row responses."""
+    """Packed pairs (per 512 layout rows a 128-row query and two 192-row responses), scored rows only."""
     pair_rows = QUERY_ROWS + 2 * RESPONSE_ROWS
     if num_rows % pair_rows:
         raise ValueError(f"N = {num_rows} must be a multiple of {pair_rows} rows per pair")
@@ -57,11 +64,11 @@ def make_batch(num_rows: int, hidden_size: int, vocab: int, seed: int = 0, devic
     seq_index = (one_pair[None, :] + torch.where(one_pair >= 0, 2, 0)[None, :] * torch.arange(num_pairs)[:, None])
     seq_index = seq_index.flatten().long().to(device)
     labels = torch.randint(0, vocab, (num_rows,), device=device, generator=g)
-    labels = torch.where(seq_index >= 0, labels, -100)
+    hidden = torch.randn(num_rows, hidden_size, device=device, generator=g).bfloat16()
+    scored = seq_index >= 0                 # the rows the trainer's forward hands the loss
     return dict(
-        hidden=torch.randn(num_rows, hidden_size, device=device, generator=g).bfloat16(),
+        hidden=hidden[scored], labels=labels[scored], seq_index=seq_index[scored],
         weight=(torch.randn(vocab, hidden_size, device=device, generator=g) * 2 / hidden_size**0.5).bfloat16(),
-        labels=labels, seq_index=seq_index,
         rewards=torch.randn(num_pairs, 2, device=device, generator=g), num_pairs=num_pairs,
     )
 
@@ -136,6 +143,16 @@ def _ce_liger(b):
     return lambda h, w: module(w, h, b["labels"])
 
 
+def _ce_liger_fp32(b):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", accum_dtype=torch.float32)
+    except (ImportError, TypeError) as err:       # TypeError: a Liger without accum_dtype
+        UNAVAILABLE["ce_liger_flce_fp32"] = f"{type(err).__name__}: {err}"[:200]
+        return None
+    return lambda h, w: module(w, h, b["labels"])
+
+
 def _ce_cce(filter_eps):
     def factory(b):
         try:
@@ -150,7 +167,9 @@ def _ce_cce(filter_eps):
 
 METHODS = {  # in run order: the comparisons the issue's targets name first, slow compiles last
     "ple_triton": ("ple", _ple_impl("triton")),
+    "ple_whole_pairs": ("ple", _ple_impl("whole_pairs")),
     "ce_liger_flce": ("ce", _ce_liger),
+    "ce_liger_flce_fp32": ("ce", _ce_liger_fp32),
     "ce_cce": ("ce", _ce_cce("auto")),
     "ce_cce_exact": ("ce", _ce_cce(None)),
     "ple_torch_chunked": ("ple", _ple_impl("torch")),
@@ -182,11 +201,19 @@ def max_rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()
 
 
-def reduced_batch(b: dict) -> dict:
-    rows = min(ERR_ROWS, b["hidden"].shape[0])
-    pairs = rows // (QUERY_ROWS + 2 * RESPONSE_ROWS)
-    return dict(b, hidden=b["hidden"][:rows], labels=b["labels"][:rows], seq_index=b["seq_index"][:rows],
-                rewards=b["rewards"][:pairs], num_pairs=pairs)
+def reduced_batch(b: dict, seed: int = 0) -> dict:
+    """A random sample of whole pairs, about ERR_ROWS scored rows, renumbered as pairs 0..k-1."""
+    per_pair = 2 * RESPONSE_ROWS
+    count = max(1, min(ERR_ROWS // per_pair, b["num_pairs"]))
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randperm(b["num_pairs"], generator=g)[:count].sort().values.to(b["seq_index"].device)
+    new_id = torch.full((b["num_pairs"],), -1, dtype=torch.long, device=pairs.device)
+    new_id[pairs] = torch.arange(count, device=pairs.device)
+    pair_of_row = new_id[b["seq_index"] // 2]
+    keep = pair_of_row >= 0
+    return dict(b, hidden=b["hidden"][keep], labels=b["labels"][keep],
+                seq_index=2 * pair_of_row[keep] + b["seq_index"][keep] % 2, rewards=b["rewards"][pairs],
+                num_pairs=count)
 
 
 def measure(name: str, objective: str, factory, b: dict, oracle: dict, useful_flop: float, peak: float,
@@ -243,12 +270,13 @@ def main(argv=None) -> None:
     path = result_path(args.out, "bench_logprob_loss")
     peak = matmul_peak_tflops(torch.bfloat16)
     payload = dict(quick=args.quick, matmul_peak_tflops=peak, copy_bandwidth_gbs=copy_bandwidth_gbs(),
-                   err_rows=ERR_ROWS, note="err_* = max|a-b|/max|b| vs fp64 on the first err_rows rows "
-                   "(full V, H); peak_extra_gib excludes inputs and returned grads", rows=[])
+                   err_rows=ERR_ROWS, note="err_* = max|a-b|/max|b| vs fp64 on a random sample of whole pairs, "
+                   "err_rows scored rows (full V, H); peak_extra_gib excludes inputs and returned grads; useful "
+                   "TFLOP/s count the N_scored rows every method gets", rows=[])
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s, copy {payload['copy_bandwidth_gbs']:.0f} GB/s")
     for num_rows, hidden_size, vocab in shapes:
         b = make_batch(num_rows, hidden_size, vocab)
-        useful = 6.0 * num_rows * hidden_size * vocab
+        useful = 6.0 * b["hidden"].shape[0] * hidden_size * vocab      # scored rows only
         oracle: dict = {}
         for name in methods:
             objective, factory = METHODS[name]
@@ -257,7 +285,8 @@ def main(argv=None) -> None:
                 row = dict(method=name, objective=objective, status="skipped(deadline)")
             else:
                 row = measure(name, objective, factory, b, oracle, useful, peak, warmup, iters)
-            row = dict(N=num_rows, H=hidden_size, V=vocab, **row, wall_s=round(time.time() - start, 1))
+            row = dict(N=num_rows, N_scored=b["hidden"].shape[0], H=hidden_size, V=vocab, **row,
+                       wall_s=round(time.time() - start, 1))
             payload["rows"].append(row)
             write_result(path, "bench_logprob_loss", payload)  # after every row: survives a timeout
             shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}

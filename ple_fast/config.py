@@ -115,8 +115,9 @@ class PLEConfig:
     length_normalize: bool = opt(True, "l(y) is the mean token log-prob (true) or the sum (false)")
     beta: float = opt(1.0, "scale inside the logistic ranking loss", gt=0.0)
     raft_samples: int = opt(2, "responses per query for RAFT (PLE's budget: 2)", ge=1)
-    loss_impl: Literal["auto", "torch", "triton"] = opt("auto", "log-prob + loss implementation; auto: triton on "
-                                                                "CUDA, torch elsewhere")
+    loss_impl: Literal["auto", "torch", "triton", "whole_pairs"] = opt(
+        "auto", "log-prob + loss implementation; auto: triton on CUDA, torch elsewhere; whole_pairs: the loss by "
+                "chunks of whole pairs (6NHV, docs/performance.md)", experimental=("whole_pairs",))
     layout: Literal["auto", "packed", "padded"] = opt("auto", "packed: each query once for both responses (tree "
                                                               "attention); padded: HF's padded forwards; auto: "
                                                               "packed unless run.gradient_checkpointing")

@@ -23,7 +23,7 @@ from ple_fast.models import decoder_of, output_head
 
 LAYOUTS = ("packed", "padded")
 LAYERS = ("stock", "fused", "compiled")
-LOSS_IMPLS = ("triton", "torch", "reference")
+LOSS_IMPLS = ("triton", "torch", "reference", "whole_pairs")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class ForwardPlan:
     attention  the tree-attention backend of the packed layout (None when padded)
     layers     "stock" (the model's own), "fused" (ple_fast.fused_layers) or "compiled" (the stock layers
                torch.compile'd); packed layout only unless "stock"
-    loss_impl  sequence_logprobs / ple_loss implementation: "triton", "torch" or "reference"
+    loss_impl  sequence_logprobs / ple_loss implementation: "triton", "torch", "reference" or "whole_pairs"
+               (a ple_loss implementation; its log-probs alone run "triton")
     """
     layout: str
     attention: str | None

@@ -8,6 +8,14 @@ Three implementations of `sequence_logprobs`, one contract:
 `gated_loss` turns the [2P] sequence log-probs into the PLE loss and is shared by all.
 Nothing on the compute path of these three syncs with the host or has a data-dependent shape,
 so it can be captured in CUDA graphs and compiled with torch.compile(fullgraph=True).
+
+A fourth, `ple_loss(impl="whole_pairs")`, does the loss's 6NHV of useful work instead of 8NHV: a pair's
+loss depends only on its own two sequence log-probs, so over chunks of whole pairs the loss gradient
+is known inside the chunk. Per chunk: logits by one GEMM, the row passes of
+ple_fast.kernels.logit_rows (logsumexp, then the logit gradient in place), the gate on the chunk's
+pairs, and two GEMMs for dX and an fp32 dW. The gradients are made in the forward and handed back by
+the backward. It reads the pairs' row counts on the host once (the chunk bounds), and is experimental:
+not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ple_fast.kernels.logit_rows import logit_grad_, row_stats
 from ple_fast.kernels.logprob import fused_sequence_logprobs
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "reference", "whole_pairs")
 RANK_LOSSES = ("hinge", "logistic")
 WEIGHTINGS = ("softmax", "tanh")
 
@@ -333,7 +342,7 @@ def _resolve_impl(impl: str, hidden: Tensor, weight: Tensor) -> str:
     tensor-core dtype: the triton impl hands it to the torch path (same contract, fp64 accumulation)."""
     if impl == "auto":
         impl = "triton" if hidden.is_cuda else "torch"
-    if impl == "triton" and torch.float64 in (hidden.dtype, weight.dtype):
+    if impl in ("triton", "whole_pairs") and torch.float64 in (hidden.dtype, weight.dtype):
         return "torch"
     return impl
 
@@ -358,7 +367,7 @@ def sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, *, impl="auto
     impl = _resolve_impl(impl, hidden, weight)
     if impl == "reference":
         return _reference_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
-    if impl == "triton":
+    if impl in ("triton", "whole_pairs"):         # log-probs alone: the fused kernels (whole_pairs is a loss)
         return fused_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
     return _torch_sequence_logprobs(hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
 
@@ -424,6 +433,15 @@ def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hing
     if isinstance(hidden, Tensor) and rewards.device != hidden.device:
         raise ValueError(f"rewards is on {rewards.device} but hidden is on {hidden.device}")
     num_seqs = 2 * num_pairs
+    if isinstance(hidden, Tensor) and isinstance(weight, Tensor) and _resolve_impl(impl, hidden, weight) == "whole_pairs":
+        labels, seq_index, softcap, temperature = _check_logprob_args(
+            hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
+        _check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
+        gate = dict(tau=tau, rank_loss=rank_loss, weighting=weighting, rank_sft_coef=rank_sft_coef,
+                    length_normalize=length_normalize, beta=beta)
+        loss, ranked, valid, dropped, seq_logps, seq_tokens = _WholePairsLoss.apply(
+            hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, WHOLE_PAIR_ROWS)
+        return PLELossOutput(loss, seq_logps, seq_tokens, ranked, valid, dropped)
     seq_logps = sequence_logprobs(
         hidden, weight, labels, seq_index, num_seqs, impl=impl, softcap=softcap, temperature=temperature
     )
@@ -433,3 +451,116 @@ def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hing
         rank_sft_coef=rank_sft_coef, length_normalize=length_normalize, beta=beta,
     )
     return PLELossOutput(loss, seq_logps, seq_tokens, ranked, valid, num_dropped)
+
+
+# ----------------------------------------------------------------------------------------
+# whole_pairs: chunks of whole pairs, the loss gradient known inside each chunk (6NHV)
+
+# Scored rows per chunk: [rows, V] logits of the GEMM dtype are the one large buffer (2048 rows of a
+# 128k vocabulary in bf16: 512 MiB); a pair longer than this is a chunk of its own. Read at call time.
+WHOLE_PAIR_ROWS = 2048
+
+
+def _pair_chunks(rows_per_pair: list[int], chunk_rows: int) -> list[tuple[int, int, int, int]]:
+    """(first pair, end pair, first row, end row) of consecutive pairs holding at most chunk_rows rows."""
+    chunks, lo, row_lo, rows = [], 0, 0, 0
+    for k, n in enumerate(rows_per_pair):
+        if rows and rows + n > chunk_rows:
+            chunks.append((lo, k, row_lo, row_lo + rows))
+            lo, row_lo, rows = k, row_lo + rows, 0
+        rows += n
+    if rows or lo < len(rows_per_pair):
+        chunks.append((lo, len(rows_per_pair), row_lo, row_lo + rows))
+    return chunks
+
+
+_FP32_INPUT_ADDMM: dict[str, bool] = {}     # device type -> whether addmm takes an fp32 input for half a, b
+
+
+def _addmm_fp32_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """out (fp32) += a @ b. Half a, b: one GEMM with beta = 1 into the fp32 `out` where this torch's addmm
+    takes an fp32 input (out_dtype); else a half GEMM with an fp32 result, then an add (a [V, H] temporary)."""
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b)
+    kind = out.device.type
+    if _FP32_INPUT_ADDMM.get(kind, True):
+        try:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            _FP32_INPUT_ADDMM[kind] = True
+            return out
+        except (NotImplementedError, RuntimeError, TypeError):
+            _FP32_INPUT_ADDMM[kind] = False
+    return out.add_(torch.mm(a, b, out_dtype=out.dtype))
+
+
+class _WholePairsLoss(torch.autograd.Function):
+    """The PLE loss with its gradients made in the forward, chunk by chunk of whole pairs; the backward
+    scales them by the upstream gradient. Outputs other than the loss carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, chunk_rows):
+        acc = torch.float32
+        num_pairs, device = rewards.shape[0], hidden.device
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        mm_dtype = hidden.dtype if hidden.is_cuda and hidden.dtype in _HALF_DTYPES else acc   # autocast's choice
+        seq_tokens = sequence_token_counts(seq_index, 2 * num_pairs)
+        pair_of_row = torch.where(seq_index >= 0, seq_index // 2, num_pairs)
+        order = torch.argsort(pair_of_row, stable=True)           # rows grouped by pair, unscored last
+        rows_per_pair = seq_tokens.view(num_pairs, 2).sum(dim=1).tolist()     # the chunk bounds: one host read
+        scores = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
+        valid = torch.isfinite(scores).all(dim=1)
+        num_valid = valid.sum()
+        seq_logps = torch.zeros(2 * num_pairs, dtype=acc, device=device)
+        ranked = torch.zeros(num_pairs, dtype=torch.bool, device=device)
+        loss = torch.zeros((), dtype=acc, device=device)
+        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_dx else None
+        d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need_dw else None
+        with torch.autocast(device.type, enabled=False):
+            w = weight.to(mm_dtype)
+            for lo, hi, row_lo, row_hi in _pair_chunks(rows_per_pair, chunk_rows):
+                rows = order[row_lo:row_hi]
+                x = hidden.index_select(0, rows).to(mm_dtype)
+                z = x @ w.T                                        # [R, V]: the chunk's one large buffer
+                chunk_labels = labels.index_select(0, rows)
+                lse, target = row_stats(z, chunk_labels, softcap, temperature)
+                local = seq_index.index_select(0, rows) - 2 * lo
+                chunk_logps = torch.zeros(2 * (hi - lo), dtype=acc, device=device).index_add_(0, local, target - lse)
+                chunk_logps.requires_grad_(need_dx or need_dw)
+                with torch.enable_grad():
+                    part, chunk_ranked, chunk_valid, _ = gated_loss(chunk_logps, seq_tokens[2 * lo:2 * hi],
+                                                                   rewards[lo:hi], **gate)
+                    part = part * chunk_valid.sum().clamp(min=1) / num_valid.clamp(min=1)   # its share of the mean
+                loss += part.detach()
+                ranked[lo:hi] = chunk_ranked
+                seq_logps[2 * lo:2 * hi] = chunk_logps.detach()
+                if not (need_dx or need_dw) or row_hi == row_lo:
+                    continue
+                (g_seq,) = torch.autograd.grad(part, chunk_logps)
+                g_row = g_seq.index_select(0, local)
+                dz = logit_grad_(z, chunk_labels, lse, softcap, temperature)      # unscaled: no half underflow
+                if need_dx:
+                    d_hidden.index_copy_(0, rows, _mm(dz, w, acc).mul_(g_row[:, None]))
+                if need_dw:
+                    if mm_dtype == torch.float16:      # g (~1 / pair tokens) underflows fp16: normalise, rescale
+                        scale = g_row.abs().max().clamp(min=torch.finfo(acc).tiny)
+                        gx = (x.to(acc) * (g_row / scale)[:, None]).to(mm_dtype)
+                        d_weight.add_(_mm(dz.T, gx, acc).mul_(scale))
+                    else:
+                        _addmm_fp32_(d_weight, dz.T, (x.to(acc) * g_row[:, None]).to(mm_dtype))
+        ctx.save_for_backward(d_hidden.to(hidden.dtype) if need_dx else None,
+                              d_weight.to(weight.dtype) if need_dw else None)
+        outputs = (ranked, valid, num_pairs - num_valid, seq_logps, seq_tokens)
+        ctx.mark_non_differentiable(*outputs)
+        return (loss, *outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *unused):
+        if getattr(ctx, "used", False):
+            raise RuntimeError("ple_loss(impl='whole_pairs'): its gradients are scaled in place, so a second "
+                               "backward through the same loss (retain_graph=True) is not supported")
+        ctx.used = True
+        d_hidden, d_weight = ctx.saved_tensors     # scaled in place: a [V, H] dW is not allocated twice
+        return (None if d_hidden is None else d_hidden.mul_(grad_loss.to(d_hidden.dtype)),
+                None if d_weight is None else d_weight.mul_(grad_loss.to(d_weight.dtype)),
+                None, None, None, None, None, None, None)

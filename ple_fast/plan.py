@@ -126,8 +126,8 @@ def forward_plan(model: nn.Module, *, layout: str = "auto", attention: str = "au
         loss_impl = "triton" if device.type == "cuda" else "torch"
     elif loss_impl not in LOSS_IMPLS:
         raise ValueError(f"loss_impl={loss_impl!r}: choose auto, {', '.join(LOSS_IMPLS)}")
-    elif loss_impl == "triton" and not _triton_runs(device):
-        raise ValueError(f"loss_impl=triton: {_NO_TRITON}")
+    elif loss_impl in ("triton", "whole_pairs") and not _triton_runs(device):
+        raise ValueError(f"loss_impl={loss_impl}: {_NO_TRITON}")
     return ForwardPlan(layout, backend, layers, loss_impl)
 
 

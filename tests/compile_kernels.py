@@ -17,8 +17,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ple_fast.kernels import (_common, decode_attention, logprob, rms_norm, rotary, sampling, step_record,
-                              swiglu, varlen_attention)
+from ple_fast.kernels import (_common, decode_attention, logit_rows, logprob, rms_norm, rotary, sampling,
+                              step_record, swiglu, varlen_attention)
 
 # per-block shared memory a kernel may opt into: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB
 SHARED_MEMORY_BYTES = {80: 166912, 90: 232448}
@@ -106,6 +106,13 @@ def launches(arch: int):
         yield (f"logprob dlogits {dtype} softcap={softcap}", logprob._dlogits_kernel,
                dict(x_ptr=mm, w_ptr=mm, labels_ptr="*i64", lse_ptr="*fp32", dz_ptr=mm), const,
                cfg["num_warps"], cfg["num_stages"])
+    for dtype, softcap in ((BF16, False), (FP16, True), (FP32, False)):
+        z = "*" + TRITON_DTYPE[dtype]
+        const = dict(HAS_SOFTCAP=softcap, BLOCK_V=logit_rows._block(128256, False))
+        yield (f"logit rows stats {dtype} softcap={softcap}", logit_rows._row_stats_kernel,
+               dict(z_ptr=z, labels_ptr="*i64", lse_ptr="*fp32", target_ptr="*fp32"), const, 8, 3)
+        yield (f"logit rows grad {dtype} softcap={softcap}", logit_rows._logit_grad_kernel,
+               dict(z_ptr=z, labels_ptr="*i64", lse_ptr="*fp32"), const, 8, 3)
     for dtype, softcap in ((BF16, False), (FP32, True)):
         yield (f"sampling race {dtype} softcap={softcap}", sampling._race_kernel,
                dict(logits_ptr="*" + TRITON_DTYPE[dtype], seed_ptr="*i64", step_ptr="*i64",

@@ -145,6 +145,16 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, phase):
         torch.testing.assert_close(g1, g3, rtol=1e-4, atol=1e-7)
 
 
+def test_whole_pairs_loss_gives_the_same_update(tmp_path):
+    """ple.loss_impl=whole_pairs (experimental) hands the optimizer the gradient the torch path does."""
+    updates = {impl: first_update(small_trainer(tmp_path / impl, f"ple.loss_impl={impl}", "experimental=true",
+                                                "sft.steps=1", "ple.grad_accum=2"), "ple")
+               for impl in ("torch", "whole_pairs")}
+    assert updates["whole_pairs"][1] == pytest.approx(updates["torch"][1], rel=1e-5)
+    for mine, theirs in zip(updates["whole_pairs"][0], updates["torch"][0]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+
+
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     from ple_fast.run import prepare_model
 
@@ -417,7 +427,8 @@ def test_ple_layers_and_layout_choices_and_conflicts(tmp_path):
             build_config(None, [removed])
 
 
-@pytest.mark.parametrize("override", ["ple.layers=compiled", "ple.attention=flash", "rollout.merged_projections=true"])
+@pytest.mark.parametrize("override", ["ple.layers=compiled", "ple.attention=flash", "rollout.merged_projections=true",
+                                      "ple.loss_impl=whole_pairs"])
 def test_experimental_values_need_the_experimental_key(override):
     """A value not yet timed on a GPU is a ConfigError naming the key unless experimental=true."""
     key, value = override.split("=")
