@@ -232,10 +232,11 @@ def plot_sweep(rows: list[dict], axes: list[str], metrics: list[tuple[str, str]]
     ranked = [row for row in rows if any(not math.isnan(m) for m, _ in row["ranked_share"])]
     if ranked:
         figure, (ax,) = _new_figure(mpl, width=6.4, height=4.0)
-        for row in ranked:
+        for n, row in enumerate(ranked):           # past ten rows the colours repeat: the line style tells them apart
             its = range(1, len(row["ranked_share"]) + 1)
             ax.errorbar(list(its), [m for m, _ in row["ranked_share"]], yerr=[s for _, s in row["ranked_share"]],
-                        marker="o", capsize=3, label=", ".join(row["labels"][a] for a in axes))
+                        marker="os^D"[n // 10 % 4], linestyle=("-", "--", ":", "-.")[n // 10 % 4], capsize=3,
+                        label=", ".join(row["labels"][a] for a in axes))
         _iteration_axis(mpl, ax)
         ax.set_ylabel("share of pairs with delta > tau")
         ax.set_ylim(-0.02, 1.02)
