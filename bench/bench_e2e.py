@@ -93,8 +93,13 @@ def build_llama(shape: dict, device, dtype, *, classifier: bool = False, seed: i
                          eos_token_id=SPECIAL["<eos>"], bos_token_id=SPECIAL["<bos>"], tie_word_embeddings=False,
                          num_labels=1)
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)          # initialised in dtype on the device: an 8B model never exists in fp32
+    try:
+        with torch.device(device):
+            model = (LlamaForSequenceClassification if classifier else LlamaForCausalLM)(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.to(dtype)
 
 
