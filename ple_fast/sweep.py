@@ -185,7 +185,7 @@ def export_warmup(run_dir: Path, dest: Path) -> bool:
 def _same_cell(cell: Cell) -> bool | None:
     """Whether the cell's folder holds a run of this cell's config (None: no folder yet)."""
     folder = Path(cell.config.run.out_dir)
-    if not folder.exists():
+    if not folder.exists() or not any(folder.iterdir()):
         return None
     try:
         saved = json.loads((folder / "cell.json").read_text())["config"]
@@ -209,16 +209,15 @@ def _finished(cell: Cell) -> bool:
 def _start(cell: Cell, warmup: Path | None) -> Config:
     """The cell's config as it runs: resumed from its own checkpoint, or from its group's warm-up."""
     folder = Path(cell.config.run.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cell.json").write_text(json.dumps({"labels": cell.labels, "seed": cell.seed,   # first: it claims
+                                                  "config": to_dict(cell.config)}, indent=1))  # the folder
     config = dataclasses.replace(cell.config, run=dataclasses.replace(cell.config.run))
     if (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("step-*")):
         config.run.resume = "auto"
     elif warmup is not None and (warmup / "checkpoint").is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(warmup / "metrics.jsonl", folder / "metrics.jsonl")
         config.run.resume = str(warmup / "checkpoint")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cell.json").write_text(json.dumps({"labels": cell.labels, "seed": cell.seed,
-                                                  "config": to_dict(cell.config)}, indent=1))
     return config
 
 
