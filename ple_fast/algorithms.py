@@ -109,7 +109,8 @@ class PLE(Algorithm):
         out = ple_loss(rows.hidden, rows.weight, rows.labels, rows.seq_index, step.device_rewards[micro], tau,
                        rank_loss=pc.rank_loss, weighting=pc.weighting, rank_sft_coef=pc.rank_sft_coef,
                        length_normalize=pc.length_normalize, beta=pc.beta, impl=policy.plan.forward.loss_impl,
-                       softcap=rows.softcap)
+                       softcap=rows.softcap, pair_rows=[len(step.samples.first[k]) + len(step.samples.second[k])
+                                                        for k in micro])
         return out.loss * (n_valid * scale), (out.ranked & out.valid).sum()   # micro mean -> share of the batch's
 
 

@@ -14,8 +14,8 @@ loss depends only on its own two sequence log-probs, so over chunks of whole pai
 is known inside the chunk. Per chunk: logits by one GEMM, the row passes of
 ple_fast.kernels.logit_rows (logsumexp, then the logit gradient in place), the gate on the chunk's
 pairs, and two GEMMs for dX and an fp32 dW. The gradients are made in the forward and handed back by
-the backward. It reads the pairs' row counts on the host once (the chunk bounds), and is experimental:
-not yet timed on a GPU.
+the backward. Its chunk bounds come from `pair_rows` (host lengths; the trainer passes them) or one
+read of seq_index. Experimental: not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -425,8 +425,11 @@ def gated_loss(seq_logps, seq_tokens, rewards, tau, *, rank_loss, weighting, ran
 
 def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hinge", weighting="softmax",
              rank_sft_coef=1.0, length_normalize=True, beta=1.0, impl="auto", softcap=None,
-             temperature=1.0) -> PLELossOutput:
-    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss)."""
+             temperature=1.0, pair_rows=None) -> PLELossOutput:
+    """Gated PLE loss of P pairs packed as 2P sequences (see sequence_logprobs, gated_loss).
+
+    pair_rows: the scored rows of each pair (the lengths of its two responses), from the host where the
+    caller has them; impl="whole_pairs" bounds its chunks with them instead of reading seq_index back."""
     _check_impl(impl)
     _check_gate_options(rank_loss, weighting, rank_sft_coef, length_normalize, beta)
     num_pairs = _check_rewards(rewards)
@@ -439,8 +442,13 @@ def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hing
         _check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
         gate = dict(tau=tau, rank_loss=rank_loss, weighting=weighting, rank_sft_coef=rank_sft_coef,
                     length_normalize=length_normalize, beta=beta)
+        if pair_rows is not None:
+            pair_rows = [int(n) for n in pair_rows]
+            if len(pair_rows) != num_pairs or min(pair_rows, default=0) < 0 or sum(pair_rows) > hidden.shape[0]:
+                raise ValueError(f"pair_rows must give the scored rows of each of the {num_pairs} pairs, at most "
+                                 f"{hidden.shape[0]} in all; got {len(pair_rows)} values summing to {sum(pair_rows)}")
         loss, ranked, valid, dropped, seq_logps, seq_tokens = _WholePairsLoss.apply(
-            hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, WHOLE_PAIR_ROWS)
+            hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, WHOLE_PAIR_ROWS, pair_rows)
         return PLELossOutput(loss, seq_logps, seq_tokens, ranked, valid, dropped)
     seq_logps = sequence_logprobs(
         hidden, weight, labels, seq_index, num_seqs, impl=impl, softcap=softcap, temperature=temperature
@@ -498,7 +506,8 @@ class _WholePairsLoss(torch.autograd.Function):
     scales them by the upstream gradient. Outputs other than the loss carry no gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, chunk_rows):
+    def forward(ctx, hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, chunk_rows,
+                pair_rows):
         acc = torch.float32
         num_pairs, device = rewards.shape[0], hidden.device
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -506,7 +515,8 @@ class _WholePairsLoss(torch.autograd.Function):
         seq_tokens = sequence_token_counts(seq_index, 2 * num_pairs)
         pair_of_row = torch.where(seq_index >= 0, seq_index // 2, num_pairs)
         order = torch.argsort(pair_of_row, stable=True)           # rows grouped by pair, unscored last
-        rows_per_pair = seq_tokens.view(num_pairs, 2).sum(dim=1).tolist()     # the chunk bounds: one host read
+        if pair_rows is None:                                       # the chunk bounds: one host read
+            pair_rows = seq_tokens.view(num_pairs, 2).sum(dim=1).tolist()
         scores = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))
         valid = torch.isfinite(scores).all(dim=1)
         num_valid = valid.sum()
@@ -517,7 +527,7 @@ class _WholePairsLoss(torch.autograd.Function):
         d_weight = torch.zeros(weight.shape, dtype=acc, device=device) if need_dw else None
         with torch.autocast(device.type, enabled=False):
             w = weight.to(mm_dtype)
-            for lo, hi, row_lo, row_hi in _pair_chunks(rows_per_pair, chunk_rows):
+            for lo, hi, row_lo, row_hi in _pair_chunks(pair_rows, chunk_rows):
                 rows = order[row_lo:row_hi]
                 x = hidden.index_select(0, rows).to(mm_dtype)
                 z = x @ w.T                                        # [R, V]: the chunk's one large buffer
@@ -563,4 +573,4 @@ class _WholePairsLoss(torch.autograd.Function):
         d_hidden, d_weight = ctx.saved_tensors     # scaled in place: a [V, H] dW is not allocated twice
         return (None if d_hidden is None else d_hidden.mul_(grad_loss.to(d_hidden.dtype)),
                 None if d_weight is None else d_weight.mul_(grad_loss.to(d_weight.dtype)),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)

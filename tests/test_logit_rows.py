@@ -138,3 +138,15 @@ def test_whole_pairs_on_cuda_half_precision(dtype, tol, monkeypatch):
     assert abs(out.loss.item() - ref.loss.item()) < tol * max(1.0, abs(ref.loss.item()))
     assert rel_err(dx, ref_dx) < tol and rel_err(dw, ref_dw) < tol
     assert out.ranked.tolist() == ref.ranked.tolist()
+
+
+def test_whole_pairs_pair_rows_from_the_host(monkeypatch):
+    """Rows per pair given by the caller give the same result as read from seq_index; wrong ones are refused."""
+    monkeypatch.setattr(loss_mod, "WHOLE_PAIR_ROWS", 9)
+    p = make_problem(11, 40, 8, 61, 4)
+    counts = torch.bincount(p["seq_index"][p["seq_index"] >= 0], minlength=8).view(4, 2).sum(dim=1).tolist()
+    read, dx, dw = run_loss(p, "whole_pairs")
+    given, dx2, dw2 = run_loss(p, "whole_pairs", pair_rows=counts)
+    assert torch.equal(read.loss, given.loss) and torch.equal(dx, dx2) and torch.equal(dw, dw2)
+    with pytest.raises(ValueError, match="pair_rows"):
+        run_loss(p, "whole_pairs", pair_rows=counts[:3])

@@ -438,7 +438,7 @@ def test_experimental_values_need_the_experimental_key(override):
     assert cfg.experimental is True
 
 
-@pytest.mark.parametrize("algo", ["ple", "raft", "distill"])
+@pytest.mark.parametrize("algo", ["ple", "raft", "distill", "ple+whole_pairs"])
 def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_path, monkeypatch, algo):
     """After a micro-batch's forward is queued, nothing reads device data on the host until the last
     backward is: each such read (a loss.item(), a count, a copy of rewards to the GPU) would hold the
@@ -452,7 +452,9 @@ def test_alignment_micro_batches_read_nothing_from_the_device_once_queued(tmp_pa
 
     monkeypatch.setattr(loss, "_check_index_ranges", lambda *args: None)     # CPU-only checks
     # segments: a packed backend with no host reads of its own that runs on CPU tensors on any machine
-    trainer = small_trainer(tmp_path, f"ple.algo={algo}", "ple.grad_accum=3", "ple.attention=segments")
+    algo, _, loss_impl = algo.partition("+")    # whole_pairs: its chunk bounds come from the host's lengths
+    trainer = small_trainer(tmp_path, f"ple.algo={algo}", "ple.grad_accum=3", "ple.attention=segments",
+                            *([f"ple.loss_impl={loss_impl}", "experimental=true"] if loss_impl else []))
     trainer.model.train()
     trainer.state.totals = {"ranked": 0, "dropped": 0}
     rng = torch.Generator().manual_seed(0)
