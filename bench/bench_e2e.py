@@ -125,10 +125,11 @@ def pipeline_config(name: str, work: dict, overrides: dict, out: Path):
                                "model.dtype=bfloat16", f"run.out_dir={out / name}"], values=keys)
 
 
-def fresh_totals() -> dict:
-    """An iteration's accumulators, as Trainer.run_alignment starts them."""
-    return {k: 0 for k in ("pairs", "ranked", "dropped", "steps", "tokens")} | {
-        k: 0.0 for k in ("delta", "s", "s_p", "loss", "gen_seconds", "score_seconds", "update_seconds")}
+def release_memory(device: torch.device) -> None:
+    """Give a finished pipeline's memory back before the next one builds its model."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def update_flops(model, work_tokens: dict) -> float:
@@ -168,7 +169,7 @@ def run_pipeline(name: str, overrides: dict, args, dev: dict, reward_fn, tokeniz
     batches = [workload.queries[i:i + cfg.ple.batch_size] for i in range(0, len(workload.queries), cfg.ple.batch_size)]
 
     def iteration() -> tuple[float, dict]:
-        trainer.state.totals = fresh_totals()
+        trainer.state.totals = trainer.fresh_totals()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -204,9 +205,7 @@ def run_pipeline(name: str, overrides: dict, args, dev: dict, reward_fn, tokeniz
                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                plan=trainer.plan.describe())
     del trainer, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return row
 
 
@@ -231,7 +230,7 @@ def fit_check(label: str, shape: dict, lora: bool, args, dev: dict, reward_fn, t
         trainer.optimizer_for("align")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        trainer.state.totals = fresh_totals()
+        trainer.state.totals = trainer.fresh_totals()
         start = time.perf_counter()
         trainer.alignment_step(workload.queries, [])
         if device.type == "cuda":
@@ -247,9 +246,7 @@ def fit_check(label: str, shape: dict, lora: bool, args, dev: dict, reward_fn, t
         row.update(fits=False, note="out of memory")
     finally:
         del trainer, model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
     return row
 
 
@@ -306,8 +303,7 @@ def main(argv=None) -> int:
                 if not is_oom(err):
                     raise
                 row = dict(pipeline=name, note="out of memory")
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_memory(device)
             payload["rows"].append(row)
             rates = {r["pipeline"]: r.get("response_tok_s") for r in payload["rows"]}
             for base in ("hf_baseline", "hf_strong"):

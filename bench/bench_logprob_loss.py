@@ -133,24 +133,17 @@ def _ce_torch_linear_ce(b):
 UNAVAILABLE: dict[str, str] = {}
 
 
-def _ce_liger(b):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as err:
-        UNAVAILABLE["ce_liger_flce"] = f"{type(err).__name__}: {err}"[:200]
-        return None
-    module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
-    return lambda h, w: module(w, h, b["labels"])
-
-
-def _ce_liger_fp32(b):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", accum_dtype=torch.float32)
-    except (ImportError, TypeError) as err:       # TypeError: a Liger without accum_dtype
-        UNAVAILABLE["ce_liger_flce_fp32"] = f"{type(err).__name__}: {err}"[:200]
-        return None
-    return lambda h, w: module(w, h, b["labels"])
+def _ce_liger(name, **options):
+    """Liger's fused linear cross-entropy with these constructor options (accum_dtype: only newer Ligers)."""
+    def factory(b):
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+            module = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", **options)
+        except (ImportError, TypeError) as err:       # TypeError: a Liger without that option
+            UNAVAILABLE[name] = f"{type(err).__name__}: {err}"[:200]
+            return None
+        return lambda h, w: module(w, h, b["labels"])
+    return factory
 
 
 def _ce_cce(filter_eps):
@@ -168,8 +161,8 @@ def _ce_cce(filter_eps):
 METHODS = {  # in run order: the comparisons the issue's targets name first, slow compiles last
     "ple_triton": ("ple", _ple_impl("triton")),
     "ple_whole_pairs": ("ple", _ple_impl("whole_pairs")),
-    "ce_liger_flce": ("ce", _ce_liger),
-    "ce_liger_flce_fp32": ("ce", _ce_liger_fp32),
+    "ce_liger_flce": ("ce", _ce_liger("ce_liger_flce")),
+    "ce_liger_flce_fp32": ("ce", _ce_liger("ce_liger_flce_fp32", accum_dtype=torch.float32)),
     "ce_cce": ("ce", _ce_cce("auto")),
     "ce_cce_exact": ("ce", _ce_cce(None)),
     "ple_torch_chunked": ("ple", _ple_impl("torch")),

@@ -436,20 +436,15 @@ def ple_loss(hidden, weight, labels, seq_index, rewards, tau, *, rank_loss="hing
     if isinstance(hidden, Tensor) and rewards.device != hidden.device:
         raise ValueError(f"rewards is on {rewards.device} but hidden is on {hidden.device}")
     num_seqs = 2 * num_pairs
-    if isinstance(hidden, Tensor) and isinstance(weight, Tensor) and _resolve_impl(impl, hidden, weight) == "whole_pairs":
+    if impl == "whole_pairs":
         labels, seq_index, softcap, temperature = _check_logprob_args(
             hidden, weight, labels, seq_index, num_seqs, softcap, temperature)
         _check_index_ranges(labels, seq_index, num_seqs, weight.shape[0])
-        gate = dict(tau=tau, rank_loss=rank_loss, weighting=weighting, rank_sft_coef=rank_sft_coef,
-                    length_normalize=length_normalize, beta=beta)
-        if pair_rows is not None:
-            pair_rows = [int(n) for n in pair_rows]
-            if len(pair_rows) != num_pairs or min(pair_rows, default=0) < 0 or sum(pair_rows) > hidden.shape[0]:
-                raise ValueError(f"pair_rows must give the scored rows of each of the {num_pairs} pairs, at most "
-                                 f"{hidden.shape[0]} in all; got {len(pair_rows)} values summing to {sum(pair_rows)}")
-        loss, ranked, valid, dropped, seq_logps, seq_tokens = _WholePairsLoss.apply(
-            hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, WHOLE_PAIR_ROWS, pair_rows)
-        return PLELossOutput(loss, seq_logps, seq_tokens, ranked, valid, dropped)
+        if _resolve_impl(impl, hidden, weight) == "whole_pairs":          # fp64 goes on to the torch path
+            gate = dict(tau=tau, rank_loss=rank_loss, weighting=weighting, rank_sft_coef=rank_sft_coef,
+                        length_normalize=length_normalize, beta=beta)
+            return _whole_pairs_loss(hidden, weight, labels, seq_index, rewards, gate, softcap, temperature,
+                                     pair_rows)
     seq_logps = sequence_logprobs(
         hidden, weight, labels, seq_index, num_seqs, impl=impl, softcap=softcap, temperature=temperature
     )
@@ -499,6 +494,19 @@ def _addmm_fp32_(out: Tensor, a: Tensor, b: Tensor) -> Tensor:
         except (NotImplementedError, RuntimeError, TypeError):
             _FP32_INPUT_ADDMM[kind] = False
     return out.add_(torch.mm(a, b, out_dtype=out.dtype))
+
+
+def _whole_pairs_loss(hidden, weight, labels, seq_index, rewards, gate, softcap, temperature,
+                      pair_rows) -> PLELossOutput:
+    num_pairs = rewards.shape[0]
+    if pair_rows is not None:
+        pair_rows = [int(n) for n in pair_rows]
+        if len(pair_rows) != num_pairs or min(pair_rows, default=0) < 0 or sum(pair_rows) > hidden.shape[0]:
+            raise ValueError(f"pair_rows must give the scored rows of each of the {num_pairs} pairs, at most "
+                             f"{hidden.shape[0]} in all; got {len(pair_rows)} values summing to {sum(pair_rows)}")
+    loss, ranked, valid, dropped, seq_logps, seq_tokens = _WholePairsLoss.apply(
+        hidden, weight, labels, seq_index, rewards, gate, softcap, temperature, WHOLE_PAIR_ROWS, pair_rows)
+    return PLELossOutput(loss, seq_logps, seq_tokens, ranked, valid, dropped)
 
 
 class _WholePairsLoss(torch.autograd.Function):

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import sys
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -31,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from ple_fast.config import Config, ConfigError, InputError, build_config, parse_override, to_dict
+from ple_fast.config import Config, ConfigError, InputError, build_config, leaves, parse_override, to_dict
 from ple_fast.plots import plot_sweep
 
 SHIPPED = Path(__file__).parent / "sweeps"
@@ -75,18 +76,8 @@ class Cell:
 
     @property
     def warmup_key(self) -> str:
-        kept = {k: v for k, v in _flat(to_dict(self.config)).items() if not k.startswith(AFTER_WARMUP)}
+        kept = {k: v for k, _, v in leaves(self.config) if not k.startswith(AFTER_WARMUP)}
         return hashlib.sha1(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def parse_axis(text: str) -> Axis:
@@ -305,12 +296,11 @@ def collect(cells: list[Cell], failed: dict[str, str]) -> list[dict]:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (NaN, NaN without any)."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return math.nan, math.nan
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarize(records: list[dict], axes: list[str]) -> list[dict]:

@@ -268,7 +268,7 @@ class Trainer:
             if self.state.phase == "sft":
                 self.run_sft()
                 self.state.phase = "eval_before"
-                if self.cfg.sft.steps > 0:
+                if self.state.sft_step > 0:
                     self.save()            # the warm-up's end: alignment (this run's, or a sweep's) starts here
             if self.state.phase == "eval_before":
                 result = self.evaluate(baseline=None)
@@ -382,9 +382,7 @@ class Trainer:
             order = list(range(len(queries)))
             random.Random(self.cfg.run.seed * 7_919 + iteration).shuffle(order)
             if self.state.batch_in_iteration == 0 or not self.state.totals:
-                self.state.totals = {"pairs": 0, "ranked": 0, "delta": 0.0, "s": 0.0, "s_p": 0.0, "loss": 0.0,
-                                     "dropped": 0, "steps": 0, "tokens": 0, "seconds": 0.0, "tau": self.state.tau,
-                                     "gen_seconds": 0.0, "score_seconds": 0.0, "update_seconds": 0.0}
+                self.state.totals = self.fresh_totals()
             samples: list[dict] = []
             bar = self.progress(per_iteration, f"{pc.algo} iter {iteration + 1}/{pc.iterations}",
                                 self.state.batch_in_iteration)
@@ -405,6 +403,12 @@ class Trainer:
             if pc.decay == "iteration":
                 self.state.tau *= pc.alpha
             self.finish_iteration(samples)
+
+    def fresh_totals(self) -> dict:
+        """The accumulators of an iteration about to start (alignment_step adds to them)."""
+        return {"pairs": 0, "ranked": 0, "delta": 0.0, "s": 0.0, "s_p": 0.0, "loss": 0.0, "dropped": 0, "steps": 0,
+                "tokens": 0, "seconds": 0.0, "tau": self.state.tau, "gen_seconds": 0.0, "score_seconds": 0.0,
+                "update_seconds": 0.0}
 
     def alignment_step(self, batch: list[Query], samples: list[dict]) -> None:
         """One update: sample (PLE: y and y_p), score against the original query, loss, update."""
